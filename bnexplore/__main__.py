@@ -1,0 +1,5 @@
+import sys
+
+from bnexplore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""The scenario's input batches, identical in every engine and on every machine.
+
+Batch k, for k = 0 … steps, is drawn from ONE ``numpy.random.default_rng(seed)``
+in order, in float64, then cast to the scenario's dtype:
+
+- ``normal``: ``rng.standard_normal(shape) * std + mean``
+- ``uniform``: ``rng.uniform(low, high, shape)``
+- ``ones`` and ``constant``: ``value`` everywhere (ones: 1); nothing is drawn.
+
+Batches are channels-first (N, C, …), PyTorch's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from bnexplore.scenario import Scenario
+
+
+def batches(scenario: Scenario) -> Iterator[np.ndarray]:
+    """Yield the steps + 1 batches: training batches first, the measured one last.
+
+    A constant batch is made once and yielded each time; callers must not
+    write into a batch.
+    """
+    shape = scenario.shape
+    dtype = np.dtype(scenario["dtype"])
+    kind = scenario["input"]
+    count = scenario["steps"] + 1
+    if kind in ("ones", "constant"):
+        value = 1.0 if kind == "ones" else scenario["value"]
+        batch = np.full(shape, value, dtype=np.float64).astype(dtype)
+        for _ in range(count):
+            yield batch
+        return
+    rng = np.random.default_rng(scenario["seed"])
+    for _ in range(count):
+        if kind == "normal":
+            batch = rng.standard_normal(shape) * scenario["std"] + scenario["mean"]
+        else:
+            batch = rng.uniform(scenario["low"], scenario["high"], shape)
+        yield batch.astype(dtype, copy=False)

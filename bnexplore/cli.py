@@ -1,0 +1,106 @@
+"""Command line: ``python -m bnexplore run [--preset NAME] [--link LINK] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from urllib.parse import quote
+
+from bnexplore.docs import link_reference
+from bnexplore.engines import ENGINES, LABELS
+from bnexplore.presets import PRESETS
+from bnexplore.runner import run
+
+
+def link_of(preset: str | None, link: str | None) -> str:
+    """The link to run: ``--link``, with ``--preset`` added (its keys lose to the link's)."""
+    link = link or ""
+    if preset is None:
+        return link
+    query = link.split("?", 1)[1] if "?" in link else link
+    return "?" + "&".join(filter(None, [f"preset={quote(preset)}", query]))
+
+
+def table(doc: dict) -> str:
+    """The document as a readable text table."""
+    lines = [f"link: {doc['link']}"]
+    lines += [f"notice: {n}" for n in doc["notices"]]
+    lines.append("")
+    header = f"{'engine':<10}{'mean':>14}{'std':>14}{'min':>14}{'max':>14}  device"
+    lines += [header, "-" * len(header)]
+    for name, e in doc["engines"].items():
+        label = LABELS.get(name, name)
+        if not e["available"]:
+            lines.append(f"{label:<10}  unavailable: {e['reason']}")
+        elif e["error"]:
+            lines.append(f"{label:<10}  raised: {e['error']}")
+        else:
+            o = e["output"]
+            cells = "".join(f"{_num(o[k]):>14}" for k in ("mean", "std", "min", "max"))
+            lines.append(f"{label:<10}{cells}  {e['device']}  ({e['version']})")
+    for name, e in doc["engines"].items():
+        if e.get("running_mean") is not None:
+            rm, rv = e["running_mean"], e["running_var"]
+            lines.append(
+                f"{LABELS.get(name, name)} running_mean {_span(rm)}, running_var {_span(rv)}"
+            )
+    lines.append("")
+    for d in doc["divergence"]:
+        pair = f"{d['a']} vs {d['b']}"
+        if d.get("reason"):
+            lines.append(f"{pair}: not compared, {d['reason']}")
+            continue
+        verdict = "allclose" if d["allclose"] else "NOT allclose"
+        lines.append(
+            f"{pair}: max|Δ| {_num(d['max_abs'])}  mean|Δ| {_num(d['mean_abs'])}  "
+            f"rmse {_num(d['rmse'])}  max rel {_num(d['max_rel'])}  "
+            f"{verdict} (rtol {d['rtol']:g}, atol {d['atol']:g})"
+        )
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.7g}"
+
+
+def _span(values: list[float | None]) -> str:
+    finite = [v for v in values if v is not None]
+    if not finite:
+        return "—"
+    lo, hi = min(finite), max(finite)
+    return _num(lo) if lo == hi else f"{_num(lo)} … {_num(hi)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bnexplore",
+        description="Run BatchNorm scenarios for real in PyTorch and Keras.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_cmd = commands.add_parser("run", help="run one scenario and print the result")
+    run_cmd.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario")
+    run_cmd.add_argument("--link", help="an app URL or its query string, e.g. '?v=1&steps=3'")
+    run_cmd.add_argument(
+        "--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}"
+    )
+    run_cmd.add_argument("--json", action="store_true", help="print the JSON document")
+    commands.add_parser("docs", help="print the README's link reference table")
+    args = parser.parse_args(argv)
+    if args.command == "docs":
+        print(link_reference())
+        return 0
+    logging.basicConfig(level=logging.ERROR)
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        parser.error(f"--engines: unknown {unknown or 'empty'}; choose from {', '.join(ENGINES)}")
+    doc = run(link_of(args.preset, args.link), engines=engines)
+    print(json.dumps(doc, indent=2, allow_nan=False) if args.json else table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The scenario's parameters: one declarative table.
+
+Every knob of a scenario is one row of :data:`PARAMS`. The sidebar widgets, the
+link codec (:mod:`bnexplore.scenario`), validation, the CLI and the README's
+link reference are all derived from it, so adding a knob is adding a row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LINK_VERSION = 1
+"""The link format's version, written as ``v`` into every canonical link."""
+
+MAX_ELEMENTS = 50_000_000
+"""Most values one batch may hold; a larger shape is refused before allocation."""
+
+MAX_DIMS = 5
+MIN_DIMS = 2
+
+Kind = Literal["shape", "choice", "int", "float", "bool", "momentum"]
+
+GROUPS: dict[str, str] = {
+    "input": "Input batch",
+    "run": "Run",
+    "torch": "PyTorch · torch.nn.BatchNorm",
+    "keras": "Keras 3 · keras.layers.BatchNormalization",
+}
+"""Sidebar groups, in the order they are shown."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One scenario parameter: its link key, type, default, bounds and help.
+
+    ``low``/``high`` are inclusive bounds to clamp to, except where
+    ``low_open`` says the lower bound itself is not allowed (eps > 0): a value
+    there cannot be clamped and is dropped. ``only_for`` names the ``input``
+    kinds for which the parameter matters (the widget is hidden otherwise).
+    """
+
+    key: str
+    kind: Kind
+    default: Any
+    group: str
+    label: str
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    step: float | None = None
+    only_for: tuple[str, ...] = ()
+
+    def describe_range(self) -> str:
+        """The allowed values, in words, for notices and docs."""
+        if self.kind == "choice":
+            return " | ".join(self.choices)
+        if self.kind == "bool":
+            return "true | false"
+        if self.kind == "shape":
+            return (
+                f"{MIN_DIMS} to {MAX_DIMS} positive integers, channels-first, "
+                f"at most {MAX_ELEMENTS:,} values"
+            )
+        if self.kind == "momentum":
+            return f"a number in [{self.low:g}, {self.high:g}] or none"
+        if self.low is None and self.high is None:
+            return "any finite number"
+        low = f"({_fmt(self.low)}" if self.low_open else f"[{_fmt(self.low)}"
+        high = "∞)" if self.high is None else f"{_fmt(self.high)}]"
+        return f"{low}, {high}"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-∞"
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+PARAMS: tuple[Param, ...] = (
+    # --- input batch -------------------------------------------------------
+    Param(
+        "shape",
+        "shape",
+        (20, 100, 35, 45),
+        "input",
+        "Shape (N, C, …)",
+        "Channels-first like PyTorch: batch, channels, then 0 to 3 spatial "
+        "dims. Keras receives the same batch moved to channels-last (axis=-1).",
+    ),
+    Param(
+        "input",
+        "choice",
+        "ones",
+        "input",
+        "Values",
+        "What the batches hold. Random kinds draw every batch from one "
+        "numpy.random.default_rng(seed), in step order.",
+        choices=("ones", "constant", "normal", "uniform"),
+    ),
+    Param(
+        "value",
+        "float",
+        1.0,
+        "input",
+        "Constant value",
+        "Every element of every batch.",
+        only_for=("constant",),
+    ),
+    Param(
+        "mean",
+        "float",
+        0.0,
+        "input",
+        "Mean",
+        "Batches are rng.standard_normal(shape) · std + mean.",
+        only_for=("normal",),
+    ),
+    Param(
+        "std",
+        "float",
+        1.0,
+        "input",
+        "Std",
+        "Standard deviation, ≥ 0.",
+        low=0.0,
+        only_for=("normal",),
+    ),
+    Param(
+        "low", "float", 0.0, "input", "Low", "rng.uniform(low, high, shape).", only_for=("uniform",)
+    ),
+    Param("high", "float", 1.0, "input", "High", "Must be above low.", only_for=("uniform",)),
+    Param(
+        "seed",
+        "int",
+        0,
+        "input",
+        "Seed",
+        "Seed of numpy.random.default_rng; random kinds only.",
+        low=0,
+        high=2**32 - 1,
+        only_for=("normal", "uniform"),
+    ),
+    Param(
+        "dtype",
+        "choice",
+        "float32",
+        "input",
+        "dtype",
+        "Batches are made in float64, then cast; both layers are built in this dtype.",
+        choices=("float32", "float64"),
+    ),
+    # --- run ---------------------------------------------------------------
+    Param(
+        "steps",
+        "int",
+        0,
+        "run",
+        "Training steps before the measured pass",
+        "Batches 0 … steps−1 each run one training pass in both frameworks "
+        "(PyTorch .train(), Keras training=True); batch `steps` is then "
+        "measured.",
+        low=0,
+        high=1000,
+    ),
+    Param(
+        "torch_mode",
+        "choice",
+        "train",
+        "run",
+        "PyTorch measured pass",
+        "A new torch module is in training mode: it normalizes with the batch "
+        "statistics and updates its running statistics.",
+        choices=("train", "eval"),
+    ),
+    Param(
+        "keras_training",
+        "choice",
+        "none",
+        "run",
+        "Keras measured pass",
+        "none: a direct call layer(x), which is inference; true / false: layer(x, training=…).",
+        choices=("none", "true", "false"),
+    ),
+    Param(
+        "device",
+        "choice",
+        "auto",
+        "run",
+        "Device",
+        "auto: a GPU where the framework sees one, else the CPU.",
+        choices=("auto", "cpu", "cuda"),
+    ),
+    # --- PyTorch -------------------------------------------------------------
+    Param(
+        "torch_eps",
+        "float",
+        1e-5,
+        "torch",
+        "eps",
+        "Added to the variance before the square root.",
+        low=0.0,
+        low_open=True,
+        step=1e-6,
+    ),
+    Param(
+        "torch_momentum",
+        "momentum",
+        0.1,
+        "torch",
+        "momentum",
+        "running ← (1 − m)·running + m·batch. none: cumulative average. "
+        "PyTorch's m equals Keras's 1 − momentum.",
+        low=0.0,
+        high=1.0,
+        step=0.01,
+    ),
+    Param(
+        "torch_affine",
+        "bool",
+        True,
+        "torch",
+        "affine",
+        "Learnable weight and bias (1 and 0 on a fresh layer).",
+    ),
+    Param(
+        "torch_track_running_stats",
+        "bool",
+        True,
+        "torch",
+        "track_running_stats",
+        "false: no running statistics; batch statistics even in eval mode.",
+    ),
+    # --- Keras -------------------------------------------------------------
+    Param(
+        "keras_eps",
+        "float",
+        1e-3,
+        "keras",
+        "epsilon",
+        "Added to the variance before the square root.",
+        low=0.0,
+        low_open=True,
+        step=1e-4,
+    ),
+    Param(
+        "keras_momentum",
+        "float",
+        0.99,
+        "keras",
+        "momentum",
+        "moving ← momentum·moving + (1 − momentum)·batch.",
+        low=0.0,
+        high=1.0,
+        step=0.01,
+    ),
+    Param("keras_center", "bool", True, "keras", "center", "Learnable beta (0 on a fresh layer)."),
+    Param("keras_scale", "bool", True, "keras", "scale", "Learnable gamma (1 on a fresh layer)."),
+    Param(
+        "keras_trainable",
+        "bool",
+        True,
+        "keras",
+        "trainable",
+        "layer.trainable. false forces inference, even with training=True, "
+        "and freezes the moving statistics.",
+    ),
+)
+
+BY_KEY: dict[str, Param] = {p.key: p for p in PARAMS}
+DEFAULTS: dict[str, Any] = {p.key: p.default for p in PARAMS}
+
+
+def is_finite_number(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

@@ -1,0 +1,296 @@
+"""Scenarios and the link codec: query string ⇄ validated scenario.
+
+A link is the app's URL, or only its query string. Reading one never raises:
+each bad value is dropped (the default is used) or clamped, and a notice names
+the key. The canonical link is ``v`` plus every parameter that differs from its
+default, in table order; a preset is expanded into its keys, and explicit keys
+in a link win over the preset's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from bnexplore.params import (
+    BY_KEY,
+    DEFAULTS,
+    LINK_VERSION,
+    MAX_DIMS,
+    MAX_ELEMENTS,
+    MIN_DIMS,
+    PARAMS,
+    Param,
+)
+from bnexplore.presets import PRESETS
+
+MAX_VALUE_CHARS = 200
+"""Longer values are not parsed at all: no parameter needs more."""
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class BadValue(ValueError):
+    """A link value that cannot be used; its message ends a notice."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A complete, validated scenario: a value for every parameter."""
+
+    values: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __hash__(self) -> int:
+        return hash(self.link)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scenario) and dict(self.values) == dict(other.values)
+
+    def replace(self, **changes: Any) -> Scenario:
+        return Scenario({**self.values, **changes})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values["shape"])
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def values_per_channel(self) -> int:
+        """n: how many values each channel's batch statistics are taken over."""
+        return math.prod(self.shape) // self.channels
+
+    def link_params(self) -> dict[str, str]:
+        """``v`` plus every parameter that differs from its default, as link text."""
+        params = {"v": str(LINK_VERSION)}
+        for p in PARAMS:
+            value = self.values[p.key]
+            if value != p.default:
+                params[p.key] = format_value(p, value)
+        return params
+
+    @property
+    def link(self) -> str:
+        """The canonical query string, e.g. ``?v=1&steps=1&torch_mode=eval``."""
+        return "?" + urlencode(self.link_params(), safe=",")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every parameter with its value, JSON-ready (shape as a list)."""
+        return {k: list(v) if k == "shape" else v for k, v in self.values.items()}
+
+
+def format_value(param: Param, value: Any) -> str:
+    """A value as it is written in a link."""
+    if param.kind == "shape":
+        return ",".join(str(d) for d in value)
+    if param.kind == "bool":
+        return "true" if value else "false"
+    if param.kind == "momentum" and value is None:
+        return "none"
+    if param.kind == "float" or param.kind == "momentum":
+        return repr(float(value))
+    return str(value)
+
+
+def parse_value(param: Param, raw: str) -> tuple[Any, str | None]:
+    """Read one link value: ``(value, notice or None)``; raises BadValue.
+
+    Out-of-range numbers are clamped into the bounds (with a notice); values
+    that cannot be clamped (not a number, NaN, inf, eps ≤ 0, unknown choice,
+    a refused shape) raise BadValue and the caller keeps the default.
+    """
+    text = raw.strip()
+    if len(text) > MAX_VALUE_CHARS:
+        raise BadValue(f"value is {len(text):,} characters long")
+    if text == "":
+        raise BadValue("empty value")
+    if param.kind == "shape":
+        return _parse_shape(text), None
+    if param.kind == "choice":
+        lowered = text.lower()
+        if lowered not in param.choices:
+            raise BadValue(f"{_show(text)} is not one of {param.describe_range()}")
+        return lowered, None
+    if param.kind == "bool":
+        lowered = text.lower()
+        if lowered in _TRUE:
+            return True, None
+        if lowered in _FALSE:
+            return False, None
+        raise BadValue(f"{_show(text)} is not true or false")
+    if param.kind == "momentum" and text.lower() == "none":
+        return None, None
+    if param.kind == "int":
+        return _clamp(param, _parse_int(text))
+    return _clamp(param, _parse_float(text))
+
+
+def _show(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "…")
+
+
+def _parse_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise BadValue(f"{_show(text)} is not a number") from None
+    if math.isnan(x) or math.isinf(x):
+        raise BadValue(f"{_show(text)} is not a finite number")
+    return x
+
+
+def _parse_int(text: str) -> int:
+    x = _parse_float(text)
+    if x != int(x):
+        raise BadValue(f"{_show(text)} is not a whole number")
+    return int(x)
+
+
+def _clamp(param: Param, x: float) -> tuple[Any, str | None]:
+    if param.low_open and param.low is not None and x <= param.low:
+        raise BadValue(f"{x:g} is not above {param.low:g}")
+    clamped = x
+    if param.low is not None and x < param.low:
+        clamped = type(x)(param.low)
+    if param.high is not None and x > param.high:
+        clamped = type(x)(param.high)
+    if clamped != x:
+        return (
+            clamped,
+            f"{param.key}: {x:g} is outside {param.describe_range()}; clamped to {clamped:g}",
+        )
+    return x, None
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    pieces = [p for p in re.split(r"[,x×\s]+", text.strip("()[] ")) if p]
+    dims: list[int] = []
+    for piece in pieces:
+        if not piece.isdigit():
+            raise BadValue(f"{_show(piece)} is not a positive integer")
+        dims.append(int(piece))
+    if not MIN_DIMS <= len(dims) <= MAX_DIMS:
+        raise BadValue(f"{len(dims)} dims; a shape has {MIN_DIMS} to {MAX_DIMS} (N, C, …)")
+    if min(dims) < 1:
+        raise BadValue("every dim must be at least 1")
+    elements = math.prod(dims)
+    if elements > MAX_ELEMENTS:
+        raise BadValue(
+            f"{','.join(map(str, dims))} holds {elements:,} values per batch, "
+            f"over the limit of {MAX_ELEMENTS:,}; refused before allocating"
+        )
+    return tuple(dims)
+
+
+def query_pairs(link: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs of a full URL or a bare query string."""
+    link = link.strip()
+    if "?" in link:
+        query = urlsplit(link).query if "://" in link else link.split("?", 1)[1]
+    else:
+        query = link
+    query = query.split("#", 1)[0]
+    return parse_qsl(query, keep_blank_values=True)
+
+
+def parse_link(link: str) -> tuple[Scenario, list[str]]:
+    """The scenario a link describes, and a notice for each value not used."""
+    return from_pairs(query_pairs(link))
+
+
+def from_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[Scenario, list[str]]:
+    """Validate raw (key, value) pairs into a scenario, never raising.
+
+    Order of precedence: defaults, then the preset's values, then explicit keys.
+    A key given more than once uses its last value.
+    """
+    notices: list[str] = []
+    raw: dict[str, str] = {}
+    for key, value in pairs:
+        key = key.strip()
+        if key in raw:
+            notices.append(f"{key}: given more than once; the last value is used")
+        raw[key] = value
+
+    _check_version(raw.pop("v", None), notices)
+
+    values = dict(DEFAULTS)
+    preset_name = raw.pop("preset", None)
+    if preset_name is not None:
+        name = preset_name.strip().lower()
+        if name in PRESETS:
+            values.update(PRESETS[name].values)
+        else:
+            notices.append(
+                f"preset: {_show(preset_name)} is not a preset ({', '.join(PRESETS)}); ignored"
+            )
+
+    for key, text in raw.items():
+        param = BY_KEY.get(key)
+        if param is None:
+            notices.append(f"{_show(key)}: not a parameter of this app; ignored")
+            continue
+        try:
+            value, notice = parse_value(param, text)
+        except BadValue as bad:
+            notices.append(f"{key}: {bad}; using {format_value(param, values[key])}")
+            continue
+        values[key] = value
+        if notice:
+            notices.append(notice)
+
+    _check_consistency(values, raw, notices)
+    return Scenario(values), notices
+
+
+def _check_version(v: str | None, notices: list[str]) -> None:
+    if v is None:
+        return
+    try:
+        version = int(v)
+    except ValueError:
+        notices.append(f"v: {_show(v)} is not a link version; read as v={LINK_VERSION}")
+        return
+    if version > LINK_VERSION:
+        notices.append(
+            f"v: this link is format v={version}, newer than this app's "
+            f"v={LINK_VERSION}; read as v={LINK_VERSION}, newer keys are ignored"
+        )
+    elif version < 1:
+        notices.append(f"v: {version} is not a link version; read as v={LINK_VERSION}")
+
+
+def _check_consistency(values: dict[str, Any], raw: Mapping[str, str], notices: list[str]) -> None:
+    """Rules that span keys: uniform's low must be below high."""
+    if values["low"] < values["high"]:
+        return
+    given = [k for k in ("low", "high") if k in raw] or ["low", "high"]
+    notices.append(
+        f"{'/'.join(given)}: low {values['low']:g} is not below high "
+        f"{values['high']:g}; using low {DEFAULTS['low']:g}, high {DEFAULTS['high']:g}"
+    )
+    values["low"], values["high"] = DEFAULTS["low"], DEFAULTS["high"]
+
+
+def scenario_from_values(values: Mapping[str, Any]) -> tuple[Scenario, list[str]]:
+    """Validate widget values (any types) through the same codec as links."""
+    pairs = []
+    for p in PARAMS:
+        if p.key in values:
+            v = values[p.key]
+            pairs.append((p.key, v if isinstance(v, str) else format_value(p, v)))
+    return from_pairs(pairs)

@@ -1,0 +1,151 @@
+"""The sidebar: widgets generated from the parameter table, bound to the URL.
+
+The address bar is always the canonical link of what the widgets show. On a
+session's first run the link is read through the same codec as the CLI (so a
+bad value gets a notice, a preset is expanded); every run then writes the
+canonical link back with ``st.query_params``. Streamlit's own
+``bind="query-params"`` is not used: it drops bad values silently and cannot
+expand a preset, and the app owes a notice for each.
+
+Parameter values live in ``st.session_state[VALUES]``; a widget holds its copy
+under ``"w_" + key`` only while it is shown, so values of hidden widgets (say
+``mean`` while the input is ``ones``) survive in the link.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param
+from bnexplore.presets import PRESETS, matching
+from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
+
+VALUES = "scenario_values"
+LINK_NOTICES = "link_notices"
+NO_PRESET = "(custom)"
+
+
+def _widget_key(key: str) -> str:
+    return "w_" + key
+
+
+def _to_widget(param: Param, value: Any) -> Any:
+    """A parameter value as its widget holds it."""
+    if param.kind == "shape":
+        return format_value(param, value)
+    if param.kind == "momentum":
+        return 0.1 if value is None else float(value)
+    if param.kind == "float":
+        return float(value)
+    return value
+
+
+def _set_widgets(values: dict[str, Any]) -> None:
+    st.session_state[VALUES] = dict(values)
+    for p in PARAMS:
+        st.session_state[_widget_key(p.key)] = _to_widget(p, values[p.key])
+        if p.kind == "momentum":
+            st.session_state[_widget_key(p.key) + "_none"] = values[p.key] is None
+
+
+def _load_link() -> None:
+    """First run of a session: the URL's query string → widget values and notices."""
+    pairs = [(k, v) for k in st.query_params for v in st.query_params.get_all(k)]
+    scenario, notices = from_pairs(pairs)
+    _set_widgets(dict(scenario.values))
+    st.session_state[LINK_NOTICES] = notices
+
+
+def _apply_preset() -> None:
+    name = st.session_state["w_preset"]
+    if name in PRESETS:
+        _set_widgets({**DEFAULTS, **PRESETS[name].values})
+        st.session_state[LINK_NOTICES] = []
+
+
+def reset_to_defaults() -> None:
+    _set_widgets(dict(DEFAULTS))
+    st.session_state[LINK_NOTICES] = []
+
+
+def _render(param: Param) -> None:
+    """One widget; its current value is written to the VALUES store."""
+    key = _widget_key(param.key)
+    store = st.session_state[VALUES]
+    if key not in st.session_state:
+        st.session_state[key] = _to_widget(param, store[param.key])
+    common = {"label": param.label, "key": key, "help": param.help}
+    if param.kind == "shape":
+        st.text_input(**common)
+    elif param.kind == "choice":
+        st.radio(options=param.choices, horizontal=True, **common)
+    elif param.kind == "bool":
+        st.checkbox(**common)
+    elif param.kind == "int":
+        st.number_input(min_value=int(param.low), max_value=int(param.high), step=1, **common)
+    elif param.kind == "momentum":
+        none_key = key + "_none"
+        if none_key not in st.session_state:
+            st.session_state[none_key] = store[param.key] is None
+        cumulative = st.checkbox(f"{param.label} = None (cumulative average)", key=none_key)
+        st.number_input(
+            min_value=param.low,
+            max_value=param.high,
+            step=param.step,
+            format="%g",
+            disabled=cumulative,
+            **common,
+        )
+    else:
+        st.number_input(
+            min_value=None if param.low_open else param.low,
+            max_value=param.high,
+            step=param.step or 0.1,
+            format="%g",
+            **common,
+        )
+    _read_widget(param, store)
+
+
+def _read_widget(param: Param, store: dict[str, Any]) -> None:
+    """Copy a shown widget's value into the store (hidden widgets keep theirs)."""
+    key = _widget_key(param.key)
+    if key not in st.session_state:
+        return
+    if param.kind == "momentum" and st.session_state.get(key + "_none"):
+        store[param.key] = None
+    else:
+        store[param.key] = st.session_state[key]
+
+
+def sidebar() -> tuple[Scenario, list[str]]:
+    """Draw the sidebar; return the scenario it shows and the notices to show."""
+    if VALUES not in st.session_state:
+        _load_link()
+    store = st.session_state[VALUES]
+    for p in PARAMS:  # a widget changed by the user since the last run
+        _read_widget(p, store)
+
+    with st.sidebar:
+        preset = matching(scenario_from_values(store)[0].values, DEFAULTS)
+        st.session_state["w_preset"] = preset.name if preset else NO_PRESET
+        st.selectbox(
+            "Preset",
+            (NO_PRESET, *PRESETS),
+            key="w_preset",
+            on_change=_apply_preset,
+            help="A named scenario to start from; every knob below stays editable.",
+        )
+        st.button("Reset to defaults", on_click=reset_to_defaults)
+        for group, title in GROUPS.items():
+            st.subheader(title, divider="gray")
+            for p in PARAMS:
+                if p.group == group and (not p.only_for or store["input"] in p.only_for):
+                    _render(p)
+
+    scenario, notices = scenario_from_values(store)
+    if st.query_params.to_dict() != scenario.link_params():
+        st.query_params.from_dict(scenario.link_params())
+    return scenario, [*st.session_state[LINK_NOTICES], *notices]

@@ -1,0 +1,48 @@
+"""Random scenarios as links, reproducible from a seed: a failing case is a link to open."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHAPES_BY_RANK = {
+    2: [(8, 3), (32, 5), (2, 4), (16, 1)],
+    3: [(4, 3, 7), (2, 6, 5), (8, 2, 1)],
+    4: [(4, 3, 5, 6), (2, 8, 3, 3), (6, 2, 4, 1)],
+    5: [(2, 3, 2, 3, 4)],
+}
+
+
+def random_links(count: int, seed: int, ranks=(2, 3, 4, 5)) -> list[str]:
+    """``count`` links spanning shapes, input kinds, modes, momenta, eps, steps, trainable."""
+    rng = np.random.default_rng(seed)
+    links = []
+    for i in range(count):
+        rank = ranks[i % len(ranks)]
+        shapes = SHAPES_BY_RANK[rank]
+        shape = shapes[rng.integers(len(shapes))]
+        kind = ["ones", "constant", "normal", "uniform"][rng.integers(4)]
+        params = {
+            "shape": ",".join(map(str, shape)),
+            "input": kind,
+            "seed": int(rng.integers(0, 10_000)),
+            "steps": int(rng.choice([0, 1, 2, 5, 12])),
+            "torch_mode": ["train", "eval"][rng.integers(2)],
+            "keras_training": ["none", "true", "false"][rng.integers(3)],
+            "torch_eps": float(rng.choice([1e-5, 1e-3, 1e-1])),
+            "keras_eps": float(rng.choice([1e-5, 1e-3, 1e-1])),
+            "torch_momentum": rng.choice(["0.1", "0.5", "1.0", "0.0", "none"]),
+            "keras_momentum": float(rng.choice([0.99, 0.9, 0.5, 0.0, 1.0])),
+            "keras_trainable": ["true", "false"][int(rng.random() < 0.25)],
+            "torch_track_running_stats": ["true", "false"][int(rng.random() < 0.2)],
+            "dtype": ["float32", "float64"][int(rng.random() < 0.3)],
+        }
+        if kind == "constant":
+            params["value"] = float(rng.choice([0.5, 2.0, -3.0, 0.37]))
+        if kind == "normal":
+            params["mean"] = round(float(rng.uniform(-2, 2)), 3)
+            params["std"] = round(float(rng.uniform(0.5, 3)), 3)
+        if kind == "uniform":
+            low = round(float(rng.uniform(-2, 1)), 3)
+            params["low"], params["high"] = low, round(low + float(rng.uniform(0.5, 3)), 3)
+        links.append("?v=1&" + "&".join(f"{k}={v}" for k, v in params.items()))
+    return links

@@ -1,0 +1,100 @@
+"""The app through Streamlit's AppTest: opened from links, widgets bound to the URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from bnexplore.scenario import parse_link
+
+APP = str(Path(__file__).parents[1] / "app.py")
+
+
+def open_link(link: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    scenario_pairs = [p.split("=", 1) for p in link.lstrip("?").split("&") if p]
+    for key, value in scenario_pairs:
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def widget_values(at: AppTest) -> dict:
+    values = {}
+    for kind in ("number_input", "radio", "text_input", "checkbox", "selectbox"):
+        for w in at.sidebar.get(kind):
+            values[w.key] = w.value
+    return values
+
+
+@pytest.fixture(scope="module")
+def opened() -> AppTest:
+    return open_link(
+        "?v=1&shape=6,4,5&input=normal&mean=0.5&steps=3&torch_mode=eval"
+        "&keras_training=true&torch_momentum=none&keras_eps=1e-05"
+    )
+
+
+def test_app_opens_from_a_link_with_widgets_showing_its_values(opened: AppTest) -> None:
+    w = widget_values(opened)
+    assert w["w_shape"] == "6,4,5"
+    assert w["w_input"] == "normal"
+    assert w["w_mean"] == 0.5
+    assert w["w_steps"] == 3
+    assert w["w_torch_mode"] == "eval"
+    assert w["w_keras_training"] == "true"
+    assert w["w_torch_momentum_none"] is True
+    assert w["w_keras_eps"] == 1e-5
+
+
+def test_app_address_bar_is_the_canonical_link(opened: AppTest) -> None:
+    scenario, _ = parse_link("?" + urlencode(opened.query_params))
+    assert opened.query_params == scenario.link_params()
+    assert scenario.link == (
+        "?v=1&shape=6,4,5&input=normal&mean=0.5&steps=3&torch_mode=eval"
+        "&keras_training=true&torch_momentum=none&keras_eps=1e-05"
+    )
+
+
+def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
+    labels = [m.label for m in opened.metric]
+    assert labels.count("output mean") == 2
+    assert "max |Δ|" in labels
+    assert len(opened.get("vega_lite_chart")) >= 3
+    assert opened.subheader[0].value.startswith("max |Δ|")
+
+
+def test_changing_a_widget_updates_the_link() -> None:
+    at = open_link("?shape=4,3")
+    at.sidebar.number_input(key="w_steps").set_value(7).run()
+    assert not at.exception
+    assert at.query_params == {"v": "1", "shape": "4,3", "steps": "7"}
+    at.sidebar.radio(key="w_input").set_value("uniform").run()
+    assert at.query_params["input"] == "uniform"
+    assert at.sidebar.number_input(key="w_high").value == 1.0
+
+
+def test_bad_link_opens_with_a_notice_per_key() -> None:
+    at = open_link("?steps=abc&shape=1000,1000,1000&foo=bar&keras_momentum=7&v=9")
+    notice = at.warning[0].value
+    for key in ("steps", "shape", "foo", "keras_momentum", "v"):
+        assert key in notice
+    assert "50,000,000" in notice
+
+
+def test_framework_error_is_shown_as_a_result() -> None:
+    at = open_link("?shape=1,3")
+    assert any("Expected more than 1 value per channel" in e.value for e in at.error)
+    assert len(at.metric) >= 4  # Keras's numbers are still there
+
+
+def test_preset_picker_applies_the_preset() -> None:
+    at = open_link("?steps=4&shape=4,3")
+    at.sidebar.selectbox(key="w_preset").set_value("seed").run()
+    assert not at.exception
+    assert at.query_params == {"v": "1"}
+    assert at.sidebar.number_input(key="w_steps").value == 0

@@ -1,0 +1,52 @@
+"""The CLI prints the same document as the Python API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import bnexplore
+from bnexplore.cli import link_of, main
+
+
+def test_cli_json_is_the_api_document(capsys) -> None:
+    link = "?input=uniform&low=-1&high=2&steps=2&shape=5,3,4&seed=3"
+    assert main(["run", "--link", link, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == bnexplore.run(link)
+
+
+def test_cli_preset_with_link_lets_link_keys_win() -> None:
+    assert link_of("seed", "http://host/?steps=2") == "?preset=seed&steps=2"
+    assert bnexplore.run(link_of("seed", "?steps=2"))["scenario"]["steps"] == 2
+
+
+def test_cli_table_is_readable(capsys) -> None:
+    main(["run", "--link", "?shape=1,3&foo=1"])
+    out = capsys.readouterr().out
+    assert "notice: 'foo'" in out
+    assert "raised: Expected more than 1 value per channel" in out
+    assert "torch vs keras: not compared" in out
+
+
+def test_python_dash_m_preset_seed_json_in_a_fresh_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bnexplore", "run", "--preset", "seed", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    doc = json.loads(done.stdout)
+    assert doc["engines"]["torch"]["output"]["max"] == 0.0
+    assert round(doc["engines"]["keras"]["output"]["max"], 7) == 0.9995004
+
+
+def test_cli_refuses_unknown_engine() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bnexplore", "run", "--engines", "jax"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "unknown" in done.stderr

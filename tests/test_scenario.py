@@ -1,0 +1,174 @@
+"""The link codec: canonical links, presets, bounds, and bad values that never crash."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnexplore.params import BY_KEY, DEFAULTS, MAX_ELEMENTS, PARAMS
+from bnexplore.scenario import Scenario, format_value, parse_link
+
+
+def test_defaults_give_the_shortest_link() -> None:
+    assert Scenario().link == "?v=1"
+    assert parse_link("") == (Scenario(), [])
+
+
+def test_full_url_and_query_string_read_the_same() -> None:
+    a = parse_link("https://bnexplore.example/?steps=3&torch_mode=eval#top")
+    b = parse_link("?steps=3&torch_mode=eval")
+    c = parse_link("steps=3&torch_mode=eval")
+    assert a == b == c
+    assert a[0].link == "?v=1&steps=3&torch_mode=eval"
+
+
+def test_canonical_link_lists_only_changed_keys_in_table_order() -> None:
+    scenario, _ = parse_link("?keras_eps=1e-5&shape=8,4&v=1&torch_momentum=none&dtype=float64")
+    assert scenario.link == "?v=1&shape=8,4&dtype=float64&torch_momentum=none&keras_eps=1e-05"
+
+
+def test_preset_expands_and_explicit_keys_win() -> None:
+    scenario, notices = parse_link("?preset=seed&steps=2")
+    assert notices == []
+    assert scenario["steps"] == 2
+    assert "preset" not in scenario.link
+
+
+def scenario_values():
+    """Any valid scenario, drawn from the parameter table itself."""
+
+    def value(p):
+        if p.kind == "shape":
+            return st.lists(st.integers(1, 6), min_size=2, max_size=5).map(tuple)
+        if p.kind == "choice":
+            return st.sampled_from(p.choices)
+        if p.kind == "bool":
+            return st.booleans()
+        if p.kind == "int":
+            return st.integers(int(p.low), int(p.high))
+        low = p.low if p.low is not None else -1e6
+        floats = st.floats(
+            low, p.high if p.high is not None else 1e6, exclude_min=p.low_open, allow_nan=False
+        )
+        return st.none() | floats if p.kind == "momentum" else floats
+
+    return st.fixed_dictionaries({p.key: value(p) for p in PARAMS}).filter(
+        lambda v: v["low"] < v["high"]
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenario_values())
+def test_link_round_trip(values) -> None:
+    scenario = Scenario(values)
+    again, notices = parse_link(scenario.link)
+    assert notices == []
+    assert again == scenario
+    assert again.link == scenario.link
+
+
+@pytest.mark.parametrize(
+    ("link", "key", "fallback"),
+    [
+        ("?steps=abc", "steps", 0),
+        ("?steps=nan", "steps", 0),
+        ("?steps=2.5", "steps", 0),
+        ("?torch_eps=0", "torch_eps", 1e-5),
+        ("?torch_eps=-1", "torch_eps", 1e-5),
+        ("?keras_eps=inf", "keras_eps", 1e-3),
+        ("?mean=-inf", "mean", 0.0),
+        ("?std=NaN", "std", 1.0),
+        ("?input=zeros", "input", "ones"),
+        ("?dtype=", "dtype", "float32"),
+        ("?keras_trainable=maybe", "keras_trainable", True),
+        ("?shape=20", "shape", (20, 100, 35, 45)),
+        ("?shape=1,2,3,4,5,6", "shape", (20, 100, 35, 45)),
+        ("?shape=4,0,3", "shape", (20, 100, 35, 45)),
+        ("?shape=4,-3", "shape", (20, 100, 35, 45)),
+        ("?shape=a,b", "shape", (20, 100, 35, 45)),
+        ("?torch_momentum=fast", "torch_momentum", 0.1),
+        ("?device=tpu", "device", "auto"),
+        ("?seed=" + "9" * 5000, "seed", 0),
+    ],
+)
+def test_bad_value_falls_back_with_a_notice_naming_the_key(link, key, fallback) -> None:
+    scenario, notices = parse_link(link)
+    assert scenario[key] == fallback
+    assert len(notices) == 1 and notices[0].startswith(key), notices
+
+
+@pytest.mark.parametrize(
+    ("link", "key", "clamped"),
+    [
+        ("?steps=5000", "steps", 1000),
+        ("?steps=-3", "steps", 0),
+        ("?keras_momentum=1.5", "keras_momentum", 1.0),
+        ("?torch_momentum=-0.5", "torch_momentum", 0.0),
+        ("?std=-2", "std", 0.0),
+        ("?seed=-1", "seed", 0),
+    ],
+)
+def test_out_of_range_value_is_clamped_with_a_notice(link, key, clamped) -> None:
+    scenario, notices = parse_link(link)
+    assert scenario[key] == clamped
+    assert len(notices) == 1 and notices[0].startswith(key) and "clamped" in notices[0]
+
+
+def test_low_not_below_high_falls_back_naming_both() -> None:
+    scenario, notices = parse_link("?input=uniform&low=3&high=1")
+    assert (scenario["low"], scenario["high"]) == (0.0, 1.0)
+    assert len(notices) == 1 and notices[0].startswith("low/high")
+
+
+def test_huge_shape_is_refused_at_once_naming_the_limit() -> None:
+    start = time.perf_counter()
+    scenario, notices = parse_link("?shape=1000,1000,1000")
+    assert time.perf_counter() - start < 0.1
+    assert scenario["shape"] == DEFAULTS["shape"]
+    assert f"{MAX_ELEMENTS:,}" in notices[0] and notices[0].startswith("shape")
+
+
+@pytest.mark.parametrize(
+    ("link", "key"),
+    [
+        ("?foo=1", "foo"),
+        ("?preset=nope", "preset"),
+        ("?v=99", "v"),
+        ("?v=x", "v"),
+        ("?steps=1&steps=2", "steps"),
+    ],
+)
+def test_odd_keys_get_a_notice(link, key) -> None:
+    _, notices = parse_link(link)
+    assert any(key in n for n in notices), notices
+
+
+def test_repeated_key_uses_the_last_value() -> None:
+    assert parse_link("?steps=1&steps=2")[0]["steps"] == 2
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([*BY_KEY, "v", "preset", "zz", ""]), st.text()), max_size=8)
+)
+def test_any_pairs_give_a_valid_scenario(pairs) -> None:
+    from urllib.parse import urlencode
+
+    scenario, notices = parse_link("?" + urlencode(pairs))
+    again, more = parse_link(scenario.link)
+    assert more == [] and again == scenario
+    assert all(isinstance(n, str) and n for n in notices)
+
+
+def test_readme_link_reference_is_the_generated_one() -> None:
+    from pathlib import Path
+
+    from bnexplore.docs import link_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert link_reference() in readme, "run: python -m bnexplore docs, paste into README.md"
+    for p in PARAMS:
+        assert f"| `{p.key}` | `{format_value(p, p.default)}` |" in link_reference()
