@@ -10,12 +10,16 @@ import json
 
 import streamlit as st
 
-from bnexplore import charts, compare, parse_link
+from bnexplore import charts
 from bnexplore.engines import ENGINES, LABELS, EngineUnavailable, load
+from bnexplore.explain import aligned
 from bnexplore.params import DEFAULTS
 from bnexplore.presets import matching
-from bnexplore.story import VERDICT_WORDS, headline, verdict
-from bnexplore.widgets import sidebar
+from bnexplore.script import reproducer
+from bnexplore.story import VERDICT_WORDS
+from bnexplore.translate import keras_to_torch, torch_to_keras
+from bnexplore.view import ViewCache
+from bnexplore.widgets import apply_scenario, sidebar
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
 
@@ -33,22 +37,14 @@ def load_engines() -> dict[str, str]:
     return missing
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def results(link: str, _report=None) -> dict:
-    """Everything the page draws for one canonical link: small, so cheap to cache."""
-    scenario, _ = parse_link(link)
-    comparison = compare(scenario, report=_report)
-    return {
-        "document": comparison.document(),
-        "headline": headline(comparison),
-        "verdicts": [verdict(d) for d in comparison.divergence],
-        "histogram": charts.output_histogram(comparison),
-        "running": charts.running_statistics(comparison),
-    }
+@st.cache_resource
+def views() -> ViewCache:
+    """Results by canonical link, shared by every session of this server."""
+    return ViewCache(max_entries=64)
 
 
 def fmt(x: float | None) -> str:
-    return "—" if x is None else f"{x:.7g}"
+    return "—" if x is None else f"{x:.4g}"
 
 
 missing_engines = load_engines()
@@ -59,104 +55,157 @@ st.caption(
     "Configure a BatchNorm scenario in the sidebar; it runs for real in each framework. "
     "The address bar is always a link that reproduces it."
 )
-for name, why in missing_engines.items():
-    if why:
-        st.error(f"{LABELS[name]} is missing, the page shows the others: {why}")
+for name in scenario["engines"]:
+    if missing_engines.get(name):
+        st.error(f"{LABELS[name]} is missing; the page shows the others. {missing_engines[name]}")
 if notices:
     st.warning("Parts of the link were not used:\n\n" + "\n".join(f"- {n}" for n in notices))
 
 progress = st.progress(0.0, text="Running…")
-view = results(scenario.link, _report=lambda done, text: progress.progress(min(done, 1.0), text))
-progress.empty()
-doc = view["document"]
-
-# --- the answer ---------------------------------------------------------------
-BADGES = {
-    "agree": ":green-badge",
-    "rounding": ":blue-badge",
-    "differ": ":red-badge",
-    "not compared": ":gray-badge",
-}
-verdict_now = view["verdicts"][0] if view["verdicts"] else "not compared"
-st.subheader(view["headline"])
-st.markdown(
-    f"{BADGES[verdict_now]}[{VERDICT_WORDS[verdict_now]}]  under {scenario['dtype']} tolerances"
+view = views().view(
+    scenario, report=lambda done, text: progress.progress(min(done, 1.0), text=text)
 )
+progress.empty()
+doc = view.document
+
+# --- the answer, on top --------------------------------------------------------------
+BADGES = {"agree": "green", "rounding": "blue", "differ": "red", "not compared": "gray"}
+verdict = view.verdicts[0] if view.verdicts else "not compared"
+st.subheader(view.headline)
+under = "" if verdict == "not compared" else f" under {scenario['dtype']} tolerances"
+badge = f":{BADGES[verdict]}-badge[{VERDICT_WORDS[verdict]}{under}]"
+st.markdown(badge + (f" · **{view.explain_summary}**" if view.explain_summary else ""))
 preset = matching(scenario.values, DEFAULTS)
 if preset:
-    st.info(f"**Preset {preset.name} — {preset.title}.** {preset.story}")
+    st.info(f"**Preset {preset.name}: {preset.title}.** {preset.story}")
 
-# --- each framework -------------------------------------------------------------
-columns = st.columns(len(doc["engines"]))
-for column, (name, engine) in zip(columns, doc["engines"].items(), strict=True):
-    with column, st.container(border=True):
-        st.markdown(f"#### {LABELS[name]}")
+overview, outputs, running, explain_tab, code = st.tabs(
+    ["Overview", "Outputs", "Running statistics", "Explain", "Code"]
+)
+
+with overview:
+    rows = [
+        "| engine | output mean | std | min | max | ran on | version |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, engine in doc["engines"].items():
         if not engine["available"]:
-            st.error(f"Not run: {engine['reason']}")
-            continue
-        st.caption(f"{engine['version']} · {engine['device']} — {engine['device_note']}")
-        if engine["error"]:
-            st.error(f"{LABELS[name]} raised on this scenario:\n\n`{engine['error']}`")
-            continue
-        out = engine["output"]
-        cells = st.columns(4)
-        for cell, stat in zip(cells, ("mean", "std", "min", "max"), strict=True):
-            cell.metric(f"output {stat}", fmt(out[stat]))
-        if engine["running_mean"] is not None:
-            rm, rv = engine["running_mean"], engine["running_var"]
-            st.caption(
-                f"running mean {fmt(min(rm))} … {fmt(max(rm))} · "
-                f"running variance {fmt(min(rv))} … {fmt(max(rv))} (over channels)"
+            rows.append(f"| {LABELS[name]} | not run: {engine['reason']} | | | | | |")
+        elif engine["error"]:
+            rows.append(
+                f"| {LABELS[name]} | raised (see below) | | | | {engine['device']} | "
+                f"{engine['version']} |"
             )
-        ref = doc.get("reference", {}).get(name)
-        if ref and ref["vs_engine"]["max_abs"] is not None:
-            gap = ref["vs_engine"]
-            words = "within" if gap["allclose"] else "OUTSIDE"
-            st.caption(
-                f"Against its own rules in float64: max |Δ| {fmt(gap['max_abs'])}, "
-                f"{words} {scenario['dtype']} tolerance."
+        else:
+            out = engine["output"]
+            detail = f" ({engine['detail']})" if engine.get("detail") else ""
+            rows.append(
+                f"| {LABELS[name]}{detail} | {fmt(out['mean'])} | {fmt(out['std'])} | "
+                f"{fmt(out['min'])} | {fmt(out['max'])} | {engine['device']} | "
+                f"{engine['version']} |"
             )
+    st.markdown("\n".join(rows))
+    for name, engine in doc["engines"].items():
+        if engine["available"] and engine["error"]:
+            st.error(
+                f"**{LABELS[name]} raised on this scenario** — a result, not a crash:\n\n"
+                f"`{engine['error']}`"
+            )
+        if engine["available"]:
+            st.caption(f"{LABELS[name]}: {engine['device_note']}")
 
-# --- how far apart ---------------------------------------------------------------
-for d in doc["divergence"]:
-    st.markdown(f"#### {LABELS[d['a']]} vs {LABELS[d['b']]}")
-    if d.get("reason"):
-        st.info(f"Not compared: {d['reason']}")
-        continue
-    cells = st.columns(5)
-    cells[0].metric("max |Δ|", fmt(d["max_abs"]))
-    cells[1].metric("mean |Δ|", fmt(d["mean_abs"]))
-    cells[2].metric("RMSE", fmt(d["rmse"]))
-    cells[3].metric("max relative", fmt(d["max_rel"]))
-    cells[4].metric(
-        "assert_close",
-        "pass" if d["allclose"] else "fail",
-        help=f"torch.testing.assert_close defaults for {scenario['dtype']}: "
-        f"rtol {d['rtol']:g}, atol {d['atol']:g}; PyTorch as expected.",
-    )
+    for pair in doc["divergence"]:
+        st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")
+        if pair.get("reason"):
+            st.info(f"Not compared: {pair['reason']}")
+            continue
+        cells = st.columns(5)
+        cells[0].metric("max |Δ|", fmt(pair["max_abs"]))
+        cells[1].metric("mean |Δ|", fmt(pair["mean_abs"]))
+        cells[2].metric("RMSE", fmt(pair["rmse"]))
+        cells[3].metric("max relative", fmt(pair["max_rel"]))
+        cells[4].metric(
+            "assert_close",
+            "pass" if pair["allclose"] else "fail",
+            help=f"torch.testing.assert_close defaults for {scenario['dtype']}: rtol "
+            f"{pair['rtol']:g}, atol {pair['atol']:g}; {LABELS[pair['a']]} as expected.",
+        )
 
-# --- charts -----------------------------------------------------------------------
-left, right = st.columns(2)
-with left:
-    if len(view["histogram"]):
-        st.altair_chart(charts.output_distribution_chart(view["histogram"]), width="stretch")
-with right:
-    if len(view["running"]):
+    st.markdown("##### Each framework against its own rules, computed in float64")
+    lines = []
+    for name, ref in doc.get("reference", {}).items():
+        gap = ref["vs_engine"]
+        if gap["max_abs"] is None:
+            continue
+        where = "within" if gap["allclose"] else "**outside**"
+        lines.append(
+            f"- {LABELS[name]}: max |Δ| {fmt(gap['max_abs'])}, {where} "
+            f"{scenario['dtype']} tolerance"
+        )
+    st.markdown("\n".join(lines) or "Nothing to check: no engine produced an output.")
+
+with outputs:
+    if len(view.histogram):
+        st.altair_chart(charts.output_distribution_chart(view.histogram), width="stretch")
+    else:
+        st.info("No engine produced an output to draw.")
+
+with running:
+    if len(view.running):
         for statistic in ("running mean", "running variance"):
             st.altair_chart(
-                charts.running_statistics_chart(view["running"], statistic), width="stretch"
+                charts.running_statistics_chart(view.running, statistic), width="stretch"
             )
     else:
-        st.info("No running statistics to draw in this scenario.")
+        st.info("No running statistics in this scenario.")
 
-# --- share ------------------------------------------------------------------------
+with explain_tab:
+    if len(view.explain):
+        st.markdown(
+            "Each knob that differs between the first two engines is aligned in turn, and the "
+            "pair is re-run for real. Every step is a link."
+        )
+        st.altair_chart(charts.waterfall_chart(view.explain), width="stretch")
+        for step in doc["explain"]:
+            after = "—" if step["gap_after"] is None else fmt(step["gap_after"])
+            st.markdown(
+                f"- [{step['knob']}]({step['link']}): {fmt(step['gap_before'])} → "
+                f"{after}. {step['cause']}"
+            )
+    else:
+        st.success("Nothing to explain: the first two engines agree, or only one ran.")
+
+with code:
+    left, right = st.columns(2)
+    left.markdown("##### PyTorch → Keras 3")
+    left.code(torch_to_keras(scenario), language="python")
+    right.markdown("##### Keras 3 → PyTorch")
+    right.code(keras_to_torch(scenario), language="python")
+    agreed, causes = aligned(scenario)
+    if causes:
+        st.button(
+            "Make them agree",
+            type="primary",
+            on_click=apply_scenario,
+            args=(agreed,),
+            help="Aligns " + "; ".join(causes) + ". The link follows.",
+        )
+    st.markdown("##### Reproduce without bnexplore")
+    script = reproducer(scenario)
+    st.download_button(
+        "Export script", script, file_name="bnexplore_repro.py", mime="text/x-python"
+    )
+    with st.expander("The script"):
+        st.code(script, language="python")
+
+# --- share --------------------------------------------------------------------------
 with st.expander("Link and JSON document"):
     st.markdown("This scenario as a link (the address bar holds the same):")
     st.code(scenario.link, language=None)
     st.download_button(
         "Download results (JSON)",
-        json.dumps(doc, indent=2),
+        json.dumps({**doc, "notices": notices}, indent=2),
         file_name="bnexplore.json",
         mime="application/json",
     )
-    st.caption(f"The same document: `python -m bnexplore run --json --link '{scenario.link}'`")
+    st.caption(f"The same numbers: `python -m bnexplore run --json --link '{scenario.link}'`")

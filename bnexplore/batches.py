@@ -19,6 +19,15 @@ import numpy as np
 from bnexplore.scenario import Scenario
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a scenario dtype; bfloat16 comes from ml_dtypes."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def batches(scenario: Scenario) -> Iterator[np.ndarray]:
     """Yield the steps + 1 batches: training batches first, the measured one last.
 
@@ -26,7 +35,7 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
     write into a batch.
     """
     shape = scenario.shape
-    dtype = np.dtype(scenario["dtype"])
+    dtype = numpy_dtype(scenario["dtype"])
     kind = scenario["input"]
     count = scenario["steps"] + 1
     if kind in ("ones", "constant"):

@@ -9,9 +9,11 @@ import sys
 from urllib.parse import quote
 
 from bnexplore.docs import link_reference
-from bnexplore.engines import ENGINES, LABELS
+from bnexplore.engines import LABELS
 from bnexplore.presets import PRESETS
 from bnexplore.runner import run
+from bnexplore.scenario import parse_link
+from bnexplore.script import reproducer
 
 
 def link_of(preset: str | None, link: str | None) -> str:
@@ -47,6 +49,9 @@ def table(doc: dict) -> str:
                 f"{LABELS.get(name, name)} running_mean {_span(rm)}, running_var {_span(rv)}"
             )
     lines.append("")
+    for step in doc.get("explain", []):
+        after = "—" if step["gap_after"] is None else _num(step["gap_after"])
+        lines.append(f"explain: {_num(step['gap_before'])} → {after}  {step['cause']}")
     for d in doc["divergence"]:
         pair = f"{d['a']} vs {d['b']}"
         if d.get("reason"):
@@ -82,22 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd = commands.add_parser("run", help="run one scenario and print the result")
     run_cmd.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario")
     run_cmd.add_argument("--link", help="an app URL or its query string, e.g. '?v=1&steps=3'")
-    run_cmd.add_argument(
-        "--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}"
-    )
     run_cmd.add_argument("--json", action="store_true", help="print the JSON document")
+    run_cmd.add_argument(
+        "--explain", action="store_true", help="attribute the first pair's gap to its causes"
+    )
+    script_cmd = commands.add_parser("script", help="print a standalone reproducer script")
+    script_cmd.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario")
+    script_cmd.add_argument("--link", help="an app URL or its query string")
     commands.add_parser("docs", help="print the README's link reference table")
     args = parser.parse_args(argv)
     if args.command == "docs":
         print(link_reference())
         return 0
+    if args.command == "script":
+        scenario, notices = parse_link(link_of(args.preset, args.link))
+        for notice in notices:
+            print(f"notice: {notice}", file=sys.stderr)
+        print(reproducer(scenario))
+        return 0
     logging.basicConfig(level=logging.ERROR)
 
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = [e for e in engines if e not in ENGINES]
-    if unknown or not engines:
-        parser.error(f"--engines: unknown {unknown or 'empty'}; choose from {', '.join(ENGINES)}")
-    doc = run(link_of(args.preset, args.link), engines=engines)
+    doc = run(link_of(args.preset, args.link), explain=args.explain)
     print(json.dumps(doc, indent=2, allow_nan=False) if args.json else table(doc))
     return 0
 

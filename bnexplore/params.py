@@ -7,7 +7,6 @@ link reference are all derived from it, so adding a knob is adding a row.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,13 +19,19 @@ MAX_ELEMENTS = 50_000_000
 MAX_DIMS = 5
 MIN_DIMS = 2
 
-Kind = Literal["shape", "choice", "int", "float", "bool", "momentum"]
+Kind = Literal["shape", "choice", "choices", "int", "float", "bool", "momentum"]
+
+ENGINE_NAMES = ("torch", "keras", "keras2")
+"""Engines a scenario may compare; bnexplore.engines.ENGINES says how each is run."""
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 GROUPS: dict[str, str] = {
     "input": "Input batch",
     "run": "Run",
-    "torch": "PyTorch · torch.nn.BatchNorm",
-    "keras": "Keras 3 · keras.layers.BatchNormalization",
+    "torch": "PyTorch module",
+    "keras": "Keras 3 layer",
+    "keras2": "Keras 2 layer (tf_keras)",
 }
 """Sidebar groups, in the order they are shown."""
 
@@ -58,6 +63,8 @@ class Param:
         """The allowed values, in words, for notices and docs."""
         if self.kind == "choice":
             return " | ".join(self.choices)
+        if self.kind == "choices":
+            return "comma-separated, from " + ", ".join(self.choices)
         if self.kind == "bool":
             return "true | false"
         if self.kind == "shape":
@@ -81,15 +88,15 @@ def _fmt(x: float | None) -> str:
 
 
 PARAMS: tuple[Param, ...] = (
-    # --- input batch -------------------------------------------------------
+    # --- input batch ---------------------------------------------------------------
     Param(
         "shape",
         "shape",
         (20, 100, 35, 45),
         "input",
         "Shape (N, C, …)",
-        "Channels-first like PyTorch: batch, channels, then 0 to 3 spatial "
-        "dims. Keras receives the same batch moved to channels-last (axis=-1).",
+        "Channels-first like PyTorch: batch, channels, then 0 to 3 spatial dims. Keras "
+        "receives the same batch moved to channels-last (axis=-1).",
     ),
     Param(
         "input",
@@ -139,7 +146,7 @@ PARAMS: tuple[Param, ...] = (
         0,
         "input",
         "Seed",
-        "Seed of numpy.random.default_rng; random kinds only.",
+        "Seed of numpy.random.default_rng.",
         low=0,
         high=2**32 - 1,
         only_for=("normal", "uniform"),
@@ -150,19 +157,27 @@ PARAMS: tuple[Param, ...] = (
         "float32",
         "input",
         "dtype",
-        "Batches are made in float64, then cast; both layers are built in this dtype.",
-        choices=("float32", "float64"),
+        "Batches are made in float64, then cast; every layer is built in this dtype.",
+        choices=DTYPES,
     ),
-    # --- run ---------------------------------------------------------------
+    # --- run -----------------------------------------------------------------------
+    Param(
+        "engines",
+        "choices",
+        ("torch", "keras"),
+        "run",
+        "Engines to compare",
+        "Each pair is compared; the first engine is the expected side.",
+        choices=ENGINE_NAMES,
+    ),
     Param(
         "steps",
         "int",
         0,
         "run",
         "Training steps before the measured pass",
-        "Batches 0 … steps−1 each run one training pass in both frameworks "
-        "(PyTorch .train(), Keras training=True); batch `steps` is then "
-        "measured.",
+        "Batches 0 … steps−1 each run one training pass in every engine (PyTorch "
+        ".train(), Keras training=True); batch `steps` is then measured.",
         low=0,
         high=1000,
     ),
@@ -172,8 +187,8 @@ PARAMS: tuple[Param, ...] = (
         "train",
         "run",
         "PyTorch measured pass",
-        "A new torch module is in training mode: it normalizes with the batch "
-        "statistics and updates its running statistics.",
+        "A new torch module is in training mode: it normalizes with the batch statistics "
+        "and updates its running statistics.",
         choices=("train", "eval"),
     ),
     Param(
@@ -181,8 +196,17 @@ PARAMS: tuple[Param, ...] = (
         "choice",
         "none",
         "run",
-        "Keras measured pass",
+        "Keras 3 measured pass",
         "none: a direct call layer(x), which is inference; true / false: layer(x, training=…).",
+        choices=("none", "true", "false"),
+    ),
+    Param(
+        "keras2_training",
+        "choice",
+        "none",
+        "run",
+        "Keras 2 measured pass",
+        "none: layer(x) outside fit() is inference; true / false: layer(x, training=…).",
         choices=("none", "true", "false"),
     ),
     Param(
@@ -194,7 +218,7 @@ PARAMS: tuple[Param, ...] = (
         "auto: a GPU where the framework sees one, else the CPU.",
         choices=("auto", "cpu", "cuda"),
     ),
-    # --- PyTorch -------------------------------------------------------------
+    # --- PyTorch ---------------------------------------------------------------------
     Param(
         "torch_eps",
         "float",
@@ -212,8 +236,8 @@ PARAMS: tuple[Param, ...] = (
         0.1,
         "torch",
         "momentum",
-        "running ← (1 − m)·running + m·batch. none: cumulative average. "
-        "PyTorch's m equals Keras's 1 − momentum.",
+        "running ← (1 − m)·running + m·batch. none: cumulative average. PyTorch's m "
+        "equals Keras's 1 − momentum.",
         low=0.0,
         high=1.0,
         step=0.01,
@@ -234,7 +258,16 @@ PARAMS: tuple[Param, ...] = (
         "track_running_stats",
         "false: no running statistics; batch statistics even in eval mode.",
     ),
-    # --- Keras -------------------------------------------------------------
+    Param(
+        "torch_requires_grad",
+        "bool",
+        True,
+        "torch",
+        "requires_grad",
+        "module.requires_grad_(…). false freezes the weights for the optimizer but, "
+        "unlike Keras's trainable=False, changes nothing in the forward pass.",
+    ),
+    # --- Keras 3 ---------------------------------------------------------------------
     Param(
         "keras_eps",
         "float",
@@ -265,14 +298,76 @@ PARAMS: tuple[Param, ...] = (
         True,
         "keras",
         "trainable",
-        "layer.trainable. false forces inference, even with training=True, "
-        "and freezes the moving statistics.",
+        "layer.trainable. false forces inference, even with training=True, and freezes "
+        "the moving statistics.",
+    ),
+    Param(
+        "keras_init",
+        "choice",
+        "fresh",
+        "keras",
+        "Initial state",
+        "fresh: a new layer. torch: PyTorch's state after its training steps, ported "
+        "(weight→gamma, bias→beta, running_mean→moving_mean, running_var→"
+        "moving_variance); Keras then runs no training steps of its own. torch_swapped: "
+        "the classic porting mistake, mean and variance swapped.",
+        choices=("fresh", "torch", "torch_swapped"),
+    ),
+    # --- Keras 2 ---------------------------------------------------------------------
+    Param(
+        "keras2_eps",
+        "float",
+        1e-3,
+        "keras2",
+        "epsilon",
+        "Added to the variance before the square root.",
+        low=0.0,
+        low_open=True,
+        step=1e-4,
+    ),
+    Param(
+        "keras2_momentum",
+        "float",
+        0.99,
+        "keras2",
+        "momentum",
+        "moving ← momentum·moving + (1 − momentum)·batch.",
+        low=0.0,
+        high=1.0,
+        step=0.01,
+    ),
+    Param(
+        "keras2_center", "bool", True, "keras2", "center", "Learnable beta (0 on a fresh layer)."
+    ),
+    Param("keras2_scale", "bool", True, "keras2", "scale", "Learnable gamma (1 on a fresh layer)."),
+    Param(
+        "keras2_trainable",
+        "bool",
+        True,
+        "keras2",
+        "trainable",
+        "layer.trainable. false forces inference, even with training=True.",
+    ),
+    Param(
+        "keras2_fused",
+        "choice",
+        "auto",
+        "keras2",
+        "fused",
+        "The fused kernel (4-D or 5-D input, not float64) feeds the unbiased batch variance "
+        "into the moving variance, like PyTorch; the non-fused path the biased one, like Keras 3. "
+        "auto: fused where it can be.",
+        choices=("auto", "true", "false"),
     ),
 )
 
 BY_KEY: dict[str, Param] = {p.key: p for p in PARAMS}
+
+
+def engine_of(param: Param) -> str | None:
+    """The engine a knob belongs to, by its key's prefix (torch_, keras_, keras2_)."""
+    prefix = param.key.split("_", 1)[0]
+    return prefix if prefix in ENGINE_NAMES and "_" in param.key else None
+
+
 DEFAULTS: dict[str, Any] = {p.key: p.default for p in PARAMS}
-
-
-def is_finite_number(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

@@ -1,7 +1,8 @@
 """Named scenarios to start from: ``preset=NAME`` in a link.
 
 A preset is a set of parameter values over the defaults, plus the story it
-tells. Its claims are numbers the app measures, never numbers written here.
+tells. Its claims are about numbers the app measures; ``tests/test_presets.py``
+asserts each against the real frameworks. No number here is a framework output.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ class Preset:
     values: Mapping[str, Any] = field(default_factory=dict)
 
 
+SMALL = (16, 32, 8, 8)
+"""A 4-D shape that runs in milliseconds: 1024 values per channel."""
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -26,12 +30,176 @@ PRESETS: dict[str, Preset] = {
             "seed",
             "The question as asked",
             "An all-ones batch of shape (20, 100, 35, 45) through a fresh "
-            "torch.nn.BatchNorm2d(100) and a fresh "
-            "keras.layers.BatchNormalization(), every default. A new PyTorch "
-            "module is in training mode, so it normalizes with the batch's own "
-            "statistics (mean 1, variance 0) and returns 0; a direct Keras call "
-            "is inference, so it uses its fresh moving statistics (mean 0, "
-            "variance 1) and returns 1/√(1 + 1e-3).",
+            "torch.nn.BatchNorm2d(100) and a fresh keras.layers.BatchNormalization(), every "
+            "default. A new PyTorch module is "
+            "in training mode: it normalizes with the batch's own statistics (mean 1, variance 0) "
+            "and returns 0. A direct Keras call is inference: it uses its fresh moving statistics "
+            "(mean 0, variance 1) and returns 1/√(1 + 1e-3).",
+        ),
+        Preset(
+            "both-inference",
+            "Both in inference: only eps differs",
+            "PyTorch in eval mode, Keras called directly: both normalize the ones with fresh "
+            "running statistics (0, 1). PyTorch returns 1/√(1 + 1e-5), Keras 1/√(1 + 1e-3): "
+            "the whole gap is the default eps.",
+            {"torch_mode": "eval"},
+        ),
+        Preset(
+            "train-then-eval",
+            "One training pass, then inference",
+            "One training pass on ones, then inference in both. PyTorch's running statistics "
+            "moved 10 % of the way (momentum 0.1): mean 0.1, variance 0.9, so it returns "
+            "0.9/√(0.9 + 1e-5). Keras's moved 1 % (momentum 0.99 keeps 99 %): 0.99/√(0.99 + 1e-3).",
+            {"steps": 1, "torch_mode": "eval"},
+        ),
+        Preset(
+            "momentum-drift",
+            "Momentum conventions: 0.1 in PyTorch is 0.9 in Keras",
+            "Fifty training steps on random batches (mean 2, std 3), then inference. PyTorch's "
+            "running ← 0.9·running + 0.1·batch has all but 0.9⁵⁰ of its weight on the data; "
+            "Keras's moving ← 0.99·moving + 0.01·batch still holds 0.99⁵⁰ ≈ 60 % of its "
+            "initial (0, 1). torch momentum m equals Keras momentum 1 − m.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 2.0,
+                "std": 3.0,
+                "steps": 50,
+                "torch_mode": "eval",
+                "keras_training": "false",
+            },
+        ),
+        Preset(
+            "matched",
+            "Hyperparameters translated",
+            "Keras momentum = 1 − torch momentum, equal eps, both training: the outputs agree to "
+            "float32 rounding. The running variances still differ: PyTorch feeds the unbiased "
+            "batch variance var·n/(n − 1) into its running variance, Keras 3 the biased var.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "steps": 3,
+                "keras_training": "true",
+                "keras_momentum": 0.9,
+                "keras_eps": 1e-5,
+            },
+        ),
+        Preset(
+            "bessel",
+            "Bessel's correction in the running variance",
+            "One training pass on a batch of 4 with momenta and eps matched. PyTorch's running "
+            "variance moves by 0.1·var·n/(n − 1), Keras 3's by 0.1·var: with n = 4 values per "
+            "channel, a third more. The smaller the batch, the larger the gap.",
+            {
+                "shape": (4, 3),
+                "input": "normal",
+                "keras_training": "true",
+                "keras_momentum": 0.9,
+                "keras_eps": 1e-5,
+            },
+        ),
+        Preset(
+            "frozen-keras",
+            "Keras trainable=False forces inference",
+            "Both called in training (torch .train(), Keras training=True) with the layers "
+            "frozen the way each framework's users do: Keras layer.trainable = False, PyTorch "
+            "requires_grad_(False). Keras ignores training=True and normalizes with its moving "
+            "statistics; PyTorch still normalizes with the batch statistics — only .eval() "
+            "changes that.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 1.0,
+                "std": 2.0,
+                "keras_training": "true",
+                "keras_trainable": False,
+                "torch_requires_grad": False,
+            },
+        ),
+        Preset(
+            "keras2-vs-keras3",
+            "The question's era: Keras 2 against Keras 3",
+            "The question was asked with TensorFlow 2.5 and Keras 2, whose BatchNormalization "
+            "runs TensorFlow's fused kernel on 4-D input. That kernel feeds the unbiased batch "
+            "variance into the moving variance, like PyTorch; Keras 3 feeds the biased one. "
+            "Training outputs agree; moving variances differ by the factor n/(n − 1) on the "
+            "batch part.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "engines": ("keras2", "keras"),
+                "keras_training": "true",
+                "keras2_training": "true",
+            },
+        ),
+        Preset(
+            "small-variance-eps",
+            "Ported statistics with a tiny variance: eps matters",
+            "Batches with std 0.01 (variance 1e-4). PyTorch's state after one pass "
+            "(momentum None: the running statistics are that batch's) is ported into Keras, "
+            "but Keras keeps its eps 1e-3. Each output is scaled by √((v + 1e-5)/(v + 1e-3)) "
+            "relative to PyTorch's: about a third at v = 1e-4.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "std": 0.01,
+                "steps": 1,
+                "torch_momentum": None,
+                "torch_mode": "eval",
+                "keras_init": "torch",
+            },
+        ),
+        Preset(
+            "one-sample",
+            "One value per channel in training",
+            "A batch of one (N = 1, no spatial dims) in training mode. PyTorch refuses: "
+            '"Expected more than 1 value per channel when training". Keras computes variance '
+            "0, returns beta (0) and decays its moving variance toward 0.",
+            {"shape": (1, 8), "keras_training": "true"},
+        ),
+        Preset(
+            "half-precision",
+            "float16 (try bfloat16 too)",
+            "Both layers built in float16, eps and momenta matched, training. Keras 3 computes "
+            "in float32 and rounds the output once: within half an ulp of the exact result. "
+            "PyTorch's CPU half kernel is accurate to an ulp of the output's largest values, so "
+            "its outputs near zero carry large relative errors. Both are far outside float32's "
+            "tolerance. Switch dtype to bfloat16: 8 bits of mantissa instead of 11.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "dtype": "float16",
+                "keras_training": "true",
+                "keras_momentum": 0.9,
+                "keras_eps": 1e-5,
+            },
+        ),
+        Preset(
+            "large-mean",
+            "Inputs far from zero: float32 batch means",
+            "Training mode on batches with mean 1000 and std 1. The output inherits every "
+            "rounding error of the float32 batch mean, amplified by 1000/std. TensorFlow's "
+            "float32 mean is less exact than PyTorch's: Keras 3 lands much further from the "
+            "exact float64 result than PyTorch does. Compare each engine with its reference.",
+            {"input": "normal", "mean": 1000.0, "keras_training": "true", "keras_eps": 1e-5},
+        ),
+        Preset(
+            "weight-port",
+            "PyTorch's trained state ported into Keras",
+            "Five training steps in PyTorch, then its state copied into a Keras layer: weight → "
+            "gamma, bias → beta, running_mean → moving_mean, running_var → moving_variance, with "
+            "eps matched; both infer. They agree to rounding. Set keras_init=torch_swapped for "
+            "the classic porting mistake, mean and variance swapped.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 0.5,
+                "std": 2.0,
+                "steps": 5,
+                "torch_mode": "eval",
+                "keras_init": "torch",
+                "keras_eps": 1e-5,
+            },
         ),
     )
 }

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnexplore.engines import ENGINES, LABELS, EngineResult, run_engine
+from bnexplore.engines import LABELS, EngineResult, State, run_engine
 from bnexplore.engines.reference import REFERENCES
 from bnexplore.metrics import Divergence, OutputStats
 from bnexplore.scenario import Scenario, parse_link
@@ -76,6 +76,7 @@ def engine_document(r: EngineResult) -> dict:
         "version": r.version,
         "device": r.device,
         "device_note": r.device_note,
+        "detail": r.detail,
         "error": r.error,
         "output": None if r.output is None else OutputStats.of(r.output).to_dict(),
         "running_mean": _floats(r.running_mean),
@@ -102,36 +103,73 @@ Report = Callable[[float, str], None]
 """Called with (fraction done, what is running) while a comparison runs."""
 
 
+def port_source(scenario: Scenario, results: dict[str, EngineResult]) -> EngineResult | None:
+    """PyTorch's run whose trained state Keras 3 starts from, when keras_init asks."""
+    if "keras" not in scenario["engines"] or scenario["keras_init"] == "fresh":
+        return None
+    return results.get("torch") or run_engine("torch", scenario)
+
+
+def ported_state(scenario: Scenario, source: EngineResult) -> State | None:
+    """The state handed to Keras 3: PyTorch's, or with mean and variance swapped."""
+    state = source.trained_state
+    if state is None or scenario["keras_init"] != "torch_swapped":
+        return state
+    return {**state, "running_mean": state["running_var"], "running_var": state["running_mean"]}
+
+
 def compare(
     scenario: Scenario,
     notices: Sequence[str] = (),
-    engines: Sequence[str] = tuple(ENGINES),
     reference: bool = True,
     report: Report | None = None,
 ) -> Comparison:
-    """Run ``scenario`` for real in each engine, and its reference if asked."""
-    results = {}
+    """Run ``scenario`` for real in each of its engines, and their references if asked."""
+    engines = scenario["engines"]
+    results: dict[str, EngineResult] = {}
+    initial: dict[str, State | None] = {}
     for i, name in enumerate(engines):
 
         def progress(done: int, total: int, i: int = i, name: str = name) -> None:
             if report:
                 report((i + done / total) / len(engines), f"{LABELS[name]}: pass {done} of {total}")
 
-        results[name] = run_engine(name, scenario, progress)
+        if name == "keras" and (source := port_source(scenario, results)) is not None:
+            initial[name] = ported_state(scenario, source)
+            if initial[name] is None:
+                results[name] = EngineResult(
+                    name,
+                    available=True,
+                    error=f"keras_init={scenario['keras_init']}: PyTorch has no state to port "
+                    f"({source.reason or source.error or 'no running statistics'})",
+                )
+                continue
+        results[name] = run_engine(name, scenario, progress, initial.get(name))
+    unported = {name for name, state in initial.items() if state is None}
     references = {}
     if reference:
         references = {
-            name: REFERENCES[name].run(scenario)
+            name: REFERENCES[name].run(scenario, initial.get(name))
             for name in engines
-            if results[name].available and name in REFERENCES
+            if results[name].available and name not in unported
         }
     return Comparison(scenario, tuple(notices), results, references)
 
 
-def run(link: str = "", engines: Sequence[str] = tuple(ENGINES), reference: bool = True) -> dict:
+def run(link: str = "", reference: bool = True, explain: bool = False) -> dict:
     """Run the scenario a link describes and return the document (strict JSON).
 
     ``link`` is a full URL of the app or only its query string (``?a=1&b=2``).
+    With ``explain``, the document's "explain" lists the first pair's gap
+    cause by cause (see bnexplore.explain), each step re-run for real.
     """
     scenario, notices = parse_link(link)
-    return compare(scenario, notices, engines, reference).document()
+    comparison = compare(scenario, notices, reference)
+    doc = comparison.document()
+    if explain:
+        from bnexplore.explain import explain as explain_steps
+
+        pairs = comparison.divergence
+        steps = explain_steps(scenario, pairs[0] if pairs else None)
+        doc["explain"] = strict_json([step.to_dict() for step in steps])
+    return doc

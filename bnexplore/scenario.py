@@ -90,12 +90,12 @@ class Scenario:
 
     def to_dict(self) -> dict[str, Any]:
         """Every parameter with its value, JSON-ready (shape as a list)."""
-        return {k: list(v) if k == "shape" else v for k, v in self.values.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.values.items()}
 
 
 def format_value(param: Param, value: Any) -> str:
     """A value as it is written in a link."""
-    if param.kind == "shape":
+    if param.kind in ("shape", "choices"):
         return ",".join(str(d) for d in value)
     if param.kind == "bool":
         return "true" if value else "false"
@@ -120,6 +120,8 @@ def parse_value(param: Param, raw: str) -> tuple[Any, str | None]:
         raise BadValue("empty value")
     if param.kind == "shape":
         return _parse_shape(text), None
+    if param.kind == "choices":
+        return _parse_choices(param, text)
     if param.kind == "choice":
         lowered = text.lower()
         if lowered not in param.choices:
@@ -174,6 +176,25 @@ def _clamp(param: Param, x: float) -> tuple[Any, str | None]:
             f"{param.key}: {x:g} is outside {param.describe_range()}; clamped to {clamped:g}",
         )
     return x, None
+
+
+def _parse_choices(param: Param, text: str) -> tuple[tuple[str, ...], str | None]:
+    """A comma-separated subset of the choices, in the order given, without repeats."""
+    picked, unknown = [], []
+    for piece in (p.strip().lower() for p in text.split(",")):
+        if piece in param.choices:
+            if piece not in picked:
+                picked.append(piece)
+        elif piece:
+            unknown.append(piece)
+    if not picked:
+        raise BadValue(f"{_show(text)} names none of {', '.join(param.choices)}")
+    if unknown:
+        return tuple(picked), (
+            f"{param.key}: {', '.join(map(_show, unknown))} ignored; "
+            f"choose from {', '.join(param.choices)}"
+        )
+    return tuple(picked), None
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import streamlit as st
 
-from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param
+from bnexplore.engines import LABELS
+from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param, engine_of
 from bnexplore.presets import PRESETS, matching
 from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
 
@@ -35,6 +36,8 @@ def _to_widget(param: Param, value: Any) -> Any:
     """A parameter value as its widget holds it."""
     if param.kind == "shape":
         return format_value(param, value)
+    if param.kind == "choices":
+        return list(value)
     if param.kind == "momentum":
         return 0.1 if value is None else float(value)
     if param.kind == "float":
@@ -66,7 +69,12 @@ def _apply_preset() -> None:
 
 
 def reset_to_defaults() -> None:
-    _set_widgets(dict(DEFAULTS))
+    apply_scenario(Scenario())
+
+
+def apply_scenario(scenario: Scenario) -> None:
+    """Show this scenario in every widget (and so in the link); for button callbacks."""
+    _set_widgets(dict(scenario.values))
     st.session_state[LINK_NOTICES] = []
 
 
@@ -79,6 +87,10 @@ def _render(param: Param) -> None:
     common = {"label": param.label, "key": key, "help": param.help}
     if param.kind == "shape":
         st.text_input(**common)
+    elif param.kind == "choices":
+        st.multiselect(options=param.choices, format_func=lambda e: LABELS.get(e, e), **common)
+    elif param.kind == "choice" and len(param.choices) > 4:
+        st.selectbox(options=param.choices, **common)
     elif param.kind == "choice":
         st.radio(options=param.choices, horizontal=True, **common)
     elif param.kind == "bool":
@@ -107,6 +119,14 @@ def _render(param: Param) -> None:
             **common,
         )
     _read_widget(param, store)
+
+
+def _shown(param: Param, store: dict[str, Any], engines: tuple[str, ...]) -> bool:
+    """Widgets of engines not compared, and input knobs of other kinds, are hidden."""
+    if param.only_for and store["input"] not in param.only_for:
+        return False
+    engine = engine_of(param)
+    return engine is None or engine in engines
 
 
 def _read_widget(param: Param, store: dict[str, Any]) -> None:
@@ -139,11 +159,13 @@ def sidebar() -> tuple[Scenario, list[str]]:
             help="A named scenario to start from; every knob below stays editable.",
         )
         st.button("Reset to defaults", on_click=reset_to_defaults)
+        engines = scenario_from_values(store)[0]["engines"]
         for group, title in GROUPS.items():
-            st.subheader(title, divider="gray")
-            for p in PARAMS:
-                if p.group == group and (not p.only_for or store["input"] in p.only_for):
-                    _render(p)
+            shown = [p for p in PARAMS if p.group == group and _shown(p, store, engines)]
+            if shown:
+                st.subheader(title, divider="gray")
+            for p in shown:
+                _render(p)
 
     scenario, notices = scenario_from_values(store)
     if st.query_params.to_dict() != scenario.link_params():

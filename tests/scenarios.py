@@ -34,7 +34,14 @@ def random_links(count: int, seed: int, ranks=(2, 3, 4, 5)) -> list[str]:
             "keras_momentum": float(rng.choice([0.99, 0.9, 0.5, 0.0, 1.0])),
             "keras_trainable": ["true", "false"][int(rng.random() < 0.25)],
             "torch_track_running_stats": ["true", "false"][int(rng.random() < 0.2)],
-            "dtype": ["float32", "float64"][int(rng.random() < 0.3)],
+            "dtype": rng.choice(["float32"] * 5 + ["float64"] * 3 + ["float16", "bfloat16"]),
+            "engines": "torch,keras,keras2",
+            "keras2_training": ["none", "true", "false"][rng.integers(3)],
+            "keras2_eps": float(rng.choice([1e-6, 1e-3, 1e-1])),
+            "keras2_momentum": float(rng.choice([0.99, 0.9, 0.0])),
+            "keras2_trainable": ["true", "false"][int(rng.random() < 0.2)],
+            "keras2_fused": ["auto", "auto", "true", "false"][rng.integers(4)],
+            "keras_init": rng.choice(["fresh"] * 8 + ["torch", "torch_swapped"]),
         }
         if kind == "constant":
             params["value"] = float(rng.choice([0.5, 2.0, -3.0, 0.37]))

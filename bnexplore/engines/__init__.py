@@ -43,10 +43,20 @@ class EngineResult:
     device_note: str | None = None
     reason: str | None = None
     error: str | None = None
+    detail: str | None = None
     output: np.ndarray | None = None
     running_mean: np.ndarray | None = None
     running_var: np.ndarray | None = None
+    trained_state: dict[str, np.ndarray] | None = None
+    """The layer's state after the training steps, before the measured pass:
+    weight, bias, running_mean, running_var (a port's source)."""
+    rounding_gain: np.ndarray | None = None
+    """Reference engines only: per channel, |mean|·|γ|/√(var + eps) of the measured
+    pass, the factor by which rounding in the mean is amplified in the output."""
 
+
+State = dict[str, np.ndarray]
+"""A layer's state in PyTorch's names: weight, bias, running_mean, running_var."""
 
 Progress = Callable[[int, int], None]
 """Called after each pass with (passes done, passes in all)."""
@@ -57,12 +67,18 @@ class Engine(Protocol):
     label: str
     version: str
 
-    def run(self, scenario: Scenario, progress: Progress | None = None) -> EngineResult: ...
+    def run(
+        self,
+        scenario: Scenario,
+        progress: Progress | None = None,
+        initial_state: State | None = None,
+    ) -> EngineResult: ...
 
 
 ENGINES: dict[str, tuple[str, str, str]] = {
     "torch": ("PyTorch", "bnexplore.engines.torch_engine", "TorchEngine"),
     "keras": ("Keras 3", "bnexplore.engines.keras_engine", "KerasEngine"),
+    "keras2": ("Keras 2", "bnexplore.engines.keras2_engine", "Keras2Engine"),
 }
 """name → (label, module, class). The order is the order of comparison."""
 
@@ -100,14 +116,19 @@ def load(name: str) -> Engine:
     return engine
 
 
-def run_engine(name: str, scenario: Scenario, progress: Progress | None = None) -> EngineResult:
+def run_engine(
+    name: str,
+    scenario: Scenario,
+    progress: Progress | None = None,
+    initial_state: State | None = None,
+) -> EngineResult:
     """Run one engine on a scenario; never raises."""
     try:
         engine = load(name)
     except EngineUnavailable as exc:
         return EngineResult(name=name, available=False, reason=str(exc))
     try:
-        return engine.run(scenario, progress)
+        return engine.run(scenario, progress, initial_state)
     except Exception as exc:
         log.warning("engine %s raised on %s", name, scenario.link, exc_info=True)
         return EngineResult(

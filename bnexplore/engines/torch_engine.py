@@ -17,10 +17,15 @@ import numpy as np
 import torch
 
 from bnexplore.batches import batches
-from bnexplore.engines import EngineResult, Progress
+from bnexplore.engines import EngineResult, Progress, State
 from bnexplore.scenario import Scenario
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 _MODULES = {
     2: torch.nn.BatchNorm1d,
     3: torch.nn.BatchNorm1d,
@@ -54,6 +59,25 @@ def describe(device: torch.device) -> str:
     return "cpu"
 
 
+def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A NumPy batch as a tensor, bit for bit (bfloat16 travels as its 16 bits)."""
+    if batch.dtype.name == "bfloat16":
+        return torch.from_numpy(batch.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(batch).to(device)
+
+
+def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
+    """A tensor as a NumPy array of the same dtype (bfloat16 through ml_dtypes)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return tensor.numpy().copy()
+
+
 class TorchEngine:
     name = "torch"
     label = "PyTorch"
@@ -62,7 +86,7 @@ class TorchEngine:
     def build(self, scenario: Scenario, device: torch.device) -> torch.nn.Module:
         """A fresh BatchNorm module of the scenario's rank, dtype and settings."""
         module_class = _MODULES[len(scenario.shape)]
-        return module_class(
+        module = module_class(
             scenario.channels,
             eps=scenario["torch_eps"],
             momentum=scenario["torch_momentum"],
@@ -71,8 +95,14 @@ class TorchEngine:
             device=device,
             dtype=_DTYPES[scenario["dtype"]],
         )
+        return module.requires_grad_(scenario["torch_requires_grad"])
 
-    def run(self, scenario: Scenario, progress: Progress | None = None) -> EngineResult:
+    def run(
+        self,
+        scenario: Scenario,
+        progress: Progress | None = None,
+        initial_state: State | None = None,
+    ) -> EngineResult:
         try:
             device, note = resolve_device(scenario["device"])
         except DeviceMissing as missing:
@@ -82,11 +112,14 @@ class TorchEngine:
         where = {"version": self.version, "device": describe(device), "device_note": note}
         module = self.build(scenario, device)
         steps = scenario["steps"]
+        trained_state = None
         try:
             with torch.no_grad():
                 for k, batch in enumerate(batches(scenario)):
+                    if k == steps:
+                        trained_state = self.state(module)
                     module.train(k < steps or scenario["torch_mode"] == "train")
-                    output = module(torch.from_numpy(batch).to(device))
+                    output = module(to_tensor(batch, device))
                     if progress:
                         progress(k + 1, steps + 1)
         except (ValueError, RuntimeError) as exc:
@@ -94,12 +127,28 @@ class TorchEngine:
         return EngineResult(
             self.name,
             available=True,
-            output=output.cpu().numpy(),
-            running_mean=_numpy(module.running_mean),
-            running_var=_numpy(module.running_var),
+            output=to_numpy(output),
+            running_mean=to_numpy(module.running_mean),
+            running_var=to_numpy(module.running_var),
+            trained_state=trained_state,
             **where,
         )
 
+    @staticmethod
+    def state(module: torch.nn.Module) -> State | None:
+        """weight, bias, running_mean, running_var as float64 (None without running stats)."""
+        if module.running_mean is None:
+            return None
+        channels = module.num_features
 
-def _numpy(buffer: torch.Tensor | None) -> np.ndarray | None:
-    return None if buffer is None else buffer.detach().cpu().numpy().copy()
+        def f64(t: torch.Tensor | None, fill: float) -> np.ndarray:
+            if t is None:
+                return np.full(channels, fill)
+            return t.detach().cpu().to(torch.float64).numpy().copy()
+
+        return {
+            "weight": f64(module.weight, 1.0),
+            "bias": f64(module.bias, 0.0),
+            "running_mean": f64(module.running_mean, 0.0),
+            "running_var": f64(module.running_var, 1.0),
+        }

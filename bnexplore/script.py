@@ -1,0 +1,252 @@
+"""Reproducer scripts: a scenario as one standalone Python file.
+
+The file needs only numpy, torch, tensorflow/keras (and tf_keras for Keras 2).
+It rebuilds the scenario's exact batches and layers, runs every engine of the
+scenario, and prints the same output statistics as ``bnexplore.run`` as JSON:
+``{"link": …, "engines": {name: {"output": {mean, std, min, max, nonfinite},
+"running_mean": […], "running_var": […]} | {"error": str}}}``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bnexplore.scenario import Scenario
+
+_HEADER = '''"""bnexplore reproducer for {link}
+
+Standalone: needs numpy, torch and tensorflow (Keras 3){keras2_note}.
+Run with `python this_file.py`; it prints each engine's measured output
+statistics and running statistics as JSON.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+S = json.loads({scenario!r})
+SHAPE = tuple(S["shape"])
+STEPS = S["steps"]
+
+
+def numpy_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def batches():
+    """Batch k = 0 … steps from ONE numpy.random.default_rng(seed), float64, then cast."""
+    dtype = numpy_dtype(S["dtype"])
+    if S["input"] in ("ones", "constant"):
+        value = 1.0 if S["input"] == "ones" else S["value"]
+        batch = np.full(SHAPE, value, dtype=np.float64).astype(dtype)
+        for _ in range(STEPS + 1):
+            yield batch
+        return
+    rng = np.random.default_rng(S["seed"])
+    for _ in range(STEPS + 1):
+        if S["input"] == "normal":
+            batch = rng.standard_normal(SHAPE) * S["std"] + S["mean"]
+        else:
+            batch = rng.uniform(S["low"], S["high"], SHAPE)
+        yield batch.astype(dtype, copy=False)
+
+
+def finite_or_none(x):
+    return float(x) if math.isfinite(x) else None
+
+
+def summary(output, running_mean, running_var):
+    x = np.asarray(output, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        stats = {{
+            "mean": finite_or_none(x.mean()),
+            "std": finite_or_none(x.std()),
+            "min": finite_or_none(x.min()),
+            "max": finite_or_none(x.max()),
+            "nonfinite": int(x.size - np.count_nonzero(np.isfinite(x))),
+        }}
+
+    def floats(a):
+        if a is None:
+            return None
+        return [finite_or_none(v) for v in np.asarray(a, dtype=np.float64)]
+
+    return {{"output": stats, "running_mean": floats(running_mean),
+             "running_var": floats(running_var)}}
+
+
+results = {{}}
+'''
+
+_TORCH = """
+
+# --- PyTorch ------------------------------------------------------------------------
+import torch
+
+TORCH_DTYPES = {{"float32": torch.float32, "float64": torch.float64,
+                "float16": torch.float16, "bfloat16": torch.bfloat16}}
+device = {torch_device}
+module_class = {{2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
+                4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}}[len(SHAPE)]
+bn = module_class(SHAPE[1], eps=S["torch_eps"], momentum=S["torch_momentum"],
+                  affine=S["torch_affine"], track_running_stats=S["torch_track_running_stats"],
+                  device=device, dtype=TORCH_DTYPES[S["dtype"]])
+bn.requires_grad_(S["torch_requires_grad"])
+
+
+def to_tensor(batch):
+    if batch.dtype.name == "bfloat16":
+        return torch.from_numpy(batch.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(batch).to(device)
+
+
+def to_numpy(t):
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+torch_state = None
+try:
+    with torch.no_grad():
+        for k, batch in enumerate(batches()):
+            if k == STEPS and bn.running_mean is not None:
+                torch_state = {{
+                    name: (np.ones(SHAPE[1]) if t is None and name == "weight" else
+                           np.zeros(SHAPE[1]) if t is None else
+                           t.detach().cpu().to(torch.float64).numpy())
+                    for name, t in (("weight", bn.weight), ("bias", bn.bias),
+                                    ("running_mean", bn.running_mean),
+                                    ("running_var", bn.running_var))
+                }}
+            bn.train(k < STEPS or S["torch_mode"] == "train")
+            output = bn(to_tensor(batch))
+    if "torch" in S["engines"]:
+        results["torch"] = summary(to_numpy(output), to_numpy(bn.running_mean),
+                                   to_numpy(bn.running_var))
+except (ValueError, RuntimeError) as exc:
+    if "torch" in S["engines"]:
+        results["torch"] = {{"error": str(exc)}}
+"""
+
+_KERAS_COMMON = '''
+
+# --- TensorFlow ---------------------------------------------------------------------
+import tensorflow as tf
+
+TF_DEVICE = {tf_device}
+TRAINING = {{"none": None, "true": True, "false": False}}
+
+
+def run_keras(layer, prefix, initial_state=None):
+    """Training passes with training=True, then the measured pass; channels-last."""
+    with tf.device(TF_DEVICE):
+        layer.build((SHAPE[0], *SHAPE[2:], SHAPE[1]))
+        layer.trainable = S[prefix + "_trainable"]
+        if initial_state is not None:
+            for keras_name, torch_name in (("gamma", "weight"), ("beta", "bias"),
+                                           ("moving_mean", "running_mean"),
+                                           ("moving_variance", "running_var")):
+                variable = getattr(layer, keras_name, None)
+                if variable is not None:
+                    variable.assign(initial_state[torch_name].astype(variable.dtype))
+        for k, batch in enumerate(batches()):
+            if initial_state is not None and k < STEPS:
+                continue
+            x = tf.convert_to_tensor(np.moveaxis(batch, 1, -1))
+            training = True if k < STEPS else TRAINING[S[prefix + "_training"]]
+            output = layer(x) if training is None else layer(x, training=training)
+    return summary(np.moveaxis(output.numpy(), -1, 1), layer.moving_mean.numpy(),
+                   layer.moving_variance.numpy())
+'''
+
+_KERAS3 = """
+
+# --- Keras 3 ------------------------------------------------------------------------
+import keras
+
+try:
+    initial_state = None
+    if S["keras_init"] != "fresh":
+        if torch_state is None:
+            raise ValueError("keras_init: PyTorch has no state to port")
+        initial_state = dict(torch_state)
+        if S["keras_init"] == "torch_swapped":
+            initial_state["running_mean"], initial_state["running_var"] = (
+                torch_state["running_var"], torch_state["running_mean"])
+    layer = keras.layers.BatchNormalization(
+        axis=-1, momentum=S["keras_momentum"], epsilon=S["keras_eps"],
+        center=S["keras_center"], scale=S["keras_scale"], dtype=S["dtype"])
+    results["keras"] = run_keras(layer, "keras", initial_state)
+except (ValueError, tf.errors.OpError) as exc:
+    results["keras"] = {"error": str(exc)}
+"""
+
+_KERAS2 = """
+
+# --- Keras 2 (tf_keras) -------------------------------------------------------------
+import tf_keras
+
+try:
+    layer = tf_keras.layers.BatchNormalization(
+        axis=-1, momentum=S["keras2_momentum"], epsilon=S["keras2_eps"],
+        center=S["keras2_center"], scale=S["keras2_scale"],
+        fused={"auto": None, "true": True, "false": False}[S["keras2_fused"]],
+        dtype=S["dtype"])
+    results["keras2"] = run_keras(layer, "keras2")
+except (ValueError, tf.errors.OpError) as exc:
+    results["keras2"] = {"error": str(exc)}
+"""
+
+_FOOTER = """
+
+print(json.dumps({"link": S_LINK, "engines": {name: results[name] for name in S["engines"]}},
+                 indent=2))
+"""
+
+_TORCH_DEVICES = {
+    "auto": '"cuda" if torch.cuda.is_available() else "cpu"',
+    "cpu": '"cpu"',
+    "cuda": '"cuda"',
+}
+_TF_DEVICES = {
+    "auto": '"/GPU:0" if tf.config.list_physical_devices("GPU") else "/CPU:0"',
+    "cpu": '"/CPU:0"',
+    "cuda": '"/GPU:0"',
+}
+
+
+def reproducer(scenario: Scenario) -> str:
+    """A standalone Python program that reruns the scenario and prints its numbers."""
+    engines = scenario["engines"]
+    needs_torch = "torch" in engines or ("keras" in engines and scenario["keras_init"] != "fresh")
+    parts = [
+        _HEADER.format(
+            link=scenario.link,
+            scenario=json.dumps(scenario.to_dict()),
+            keras2_note=", tf_keras (Keras 2)" if "keras2" in engines else "",
+        ),
+        f"S_LINK = {scenario.link!r}\n",
+    ]
+    if needs_torch:
+        parts.append(_TORCH.format(torch_device=_TORCH_DEVICES[scenario["device"]]))
+    else:
+        parts.append("\ntorch_state = None\n")
+    if "keras" in engines or "keras2" in engines:
+        parts.append(_KERAS_COMMON.format(tf_device=_TF_DEVICES[scenario["device"]]))
+    if "keras" in engines:
+        parts.append(_KERAS3)
+    if "keras2" in engines:
+        parts.append(_KERAS2)
+    parts.append(_FOOTER)
+    return "".join(parts)

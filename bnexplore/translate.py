@@ -1,0 +1,110 @@
+"""The translator: one framework's BatchNorm configuration as the other's, in code.
+
+PyTorch → Keras: momentum 1 − m, the same eps, axis=-1 on channels-last input,
+training=True for .train() and training=False for .eval(). Keras → PyTorch:
+momentum 1 − μ, the same eps, channels-first input, .train() only where Keras
+really trains (training=True on a trainable layer), .eval() otherwise —
+``requires_grad_(False)`` is not the translation of ``trainable=False``.
+"""
+
+from __future__ import annotations
+
+from bnexplore.explain import feeds_unbiased_variance, uses_batch_statistics
+from bnexplore.scenario import Scenario
+
+_TORCH_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+_CHANNELS_LAST = {
+    2: "x",
+    3: "x.permute(0, 2, 1)",
+    4: "x.permute(0, 2, 3, 1)",
+    5: "x.permute(0, 2, 3, 4, 1)",
+}
+_CHANNELS_FIRST = {
+    2: "x",
+    3: "x.permute(0, 2, 1)",
+    4: "x.permute(0, 3, 1, 2)",
+    5: "x.permute(0, 4, 1, 2, 3)",
+}
+
+
+def _torch_module(s: Scenario, eps: float, momentum: float | None, affine: bool) -> str:
+    rank = len(s.shape)
+    return (
+        f"bn = torch.nn.{_TORCH_MODULES[rank]}({s.channels}, eps={eps!r}, "
+        f"momentum={momentum!r}, affine={affine})"
+    )
+
+
+def _keras_layer(eps: float, momentum: float, center: bool, scale: bool) -> str:
+    return (
+        f"layer = keras.layers.BatchNormalization(axis=-1, momentum={momentum!r}, "
+        f"epsilon={eps!r}, center={center}, scale={scale})"
+    )
+
+
+def _complement(m: float) -> float:
+    return round(1.0 - m, 12)
+
+
+def torch_to_keras(s: Scenario) -> str:
+    """The scenario's PyTorch module, and the Keras 3 layer that computes the same."""
+    m = s["torch_momentum"]
+    batch = uses_batch_statistics(s, "torch")
+    lines = [
+        "# PyTorch, as in this scenario (x is channels-first)",
+        _torch_module(s, s["torch_eps"], m, s["torch_affine"]),
+        f"bn.train({batch})" if s["torch_track_running_stats"] else "# no running statistics",
+        "y = bn(x)",
+        "",
+        "# Keras 3, the same computation (channels-last input)",
+        _keras_layer(
+            s["torch_eps"],
+            0.9 if m is None else _complement(m),
+            s["torch_affine"],
+            s["torch_affine"],
+        ),
+        f"y = layer({_CHANNELS_LAST[len(s.shape)]}, training={batch})",
+    ]
+    if m is None:
+        lines.insert(
+            -1,
+            "# momentum=None is a cumulative average: no fixed Keras momentum "
+            "equals it beyond the first step",
+        )
+    lines += [
+        "# Still different: Keras 3 feeds the biased batch variance into moving_variance,",
+        "# PyTorch the unbiased one (× n/(n − 1)). Ported weights: weight→gamma, bias→beta,",
+        "# running_mean→moving_mean, running_var→moving_variance.",
+    ]
+    return "\n".join(lines)
+
+
+def keras_to_torch(s: Scenario) -> str:
+    """The scenario's Keras 3 layer, and the PyTorch module that computes the same."""
+    training = s["keras_training"]
+    call = "layer(x)" if training == "none" else f"layer(x, training={training.title()})"
+    batch = uses_batch_statistics(s, "keras")
+    lines = [
+        "# Keras 3, as in this scenario (x is channels-last)",
+        _keras_layer(s["keras_eps"], s["keras_momentum"], s["keras_center"], s["keras_scale"]),
+        f"layer.trainable = {s['keras_trainable']}",
+        f"y = {call}",
+        "",
+        "# PyTorch, the same computation (channels-first input)",
+        _torch_module(
+            s,
+            s["keras_eps"],
+            _complement(s["keras_momentum"]),
+            s["keras_center"] or s["keras_scale"],
+        ),
+        f"bn.train({batch})" + ("" if batch else "  # Keras infers here: that is .eval()"),
+        f"y = bn({_CHANNELS_FIRST[len(s.shape)]})",
+    ]
+    if not s["keras_trainable"]:
+        lines.append("# trainable=False is .eval() in PyTorch, not requires_grad_(False)")
+    if feeds_unbiased_variance(s, "torch") and batch:
+        lines.append(
+            "# Still different: PyTorch's running_var takes the unbiased batch "
+            "variance, Keras 3's the biased one."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""What the page draws for one scenario, and a small thread-safe cache of it by link.
+
+The app computes a view once per canonical link; a revisited link answers from
+the cache without running the frameworks again. Views are small: the document,
+the words and the binned chart data, never whole tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from bnexplore import charts
+from bnexplore.explain import explain, summary
+from bnexplore.runner import Comparison, Report, compare, strict_json
+from bnexplore.scenario import Scenario
+from bnexplore.story import headline, verdict
+
+
+@dataclass(frozen=True)
+class View:
+    document: dict
+    """bnexplore.run's document, with "explain"."""
+    headline: str
+    verdicts: tuple[str, ...]
+    explain_summary: str | None
+    histogram: pd.DataFrame
+    running: pd.DataFrame
+    explain: pd.DataFrame
+
+
+def build_view(comparison: Comparison, report: Report | None = None) -> View:
+    pairs = comparison.divergence
+    if report:
+        report(0.95, "Explaining the gap: aligning one knob at a time")
+    steps = explain(comparison.scenario, pairs[0] if pairs else None)
+    document = comparison.document()
+    document["explain"] = strict_json([step.to_dict() for step in steps])
+    return View(
+        document=document,
+        headline=headline(comparison),
+        verdicts=tuple(verdict(d) for d in pairs),
+        explain_summary=summary(steps),
+        histogram=charts.output_histogram(comparison),
+        running=charts.running_statistics(comparison),
+        explain=charts.explain_steps(steps),
+    )
+
+
+class ViewCache:
+    """Views by canonical link, least recently used dropped first; safe across threads.
+
+    Two sessions asking for the same new link at once both compute it; the
+    frameworks' results are deterministic, so either answer is the answer.
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self._views: OrderedDict[str, View] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+
+    def get(self, link: str) -> View | None:
+        with self._lock:
+            view = self._views.get(link)
+            if view is not None:
+                self._views.move_to_end(link)
+            return view
+
+    def put(self, link: str, view: View) -> None:
+        with self._lock:
+            self._views[link] = view
+            self._views.move_to_end(link)
+            while len(self._views) > self.max_entries:
+                self._views.popitem(last=False)
+
+    def view(
+        self,
+        scenario: Scenario,
+        report: Report | None = None,
+        compute: Callable[..., Comparison] = compare,
+    ) -> View:
+        """The view of a scenario: from the cache, or run for real and kept."""
+        cached = self.get(scenario.link)
+        if cached is not None:
+            return cached
+        scaled = (lambda done, text: report(0.9 * done, text)) if report else None
+        view = build_view(compute(scenario, report=scaled), report)
+        self.put(scenario.link, view)
+        return view
