@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 from bnexplore.engines import LABELS
+from bnexplore.explain import uses_batch_statistics
 from bnexplore.metrics import Divergence
 from bnexplore.runner import Comparison
 from bnexplore.scenario import Scenario
 
 
-def normalized_with(scenario: Scenario, engine: str) -> str:
-    """Which statistics normalized the measured pass: "batch" or "running"."""
-    if engine == "torch":
-        batch = scenario["torch_mode"] == "train" or not scenario["torch_track_running_stats"]
-    else:
-        batch = scenario["keras_training"] == "true" and scenario["keras_trainable"]
-    return "batch" if batch else "running"
-
-
-_STATS_WORDS = {
-    ("torch", "batch"): "the batch statistics",
-    ("torch", "running"): "its running statistics",
-    ("keras", "batch"): "the batch statistics",
-    ("keras", "running"): "its moving averages",
-}
+def _statistics_words(scenario: Scenario, engine: str) -> str:
+    """What normalized the measured pass, in the engine's own words."""
+    if uses_batch_statistics(scenario, engine):
+        return "the batch statistics"
+    return "its running statistics" if engine == "torch" else "its moving averages"
 
 
 def verdict(d: Divergence) -> str:
@@ -57,12 +48,9 @@ def headline(comparison: Comparison) -> str:
         return f"{a} and {b} cannot be compared: {d.reason}."
     size = "max |Δ| = " + ("—" if d.max_abs is None else f"{d.max_abs:.4g}")
     s = comparison.scenario
-    how = {e: normalized_with(s, e) for e in (d.a, d.b)}
-    if how[d.a] != how[d.b]:
-        why = (
-            f"{a} normalized with {_STATS_WORDS[d.a, how[d.a]]}, "
-            f"{b} with {_STATS_WORDS[d.b, how[d.b]]}"
-        )
+    if uses_batch_statistics(s, d.a) != uses_batch_statistics(s, d.b):
+        how_a, how_b = _statistics_words(s, d.a), _statistics_words(s, d.b)
+        why = f"{a} normalized with {how_a}, {b} with {how_b}"
     else:
         why = f"{a} and {b} {VERDICT_WORDS[verdict(d)]}"
     return f"{size}: {why}"

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from bnexplore.presets import PRESETS
 from bnexplore.scenario import parse_link
 
 APP = str(Path(__file__).parents[1] / "app.py")
@@ -61,11 +62,12 @@ def test_app_address_bar_is_the_canonical_link(opened: AppTest) -> None:
 
 
 def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
-    labels = [m.label for m in opened.metric]
-    assert labels.count("output mean") == 2
-    assert "max |Δ|" in labels
-    assert len(opened.get("vega_lite_chart")) >= 3
+    table = next(m.value for m in opened.markdown if m.value.startswith("| engine"))
+    assert "| PyTorch |" in table and "| Keras 3 |" in table
+    assert [m.label for m in opened.metric][:2] == ["max |Δ|", "mean |Δ|"]
+    assert len(opened.get("vega_lite_chart")) == 4  # distribution, 2 running, waterfall
     assert opened.subheader[0].value.startswith("max |Δ|")
+    assert "of the gap:" in opened.markdown[0].value  # explain's top cause, on top
 
 
 def test_changing_a_widget_updates_the_link() -> None:
@@ -89,7 +91,28 @@ def test_bad_link_opens_with_a_notice_per_key() -> None:
 def test_framework_error_is_shown_as_a_result() -> None:
     at = open_link("?shape=1,3")
     assert any("Expected more than 1 value per channel" in e.value for e in at.error)
-    assert len(at.metric) >= 4  # Keras's numbers are still there
+    table = next(m.value for m in at.markdown if m.value.startswith("| engine"))
+    assert "| Keras 3 | 0.9995 |" in table  # Keras's numbers are still there
+
+
+def test_make_them_agree_applies_the_translation_to_the_link() -> None:
+    at = open_link("?shape=8,4,3&input=normal&steps=2")
+    agree = next(b for b in at.button if b.label == "Make them agree")
+    agree.click().run()
+    assert not at.exception
+    assert at.query_params["keras_training"] == "true"
+    assert at.query_params["keras_momentum"] == "0.9"
+    assert at.query_params["keras_eps"] == "1e-05"
+    assert at.subheader[0].value.endswith("differ only by rounding") or "agree" in (
+        at.subheader[0].value
+    )
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_links_open_without_exception(name: str) -> None:
+    at = open_link(f"?preset={name}")
+    assert at.sidebar.selectbox(key="w_preset").value == name
+    assert not at.warning
 
 
 def test_preset_picker_applies_the_preset() -> None:

@@ -6,8 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import bnexplore
 from bnexplore.cli import link_of, main
+from bnexplore.presets import PRESETS
 
 
 def test_cli_json_is_the_api_document(capsys) -> None:
@@ -42,11 +45,21 @@ def test_python_dash_m_preset_seed_json_in_a_fresh_process() -> None:
     assert round(doc["engines"]["keras"]["output"]["max"], 7) == 0.9995004
 
 
-def test_cli_refuses_unknown_engine() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bnexplore", "run", "--engines", "jax"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2 and "unknown" in done.stderr
+def test_cli_script_prints_a_standalone_reproducer(capsys) -> None:
+    assert main(["script", "--link", "?steps=2&foo=1"]) == 0
+    captured = capsys.readouterr()
+    compile(captured.out, "repro", "exec")
+    assert "import bnexplore" not in captured.out and "S_LINK = '?v=1&steps=2'" in captured.out
+    assert "notice: 'foo'" in captured.err
+
+
+def test_cli_explain_adds_the_steps(capsys) -> None:
+    main(["run", "--preset", "both-inference", "--explain"])
+    assert "explain: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_runs_in_the_cli(name: str, capsys) -> None:
+    assert main(["run", "--preset", name, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["notices"] == [] and doc["engines"]

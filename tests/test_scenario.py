@@ -45,6 +45,8 @@ def scenario_values():
             return st.lists(st.integers(1, 6), min_size=2, max_size=5).map(tuple)
         if p.kind == "choice":
             return st.sampled_from(p.choices)
+        if p.kind == "choices":
+            return st.lists(st.sampled_from(p.choices), min_size=1, unique=True).map(tuple)
         if p.kind == "bool":
             return st.booleans()
         if p.kind == "int":

@@ -1,0 +1,126 @@
+"""Explain, translator and reproducer scripts, on the real frameworks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnexplore
+from bnexplore.batches import batches
+from bnexplore.explain import aligned, explain, summary
+from bnexplore.metrics import TOLERANCES
+from bnexplore.runner import compare
+from bnexplore.scenario import parse_link
+from bnexplore.script import reproducer
+from bnexplore.translate import keras_to_torch, torch_to_keras
+
+RTOL, ATOL = TOLERANCES["float32"]
+
+
+def test_explain_seed_names_the_mode_as_the_top_cause() -> None:
+    steps = explain(parse_link("?preset=seed")[0])
+    assert steps[0].knob == "mode"
+    assert steps[0].gap_before == pytest.approx(1 / np.sqrt(1.001), rel=RTOL)
+    assert steps[0].gap_after == 0.0
+    assert summary(steps) == "100% of the gap: PyTorch ran in training mode, Keras 3 in inference"
+
+
+def test_explain_matched_leaves_only_float32_rounding() -> None:
+    doc = bnexplore.run("?preset=matched", explain=True)
+    final = doc["divergence"][0]
+    assert final["allclose"] and final["max_abs"] <= ATOL
+    assert all(step["knob"] != "what remains" for step in doc["explain"])
+
+
+def test_explain_steps_are_links_that_reproduce_their_gap() -> None:
+    doc = bnexplore.run("?preset=train-then-eval", explain=True)
+    for step in doc["explain"]:
+        if step["gap_after"] is not None:
+            again = bnexplore.run(step["link"], reference=False)
+            assert again["divergence"][0]["max_abs"] == step["gap_after"]
+
+
+def test_make_them_agree_aligns_every_knob_and_the_outputs_agree() -> None:
+    scenario, _ = parse_link("?preset=momentum-drift&steps=3&torch_mode=train")
+    agreed, causes = aligned(scenario)
+    assert causes and agreed["keras_momentum"] == pytest.approx(0.9)
+    assert agreed["keras_eps"] == agreed["torch_eps"]
+    assert agreed["keras_training"] == "true"
+    assert bnexplore.run(agreed.link, reference=False)["divergence"][0]["allclose"] is True
+
+
+def test_translator_code_compiles_and_says_the_conventions() -> None:
+    scenario, _ = parse_link("?preset=frozen-keras")
+    to_keras, to_torch = torch_to_keras(scenario), keras_to_torch(scenario)
+    compile(to_keras, "to_keras", "exec")
+    compile(to_torch, "to_torch", "exec")
+    assert "momentum=0.9," in to_keras and "epsilon=1e-05" in to_keras
+    assert "momentum=0.01," in to_torch and "bn.train(False)" in to_torch
+    assert "not requires_grad_(False)" in to_torch
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "?preset=seed&shape=4,3,5,6",
+        "?preset=weight-port",
+        "?preset=keras2-vs-keras3",
+        "?preset=one-sample",
+        "?preset=half-precision&dtype=bfloat16",
+        "?input=uniform&low=-1&high=3&steps=4&shape=6,5,7&torch_momentum=none&seed=11"
+        "&engines=keras,torch,keras2&keras2_fused=false&keras_training=true",
+    ],
+)
+def test_generated_script_prints_the_apps_numbers(link: str, tmp_path) -> None:
+    scenario, _ = parse_link(link)
+    path = tmp_path / "repro.py"
+    path.write_text(reproducer(scenario))
+    done = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=True,
+    )
+    printed = json.loads(done.stdout)
+    doc = bnexplore.run(link, reference=False)
+    assert printed["link"] == doc["link"]
+    for name, engine in doc["engines"].items():
+        got = printed["engines"][name]
+        if engine["error"]:
+            assert got["error"] == engine["error"]
+            continue
+        assert got["output"] == engine["output"], name
+        assert got["running_mean"] == engine["running_mean"], name
+        assert got["running_var"] == engine["running_var"], name
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_keras2_fused_feeds_unbiased_variance_non_fused_biased(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (
+        int(rng.integers(2, 6)),
+        int(rng.integers(1, 5)),
+        int(rng.integers(1, 5)),
+        int(rng.integers(1, 5)),
+    )
+    n = shape[0] * shape[2] * shape[3]
+    base = (
+        f"?shape={','.join(map(str, shape))}&input=normal&seed={seed}"
+        f"&mean={rng.uniform(-2, 2):.3f}&std={rng.uniform(0.5, 2):.3f}"
+        f"&engines=keras2&keras2_training=true&keras2_momentum=0.5"
+    )
+    for fused, factor in (("true", n / (n - 1) if n > 1 else 1.0), ("false", 1.0)):
+        comparison = compare(parse_link(f"{base}&keras2_fused={fused}")[0])
+        result = comparison.results["keras2"]
+        assert result.detail == ("fused path" if fused == "true" else "non-fused path")
+        x = next(batches(comparison.scenario))
+        var_b = x.astype(np.float64).var(axis=(0, 2, 3))
+        np.testing.assert_allclose(
+            result.running_var, 0.5 + 0.5 * var_b * factor, rtol=RTOL, atol=ATOL
+        )
