@@ -19,7 +19,7 @@ from bnexplore.script import reproducer
 from bnexplore.story import VERDICT_WORDS
 from bnexplore.translate import keras_to_torch, torch_to_keras
 from bnexplore.view import ViewCache
-from bnexplore.widgets import apply_scenario, sidebar
+from bnexplore.widgets import apply_scenario, sidebar, sweep_controls
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
 
@@ -79,14 +79,56 @@ preset = matching(scenario.values, DEFAULTS)
 if preset:
     st.info(f"**Preset {preset.name}: {preset.title}.** {preset.story}")
 
-overview, outputs, running, explain_tab, code = st.tabs(
-    ["Overview", "Outputs", "Running statistics", "Explain", "Code"]
-)
 
+with st.expander("Share: link and JSON document", expanded=False):
+    base = (st.context.url or "").split("?", 1)[0]
+    st.markdown(
+        "**Copy link** (the copy icon at the right of the box); the address bar holds the same:"
+    )
+    st.code(base + scenario.link, language=None)
+    st.download_button(
+        "Download results (JSON)",
+        json.dumps({**doc, "notices": notices}, indent=2),
+        file_name="bnexplore.json",
+        mime="application/json",
+    )
+    st.caption(f"The same numbers: `python -m bnexplore run --json --link '{scenario.link}'`")
+
+
+def show(chart, name: str) -> None:
+    """An Altair chart, with PNG and SVG downloads rendered on demand."""
+    st.altair_chart(chart, width="stretch")
+    with st.popover("Download chart", icon=":material/download:"):
+        download_chart(chart, name)
+
+
+def download_chart(chart, name: str) -> None:
+    png, svg = st.columns(2)
+    png.download_button(
+        "PNG",
+        lambda: charts.to_png(chart),
+        file_name=f"{name}.png",
+        mime="image/png",
+        key=f"png_{name}",
+        on_click="ignore",
+    )
+    svg.download_button(
+        "SVG",
+        lambda: charts.to_svg(chart),
+        file_name=f"{name}.svg",
+        mime="image/svg+xml",
+        key=f"svg_{name}",
+        on_click="ignore",
+    )
+
+
+overview, outputs, running, sweep_tab, explain_tab, code = st.tabs(
+    ["Overview", "Outputs", "Running statistics", "Sweep", "Explain", "Code"]
+)
 with overview:
     rows = [
         "| engine | output mean | std | min | max | ran on | version |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for name, engine in doc["engines"].items():
         if not engine["available"]:
@@ -117,7 +159,7 @@ with overview:
     for pair in doc["divergence"]:
         st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")
         if pair.get("reason"):
-            st.info(f"Not compared: {pair['reason']}")
+            st.info(f"Not compared: {pair['reason']}.")
             continue
         cells = st.columns(5)
         cells[0].metric("max |Δ|", fmt(pair["max_abs"]))
@@ -146,18 +188,79 @@ with overview:
 
 with outputs:
     if len(view.histogram):
-        st.altair_chart(charts.output_distribution_chart(view.histogram), width="stretch")
+        show(charts.output_distribution_chart(view.histogram), "output_distribution")
+        left, right = st.columns(2)
+        with left:
+            show(
+                charts.channel_output_chart(view.channel_outputs, "output mean"),
+                "output_mean_per_channel",
+            )
+        with right:
+            show(
+                charts.channel_output_chart(view.channel_outputs, "output std"),
+                "output_std_per_channel",
+            )
     else:
         st.info("No engine produced an output to draw.")
 
 with running:
-    if len(view.running):
-        for statistic in ("running mean", "running variance"):
-            st.altair_chart(
-                charts.running_statistics_chart(view.running, statistic), width="stretch"
+    if len(view.history):
+        left, right = st.columns(2)
+        with left:
+            show(charts.history_chart(view.history, "running mean"), "running_mean_over_steps")
+        with right:
+            show(
+                charts.history_chart(view.history, "running variance"),
+                "running_variance_over_steps",
             )
+        if len(view.step_gaps) and (view.step_gaps["gap"] > 0).any():
+            left, right = st.columns(2)
+            with left:
+                show(charts.step_gap_chart(view.step_gaps), "gap_per_step")
+            with right:
+                show(charts.gap_heatmap_chart(view.heatmap), "gap_heatmap")
+        left, right = st.columns(2)
+        for column, statistic in zip(
+            (left, right), ("running mean", "running variance"), strict=True
+        ):
+            with column:
+                show(
+                    charts.running_statistics_chart(view.running, statistic),
+                    statistic.replace(" ", "_") + "_per_channel",
+                )
     else:
         st.info("No running statistics in this scenario.")
+
+with sweep_tab:
+    sweep_controls()
+    if scenario["sweep"] == "none":
+        st.info(
+            "Pick a parameter to sweep: the scenario runs for real at each value, and each "
+            "pair's gap is charted against it. The sweep is part of the link."
+        )
+    else:
+        sweep_progress = st.progress(0.0, text="Sweeping…")
+        swept = views().sweep(
+            scenario,
+            report=lambda done, text: sweep_progress.progress(min(done, 1.0), text=text),
+        )
+        sweep_progress.empty()
+        show(charts.sweep_chart(swept.table, swept.key, swept.log_x), "sweep")
+        st.dataframe(
+            swept.table,
+            column_config={
+                "value": st.column_config.NumberColumn(swept.key, format="%.6g"),
+                "max_abs": st.column_config.NumberColumn("max |Δ|", format="%.4g"),
+                "link": st.column_config.LinkColumn("link", display_text="open"),
+            },
+            hide_index=True,
+        )
+        st.download_button(
+            "Download sweep (JSON)",
+            json.dumps(swept.document, indent=2),
+            file_name="bnexplore_sweep.json",
+            mime="application/json",
+        )
 
 with explain_tab:
     if len(view.explain):
@@ -165,22 +268,27 @@ with explain_tab:
             "Each knob that differs between the first two engines is aligned in turn, and the "
             "pair is re-run for real. Every step is a link."
         )
-        st.altair_chart(charts.waterfall_chart(view.explain), width="stretch")
+        show(charts.waterfall_chart(view.explain), "explain_waterfall")
         for step in doc["explain"]:
-            after = "—" if step["gap_after"] is None else fmt(step["gap_after"])
-            st.markdown(
-                f"- [{step['knob']}]({step['link']}): {fmt(step['gap_before'])} → "
-                f"{after}. {step['cause']}"
-            )
+            if step["gap_after"] is None:
+                st.markdown(
+                    f"- [{step['knob']}]({step['link']}): {fmt(step['gap_before'])} "
+                    f"left — {step['cause']}"
+                )
+            else:
+                st.markdown(
+                    f"- [{step['knob']}]({step['link']}): {fmt(step['gap_before'])} → "
+                    f"{fmt(step['gap_after'])} — {step['cause']}"
+                )
     else:
         st.success("Nothing to explain: the first two engines agree, or only one ran.")
 
 with code:
     left, right = st.columns(2)
     left.markdown("##### PyTorch → Keras 3")
-    left.code(torch_to_keras(scenario), language="python")
+    left.code(torch_to_keras(scenario), language="python", wrap_lines=True)
     right.markdown("##### Keras 3 → PyTorch")
-    right.code(keras_to_torch(scenario), language="python")
+    right.code(keras_to_torch(scenario), language="python", wrap_lines=True)
     agreed, causes = aligned(scenario)
     if causes:
         st.button(
@@ -197,15 +305,3 @@ with code:
     )
     with st.expander("The script"):
         st.code(script, language="python")
-
-# --- share --------------------------------------------------------------------------
-with st.expander("Link and JSON document"):
-    st.markdown("This scenario as a link (the address bar holds the same):")
-    st.code(scenario.link, language=None)
-    st.download_button(
-        "Download results (JSON)",
-        json.dumps({**doc, "notices": notices}, indent=2),
-        file_name="bnexplore.json",
-        mime="application/json",
-    )
-    st.caption(f"The same numbers: `python -m bnexplore run --json --link '{scenario.link}'`")

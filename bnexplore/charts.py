@@ -17,14 +17,47 @@ COLORS = {"PyTorch": "#E4572E", "Keras 3": "#1F5FBF", "Keras 2": "#2A9D8F"}
 """One colour per engine, on every chart."""
 
 
-def _color(engines: list[str] | None = None) -> alt.Color:
+def _engine_scale(engines: list[str] | None = None) -> alt.Scale:
     labels = engines or list(COLORS)
+    return alt.Scale(domain=labels, range=[COLORS[k] for k in labels])
+
+
+def _color(engines: list[str] | None = None) -> alt.Color:
     return alt.Color(
         "engine:N",
         title="engine",
-        scale=alt.Scale(domain=labels, range=[COLORS[k] for k in labels]),
+        scale=_engine_scale(engines),
         legend=alt.Legend(orient="top", title=None),
     )
+
+
+def _stroke_width(engines: list[str]) -> alt.StrokeWidth:
+    """Wider lines for engines drawn first, so identical lines stay visible under each other."""
+    widths = {"PyTorch": 5.0, "Keras 3": 2.5, "Keras 2": 1.2}
+    return alt.StrokeWidth(
+        "engine:N",
+        scale=alt.Scale(domain=engines, range=[widths[e] for e in engines]),
+        legend=None,
+    )
+
+
+def _finish(chart, height: int, title: str, subtitle: str | None = None):
+    """Title on the left, the plot ``height`` px tall, width fitted to the container."""
+    return chart.properties(
+        height=height,
+        title=alt.TitleParams(
+            title,
+            subtitle=subtitle or [],
+            anchor="start",
+            fontSize=14,
+            subtitleColor="#555",
+            offset=8,
+        ),
+        autosize=alt.AutoSizeParams(type="fit-x", contains="padding"),
+    )
+
+
+REFERENCE_NOTE = "Thin dashed black lines: each framework's rules computed in float64."
 
 
 def _engines_in(data: pd.DataFrame) -> list[str]:
@@ -64,10 +97,10 @@ def output_histogram(comparison: Comparison, bins: int = 60) -> pd.DataFrame:
 
 def output_distribution_chart(histogram: pd.DataFrame) -> alt.LayerChart:
     """Each engine's output distribution as a step outline over a light fill."""
-    base = alt.Chart(histogram, title="Measured output: distribution of values").encode(
+    engines = _engines_in(histogram)
+    base = alt.Chart(histogram).encode(
         x=alt.X("start:Q", title="output value"),
         y=alt.Y("share:Q", title="share of elements", axis=alt.Axis(format="%"), stack=None),
-        color=_color(_engines_in(histogram)),
         tooltip=[
             alt.Tooltip("engine:N"),
             alt.Tooltip("start:Q", title="from", format=".6g"),
@@ -75,9 +108,19 @@ def output_distribution_chart(histogram: pd.DataFrame) -> alt.LayerChart:
             alt.Tooltip("share:Q", title="share", format=".2%"),
         ],
     )
-    fill = base.mark_area(interpolate="step-after", opacity=0.18)
-    outline = base.mark_line(interpolate="step-after", strokeWidth=2)
-    return (fill + outline).properties(height=300).interactive(bind_y=False)
+    fill = base.mark_area(interpolate="step-after", opacity=0.15).encode(
+        color=alt.Color("engine:N", scale=_engine_scale(engines), legend=None)
+    )
+    outline = base.mark_line(interpolate="step-after").encode(
+        color=_color(engines), strokeWidth=_stroke_width(engines)
+    )
+    chart = (fill + outline).interactive(bind_y=False)
+    return _finish(
+        chart,
+        300,
+        "Measured output: distribution of values",
+        "Where lines coincide, the wider one underneath is the first engine.",
+    )
 
 
 def running_statistics(comparison: Comparison) -> pd.DataFrame:
@@ -109,37 +152,45 @@ def running_statistics(comparison: Comparison) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["engine", "source", "statistic", "channel", "value"])
 
 
-def running_statistics_chart(stats: pd.DataFrame, statistic: str) -> alt.Chart:
-    """One running statistic per channel, one line per engine; references dashed."""
-    data = stats[stats["statistic"] == statistic]
-    return (
-        alt.Chart(data, title=f"{statistic.capitalize()} per channel, after the measured pass")
-        .mark_line(point=alt.OverlayMarkDef(size=20), strokeWidth=1.8)
+def _engine_lines(data: pd.DataFrame, x: alt.X, y: alt.Y, tooltip: list) -> alt.LayerChart:
+    """Framework lines coloured by engine, references as thin dashed black lines on top."""
+    engines = _engines_in(data)
+    framework = (
+        alt.Chart(data[data["source"] == "framework"])
+        .mark_line(point=alt.OverlayMarkDef(size=16))
         .encode(
-            x=alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("value:Q", title=statistic, scale=alt.Scale(zero=False, nice=True)),
-            color=_color(_engines_in(data)),
-            strokeDash=alt.StrokeDash(
-                "source:N",
-                title=None,
-                scale=alt.Scale(domain=["framework", "reference"], range=[[1, 0], [6, 4]]),
-                legend=alt.Legend(
-                    orient="top",
-                    symbolType="stroke",
-                    symbolStrokeColor="#555",
-                    labelExpr="datum.label == 'reference' ? 'float64 rules (dashed)' "
-                    ": 'framework (solid)'",
-                ),
-            ),
-            tooltip=[
-                alt.Tooltip("engine:N"),
-                alt.Tooltip("source:N", title="computed by"),
-                alt.Tooltip("channel:Q"),
-                alt.Tooltip("value:Q", format=".7g"),
-            ],
+            x=x, y=y, color=_color(engines), strokeWidth=_stroke_width(engines), tooltip=tooltip
         )
-        .properties(height=260)
-        .interactive(bind_y=False)
+    )
+    reference = (
+        alt.Chart(data[data["source"] == "reference"])
+        .mark_line(color="#111", strokeWidth=1, strokeDash=[4, 3])
+        .encode(x=x, y=y, detail="engine:N", tooltip=tooltip)
+    )
+    return framework + reference
+
+
+def running_statistics_chart(stats: pd.DataFrame, statistic: str) -> alt.LayerChart:
+    """One running statistic per channel after the measured pass, one line per engine."""
+    data = stats[stats["statistic"] == statistic]
+    chart = _engine_lines(
+        data,
+        alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
+        alt.Y(
+            "value:Q",
+            title=statistic,
+            scale=alt.Scale(zero=False, nice=True),
+            axis=alt.Axis(format="~g"),
+        ),
+        [
+            alt.Tooltip("engine:N"),
+            alt.Tooltip("source:N", title="computed by"),
+            alt.Tooltip("channel:Q"),
+            alt.Tooltip("value:Q", format=".7g"),
+        ],
+    ).interactive(bind_y=False)
+    return _finish(
+        chart, 240, f"{statistic.capitalize()} per channel, after the measured pass", REFERENCE_NOTE
     )
 
 
@@ -170,8 +221,8 @@ def explain_steps(steps) -> pd.DataFrame:
 def waterfall_chart(steps: pd.DataFrame) -> alt.Chart:
     """Floating bars from the gap before each alignment to the gap after it."""
     kinds = ["closes the gap", "widens the gap", "left as is"]
-    return (
-        alt.Chart(steps, title="Where the gap goes: max |Δ| as each knob is aligned")
+    chart = (
+        alt.Chart(steps)
         .mark_bar(size=38)
         .encode(
             x=alt.X(
@@ -180,12 +231,12 @@ def waterfall_chart(steps: pd.DataFrame) -> alt.Chart:
                 sort=alt.SortField("order"),
                 axis=alt.Axis(labelAngle=0, labelLimit=160),
             ),
-            y=alt.Y("before:Q", title="max |Δ| of the measured outputs"),
+            y=alt.Y("before:Q", title="max |Δ| of the outputs", axis=alt.Axis(format="~g")),
             y2="after:Q",
             color=alt.Color(
                 "kind:N",
                 title=None,
-                scale=alt.Scale(domain=kinds, range=["#2A9D8F", "#E76F51", "#999"]),
+                scale=alt.Scale(domain=kinds, range=["#7A9E7E", "#B56576", "#AAAAAA"]),
                 legend=alt.Legend(orient="top"),
             ),
             tooltip=[
@@ -194,5 +245,351 @@ def waterfall_chart(steps: pd.DataFrame) -> alt.Chart:
                 alt.Tooltip("after:Q", title="gap after", format=".6g"),
             ],
         )
-        .properties(height=300)
     )
+    return _finish(chart, 300, "Where the gap goes: max |Δ| as each knob is aligned in turn")
+
+
+# --- per channel, per step, per sweep point ---------------------------------------------
+
+MAX_CHANNELS = 64
+"""Channels drawn per-channel at most; more are sampled evenly (first and last kept)."""
+MAX_STEPS = 200
+"""Steps drawn in the heatmap at most; more are sampled evenly."""
+
+
+def _sample(count: int, limit: int) -> np.ndarray:
+    if count <= limit:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, limit).round().astype(int))
+
+
+def channel_output_stats(comparison: Comparison) -> pd.DataFrame:
+    """Per-channel mean and std of each engine's measured output (float64, ddof=0)."""
+    rows = []
+    for name, r in comparison.results.items():
+        if r.output is None:
+            continue
+        x = np.asarray(r.output, dtype=np.float64)
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        with np.errstate(all="ignore"):
+            stats = {"output mean": x.mean(axis=axes), "output std": x.std(axis=axes)}
+        channels = _sample(x.shape[1], MAX_CHANNELS * 8)
+        for statistic, values in stats.items():
+            rows += [
+                {
+                    "engine": LABELS[name],
+                    "statistic": statistic,
+                    "channel": int(c),
+                    "value": float(values[c]),
+                }
+                for c in channels
+            ]
+    return pd.DataFrame(rows, columns=["engine", "statistic", "channel", "value"])
+
+
+def channel_output_chart(stats: pd.DataFrame, statistic: str) -> alt.Chart:
+    """One output statistic per channel, one line per engine."""
+    data = stats[stats["statistic"] == statistic]
+    engines = _engines_in(data)
+    chart = (
+        alt.Chart(data)
+        .mark_line(point=alt.OverlayMarkDef(size=16))
+        .encode(
+            x=alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y(
+                "value:Q",
+                title=statistic,
+                scale=alt.Scale(zero=False, nice=True),
+                axis=alt.Axis(format="~g"),
+            ),
+            color=_color(engines),
+            strokeWidth=_stroke_width(engines),
+            tooltip=[
+                alt.Tooltip("engine:N"),
+                alt.Tooltip("channel:Q"),
+                alt.Tooltip("value:Q", format=".7g"),
+            ],
+        )
+        .interactive(bind_y=False)
+    )
+    what = statistic.removeprefix("output ")
+    return _finish(chart, 240, f"Measured output: {what} of each channel")
+
+
+def running_history(comparison: Comparison) -> pd.DataFrame:
+    """Running statistics after each pass, averaged over channels, per engine and source."""
+    rows = []
+    sources = [("framework", comparison.results), ("reference", comparison.references)]
+    for source, results in sources:
+        for name, r in results.items():
+            if r.history is None:
+                continue
+            engine = LABELS[name.removesuffix("_reference")]
+            for statistic in ("running_mean", "running_var"):
+                values = r.history[statistic].mean(axis=1)
+                label = statistic.replace("_", " ").replace("var", "variance")
+                rows += [
+                    {
+                        "engine": engine,
+                        "source": source,
+                        "statistic": label,
+                        "step": int(k),
+                        "value": float(v),
+                    }
+                    for k, v in zip(r.history["step"], values, strict=True)
+                ]
+    return pd.DataFrame(rows, columns=["engine", "source", "statistic", "step", "value"])
+
+
+def history_chart(history: pd.DataFrame, statistic: str) -> alt.LayerChart:
+    """A running statistic (mean over channels) over the passes; nearest-pass tooltip."""
+    data = history[history["statistic"] == statistic]
+    framework = data[data["source"] == "framework"]
+    x = alt.X(
+        "step:Q",
+        title="pass (the last one is the measured pass)",
+        axis=alt.Axis(tickMinStep=1, format="d"),
+    )
+    lines = _engine_lines(
+        data,
+        x,
+        alt.Y(
+            "value:Q",
+            title=f"{statistic}, mean over channels",
+            scale=alt.Scale(zero=False, nice=True),
+            axis=alt.Axis(format="~g"),
+        ),
+        [
+            alt.Tooltip("engine:N"),
+            alt.Tooltip("source:N", title="computed by"),
+            alt.Tooltip("step:Q", title="pass"),
+            alt.Tooltip("value:Q", format=".7g"),
+        ],
+    )
+    nearest = alt.selection_point(nearest=True, on="pointerover", fields=["step"], empty=False)
+    present = [e for e in _engines_in(framework) if e in set(framework["engine"])]
+    tooltip = [alt.Tooltip("step:Q", title="pass")] + [
+        alt.Tooltip(f"{e}:Q", format=".7g") for e in present
+    ]
+    pivot = alt.Chart(framework).transform_pivot("engine", value="value", groupby=["step"])
+    if len(present) >= 2:
+        a, b = present[:2]
+        pivot = pivot.transform_calculate(delta=f"datum['{a}'] - datum['{b}']")
+        tooltip.append(alt.Tooltip("delta:Q", title=f"Δ ({a} − {b})", format=".4g"))
+    rule = (
+        pivot.mark_rule(color="#888", strokeWidth=8)
+        .encode(
+            x="step:Q",
+            opacity=alt.condition(nearest, alt.value(0.35), alt.value(0)),
+            tooltip=tooltip,
+        )
+        .add_params(nearest)
+    )
+    return _finish(lines + rule, 240, f"{statistic.capitalize()} over the passes", REFERENCE_NOTE)
+
+
+def step_gaps(comparison: Comparison) -> pd.DataFrame:
+    """Per pass and pair: max over channels of |Δ| of each running statistic, and the
+    assert_close tolerance there (atol + rtol·max |expected|)."""
+    from bnexplore.metrics import TOLERANCES
+
+    rtol, atol = TOLERANCES[comparison.scenario["dtype"]]
+    names = [n for n, r in comparison.results.items() if r.history is not None]
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ha, hb = comparison.results[a].history, comparison.results[b].history
+            shared, ia, ib = np.intersect1d(ha["step"], hb["step"], return_indices=True)
+            for statistic in ("running_mean", "running_var"):
+                va, vb = ha[statistic][ia], hb[statistic][ib]
+                gap = np.abs(va - vb).max(axis=1)
+                tol = atol + rtol * np.abs(va).max(axis=1)
+                label = statistic.replace("_", " ").replace("var", "variance")
+                rows += [
+                    {
+                        "pair": f"{LABELS[a]} vs {LABELS[b]}",
+                        "statistic": label,
+                        "step": int(k),
+                        "gap": float(g),
+                        "tolerance": float(t),
+                    }
+                    for k, g, t in zip(shared, gap, tol, strict=True)
+                ]
+    return pd.DataFrame(rows, columns=["pair", "statistic", "step", "gap", "tolerance"])
+
+
+def step_gap_chart(gaps: pd.DataFrame) -> alt.LayerChart:
+    """|Δ| of the running statistics per pass, log scale, the tolerance as a dotted line.
+
+    Exact zeros cannot sit on a log axis; they are left out.
+    """
+    drawn = gaps[gaps["gap"] > 0]
+    x = alt.X("step:Q", title="pass", axis=alt.Axis(tickMinStep=1, format="d"))
+    lines = (
+        alt.Chart(drawn)
+        .mark_line(point=alt.OverlayMarkDef(size=16), strokeWidth=2)
+        .encode(
+            x=x,
+            y=alt.Y(
+                "gap:Q",
+                title="max |Δ| over channels (log)",
+                scale=alt.Scale(type="log"),
+                axis=alt.Axis(format=".0e"),
+            ),
+            color=alt.Color(
+                "statistic:N",
+                title=None,
+                legend=alt.Legend(orient="top"),
+                scale=alt.Scale(range=["#6A4C93", "#8D6E63"]),
+            ),
+            detail="pair:N",
+            tooltip=[
+                alt.Tooltip("pair:N"),
+                alt.Tooltip("statistic:N"),
+                alt.Tooltip("step:Q"),
+                alt.Tooltip("gap:Q", format=".3g"),
+                alt.Tooltip("tolerance:Q", format=".3g"),
+            ],
+        )
+    )
+    tolerance = (
+        alt.Chart(drawn)
+        .mark_line(color="#444", strokeDash=[2, 3])
+        .encode(x=x, y=alt.Y("max(tolerance):Q"))
+    )
+    pairs = ", ".join(sorted(set(drawn["pair"]))) if len(drawn) else ""
+    return _finish(
+        lines + tolerance,
+        240,
+        "Running statistics: |Δ| per pass",
+        f"{pairs}. Dotted: the assert_close tolerance.",
+    )
+
+
+def gap_heatmap(comparison: Comparison) -> pd.DataFrame:
+    """Signed running-variance gap (first engine − second) per channel and pass."""
+    names = [n for n, r in comparison.results.items() if r.history is not None]
+    if len(names) < 2:
+        return pd.DataFrame(columns=["step", "channel", "gap"])
+    ha, hb = comparison.results[names[0]].history, comparison.results[names[1]].history
+    shared, ia, ib = np.intersect1d(ha["step"], hb["step"], return_indices=True)
+    gap = ha["running_var"][ia] - hb["running_var"][ib]
+    steps = _sample(len(shared), MAX_STEPS)
+    channels = _sample(gap.shape[1], MAX_CHANNELS)
+    return pd.DataFrame(
+        [
+            {"step": int(shared[i]), "channel": int(c), "gap": float(gap[i, c])}
+            for i in steps
+            for c in channels
+        ],
+        columns=["step", "channel", "gap"],
+    ).assign(pair=f"{LABELS[names[0]]} − {LABELS[names[1]]}")
+
+
+def gap_heatmap_chart(heat: pd.DataFrame) -> alt.Chart:
+    """Channel × pass heatmap of the signed gap; white is 0, the scale symmetric."""
+    pair = heat["pair"].iloc[0] if len(heat) else ""
+    reach = float(heat["gap"].abs().max()) if len(heat) else 1.0
+    reach = reach if reach > 0 else 1.0
+    chart = (
+        alt.Chart(heat)
+        .mark_rect()
+        .encode(
+            x=alt.X("step:O", title="pass", axis=alt.Axis(labelAngle=0, labelOverlap=True)),
+            y=alt.Y("channel:O", title="channel", axis=alt.Axis(labelOverlap=True)),
+            color=alt.Color(
+                "gap:Q",
+                title="Δ",
+                scale=alt.Scale(scheme="redblue", domain=[-reach, reach], reverse=True),
+                legend=alt.Legend(format=".2~e"),
+            ),
+            tooltip=[
+                alt.Tooltip("step:O", title="pass"),
+                alt.Tooltip("channel:O"),
+                alt.Tooltip("gap:Q", format=".4g"),
+            ],
+        )
+    )
+    return _finish(
+        chart,
+        260,
+        "Running variance gap per channel and pass",
+        f"{pair}; white is no gap, red where the first engine is higher.",
+    )
+
+
+def sweep_table(points, key: str) -> pd.DataFrame:
+    """Each sweep point's gap per pair: value, pair, max_abs, verdict."""
+    rows = []
+    for point in points:
+        for d in point.divergence:
+            rows.append(
+                {
+                    "value": point.value,
+                    "pair": f"{LABELS[d['a']]} vs {LABELS[d['b']]}",
+                    "max_abs": d["max_abs"],
+                    "assert_close": "not compared"
+                    if d["allclose"] is None
+                    else ("pass" if d["allclose"] else "fail"),
+                    "link": point.link,
+                }
+            )
+    return pd.DataFrame(rows, columns=["value", "pair", "max_abs", "assert_close", "link"])
+
+
+def sweep_chart(table: pd.DataFrame, key: str, log_x: bool) -> alt.Chart:
+    """Each pair's max |Δ| against the swept value (log y where every gap is positive)."""
+    drawn = table.dropna(subset=["max_abs"])
+    positive = len(drawn) and bool((drawn["max_abs"] > 0).all())
+    chart = (
+        alt.Chart(drawn)
+        .mark_line(point=alt.OverlayMarkDef(size=60, filled=True))
+        .encode(
+            x=alt.X(
+                "value:Q",
+                title=key,
+                scale=alt.Scale(type="log" if log_x else "linear"),
+                axis=alt.Axis(format="~g", labelOverlap="greedy"),
+            ),
+            y=alt.Y(
+                "max_abs:Q",
+                title="max |Δ| of the outputs" + (" (log)" if positive else ""),
+                scale=alt.Scale(type="log" if positive else "linear"),
+                axis=alt.Axis(format=".0e" if positive else "~g"),
+            ),
+            color=alt.Color(
+                "pair:N",
+                title=None,
+                legend=alt.Legend(orient="top"),
+                scale=alt.Scale(range=["#6A4C93", "#8D6E63", "#264653"]),
+            ),
+            shape=alt.Shape(
+                "assert_close:N", title="assert_close", legend=alt.Legend(orient="top")
+            ),
+            tooltip=[
+                alt.Tooltip("value:Q", title=key, format=".6g"),
+                alt.Tooltip("pair:N"),
+                alt.Tooltip("max_abs:Q", title="max |Δ|", format=".4g"),
+                alt.Tooltip("assert_close:N"),
+            ],
+        )
+        .interactive(bind_y=False)
+    )
+    return _finish(chart, 320, f"Gap between the engines as {key} varies")
+
+
+def to_png(chart: alt.TopLevelMixin) -> bytes:
+    """The chart as a PNG, rendered offline by vl-convert."""
+    import io
+
+    buffer = io.BytesIO()
+    chart.save(buffer, format="png", scale_factor=2)
+    return buffer.getvalue()
+
+
+def to_svg(chart: alt.TopLevelMixin) -> str:
+    import io
+
+    buffer = io.StringIO()
+    chart.save(buffer, format="svg")
+    return buffer.getvalue()

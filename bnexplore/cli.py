@@ -8,8 +8,10 @@ import logging
 import sys
 from urllib.parse import quote
 
+from bnexplore import sweep
 from bnexplore.docs import link_reference
 from bnexplore.engines import LABELS
+from bnexplore.params import MAX_SWEEP_POINTS, SWEEPABLE
 from bnexplore.presets import PRESETS
 from bnexplore.runner import run
 from bnexplore.scenario import parse_link
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     script_cmd = commands.add_parser("script", help="print a standalone reproducer script")
     script_cmd.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario")
     script_cmd.add_argument("--link", help="an app URL or its query string")
+    sweep_cmd = commands.add_parser("sweep", help="run a scenario at each value of a parameter")
+    sweep_cmd.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario")
+    sweep_cmd.add_argument("--link", help="an app URL or its query string")
+    sweep_cmd.add_argument("--param", choices=SWEEPABLE, help="default: the link's sweep")
+    sweep_cmd.add_argument("--values", help="comma-separated; default: the link's sweep range")
+    sweep_cmd.add_argument("--json", action="store_true", help="print the JSON document")
     commands.add_parser("docs", help="print the README's link reference table")
     args = parser.parse_args(argv)
     if args.command == "docs":
@@ -107,8 +115,44 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.ERROR)
 
+    if args.command == "sweep":
+        return _sweep(parser, args)
     doc = run(link_of(args.preset, args.link), explain=args.explain)
     print(json.dumps(doc, indent=2, allow_nan=False) if args.json else table(doc))
+    return 0
+
+
+def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    scenario, notices = parse_link(link_of(args.preset, args.link))
+    for notice in notices:
+        print(f"notice: {notice}", file=sys.stderr)
+    key = args.param or scenario["sweep"]
+    if key == "none":
+        parser.error("sweep: give --param, or a link with sweep=KEY")
+    if args.values:
+        try:
+            points = [float(v) for v in args.values.split(",") if v.strip()]
+        except ValueError:
+            parser.error(f"--values: {args.values!r} is not a comma-separated list of numbers")
+        if not points or len(points) > MAX_SWEEP_POINTS:
+            parser.error(f"--values: give 1 to {MAX_SWEEP_POINTS} values")
+    else:
+        points = sweep.values(scenario.replace(sweep=key))
+
+    def report(done: float, text: str) -> None:
+        print(f"[{done:4.0%}] {text}", file=sys.stderr, flush=True)
+
+    results = sweep.run_sweep(scenario, key, points, report)
+    doc = sweep.sweep_document(scenario, key, results)
+    if args.json:
+        print(json.dumps(doc, indent=2, allow_nan=False))
+        return 0
+    print(f"link: {doc['link']}\nsweep: {key}")
+    for point in doc["points"]:
+        gaps = "  ".join(
+            f"{d['a']}–{d['b']} max|Δ| {_num(d['max_abs'])}" for d in point["divergence"]
+        )
+        print(f"{key} = {point['value']:<12g} {gaps}")
     return 0
 
 

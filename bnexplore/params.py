@@ -32,6 +32,7 @@ GROUPS: dict[str, str] = {
     "torch": "PyTorch module",
     "keras": "Keras 3 layer",
     "keras2": "Keras 2 layer (tf_keras)",
+    "sweep": "Sweep",
 }
 """Sidebar groups, in the order they are shown."""
 
@@ -86,6 +87,26 @@ def _fmt(x: float | None) -> str:
         return "-∞"
     return str(x) if isinstance(x, int) else f"{x:g}"
 
+
+MAX_SWEEP_POINTS = 50
+
+SWEEPABLE = (
+    "batch_size",
+    "steps",
+    "seed",
+    "value",
+    "mean",
+    "std",
+    "low",
+    "high",
+    "torch_eps",
+    "torch_momentum",
+    "keras_eps",
+    "keras_momentum",
+    "keras2_eps",
+    "keras2_momentum",
+)
+"""Parameters a sweep can vary; batch_size is the shape's first dim (N)."""
 
 PARAMS: tuple[Param, ...] = (
     # --- input batch ---------------------------------------------------------------
@@ -359,9 +380,42 @@ PARAMS: tuple[Param, ...] = (
         "auto: fused where it can be.",
         choices=("auto", "true", "false"),
     ),
+    # --- sweep (shown in the Sweep tab) ---------------------------------------------------
+    Param(
+        "sweep",
+        "choice",
+        "none",
+        "sweep",
+        "Parameter to sweep",
+        "Runs the scenario at each value and charts each pair's gap against it. "
+        "batch_size is N, the shape's first dim.",
+        choices=("none", *SWEEPABLE),
+    ),
+    Param("sweep_from", "float", 0.0, "sweep", "From", "First value."),
+    Param("sweep_to", "float", 1.0, "sweep", "To", "Last value."),
+    Param(
+        "sweep_points",
+        "int",
+        20,
+        "sweep",
+        "Points",
+        "How many values, ends included.",
+        low=2,
+        high=MAX_SWEEP_POINTS,
+    ),
+    Param(
+        "sweep_scale",
+        "choice",
+        "linear",
+        "sweep",
+        "Scale",
+        "log: evenly spaced in log10 (from and to above 0).",
+        choices=("linear", "log"),
+    ),
 )
 
 BY_KEY: dict[str, Param] = {p.key: p for p in PARAMS}
+SWEEP_KEYS = tuple(p.key for p in PARAMS if p.group == "sweep")
 
 
 def engine_of(param: Param) -> str | None:

@@ -206,8 +206,10 @@ PRESETS: dict[str, Preset] = {
 
 
 def matching(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> Preset | None:
-    """The preset whose scenario these values are exactly, if any."""
+    """The preset whose scenario these values are, sweep settings aside, if any."""
+    run = {k: v for k, v in values.items() if not k.startswith("sweep")}
     for preset in PRESETS.values():
-        if dict(values) == {**defaults, **preset.values}:
+        expected = {**defaults, **preset.values}
+        if run == {k: v for k, v in expected.items() if not k.startswith("sweep")}:
             return preset
     return None

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnexplore.engines import LABELS, EngineResult, State, run_engine
+from bnexplore.batches import batches
+from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
 from bnexplore.metrics import Divergence, OutputStats
 from bnexplore.scenario import Scenario, parse_link
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,9 @@ class Comparison:
         dtype = self.scenario["dtype"]
         for r in (a, b):
             if r.output is None:
-                why = r.reason if not r.available else f"raised: {r.error}"
-                return Divergence.missing(a.name, b.name, dtype, f"{r.name} has no output ({why})")
+                label = LABELS.get(r.name.removesuffix("_reference"), r.name)
+                why = "did not run" if not r.available else "raised an error"
+                return Divergence.missing(a.name, b.name, dtype, f"{label} {why}, no output")
         return Divergence.between(a.name, b.name, a.output, b.output, dtype)
 
     def document(self) -> dict:
@@ -103,19 +108,14 @@ Report = Callable[[float, str], None]
 """Called with (fraction done, what is running) while a comparison runs."""
 
 
-def port_source(scenario: Scenario, results: dict[str, EngineResult]) -> EngineResult | None:
-    """PyTorch's run whose trained state Keras 3 starts from, when keras_init asks."""
-    if "keras" not in scenario["engines"] or scenario["keras_init"] == "fresh":
-        return None
-    return results.get("torch") or run_engine("torch", scenario)
-
-
-def ported_state(scenario: Scenario, source: EngineResult) -> State | None:
+def _swapped_if_asked(scenario: Scenario, state: State) -> State:
     """The state handed to Keras 3: PyTorch's, or with mean and variance swapped."""
-    state = source.trained_state
-    if state is None or scenario["keras_init"] != "torch_swapped":
+    if scenario["keras_init"] != "torch_swapped":
         return state
     return {**state, "running_mean": state["running_var"], "running_var": state["running_mean"]}
+
+
+PORT_SOURCE = "torch (port source)"
 
 
 def compare(
@@ -124,36 +124,75 @@ def compare(
     reference: bool = True,
     report: Report | None = None,
 ) -> Comparison:
-    """Run ``scenario`` for real in each of its engines, and their references if asked."""
-    engines = scenario["engines"]
-    results: dict[str, EngineResult] = {}
-    initial: dict[str, State | None] = {}
-    for i, name in enumerate(engines):
+    """Run ``scenario`` for real in each of its engines, and their references if asked.
 
-        def progress(done: int, total: int, i: int = i, name: str = name) -> None:
-            if report:
-                report((i + done / total) / len(engines), f"{LABELS[name]}: pass {done} of {total}")
+    Every engine's layer (and every reference) steps through the same batches in
+    lock step, so each batch is made once. Where Keras 3 starts from a port,
+    PyTorch's state is taken after the training passes, just before the measured
+    one (from a PyTorch layer run for the purpose if torch is not compared).
+    """
+    names = scenario["engines"]
+    done: dict[str, EngineResult] = {}
+    lanes: dict[str, Session] = {}
+    for name in names:
+        started = start(name, scenario)
+        if isinstance(started, EngineResult):
+            done[name] = started
+        else:
+            lanes[name] = started
+    if reference:  # every engine that could be loaded, even one whose layer refused to build
+        for name in names:
+            if name in lanes or done[name].available:
+                lanes[f"{name}_reference"] = REFERENCES[name](scenario)
+    porting = "keras" in names and scenario["keras_init"] != "fresh"
+    source = "torch"
+    if porting and "torch" not in names:
+        source = PORT_SOURCE
+        started = start("torch", scenario)
+        if isinstance(started, EngineResult):
+            done[source] = started
+        else:
+            lanes[source] = started
 
-        if name == "keras" and (source := port_source(scenario, results)) is not None:
-            initial[name] = ported_state(scenario, source)
-            if initial[name] is None:
-                results[name] = EngineResult(
-                    name,
-                    available=True,
-                    error=f"keras_init={scenario['keras_init']}: PyTorch has no state to port "
-                    f"({source.reason or source.error or 'no running statistics'})",
-                )
-                continue
-        results[name] = run_engine(name, scenario, progress, initial.get(name))
-    unported = {name for name, state in initial.items() if state is None}
-    references = {}
-    if reference:
-        references = {
-            name: REFERENCES[name].run(scenario, initial.get(name))
-            for name in engines
-            if results[name].available and name not in unported
-        }
+    steps = scenario["steps"]
+    for k, batch in enumerate(batches(scenario)):
+        if porting and k == steps:
+            _port(scenario, lanes, done, source)
+        for name, lane in list(lanes.items()):
+            try:
+                lane.step(k, batch)
+            except Exception as exc:  # a framework error is its result
+                log.info("%s raised on pass %d of %s", name, k, scenario.link, exc_info=True)
+                done[name] = lane.failed(exc)
+                del lanes[name]
+        if report:
+            report((k + 1) / (steps + 1), f"pass {k + 1} of {steps + 1}")
+    done.update({name: lane.finish() for name, lane in lanes.items()})
+    results = {name: done[name] for name in names}
+    references = {name: done[f"{name}_reference"] for name in names if f"{name}_reference" in done}
     return Comparison(scenario, tuple(notices), results, references)
+
+
+def _port(scenario: Scenario, lanes: dict, done: dict, source: str) -> None:
+    """Hand PyTorch's state to Keras 3 (and its reference) before the measured pass."""
+    state = lanes[source].state() if source in lanes else None
+    why = None
+    if state is None:
+        failed = done.get(source)
+        cause = (failed.reason or failed.error) if failed else "no running statistics"
+        why = f"keras_init={scenario['keras_init']}: PyTorch has no state to port ({cause})"
+    for name in ("keras", "keras_reference"):
+        if name not in lanes:
+            continue
+        if why:
+            done[name] = lanes.pop(name).failed(ValueError(why))
+        else:
+            lanes[name].port(_swapped_if_asked(scenario, state))
+
+
+def run_engine(name: str, scenario: Scenario) -> EngineResult:
+    """One engine alone on a scenario (a port still takes PyTorch's state)."""
+    return compare(scenario.replace(engines=(name,)), reference=False).results[name]
 
 
 def run(link: str = "", reference: bool = True, explain: bool = False) -> dict:

@@ -25,6 +25,7 @@ from bnexplore.params import (
     MAX_ELEMENTS,
     MIN_DIMS,
     PARAMS,
+    SWEEP_KEYS,
     Param,
 )
 from bnexplore.presets import PRESETS
@@ -68,6 +69,11 @@ class Scenario:
     @property
     def channels(self) -> int:
         return self.shape[1]
+
+    @property
+    def run_link(self) -> str:
+        """The link without its sweep settings: what the engines' results depend on."""
+        return self.replace(**{k: DEFAULTS[k] for k in SWEEP_KEYS}).link
 
     @property
     def values_per_channel(self) -> int:
@@ -143,6 +149,11 @@ def parse_value(param: Param, raw: str) -> tuple[Any, str | None]:
 
 def _show(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:40] + "…")
+
+
+def _key_text(key: str) -> str:
+    """A key as a notice names it: plain when it looks like a key, quoted otherwise."""
+    return key if re.fullmatch(r"[A-Za-z0-9_]{1,40}", key) else _show(key)
 
 
 def _parse_float(text: str) -> float:
@@ -263,7 +274,7 @@ def from_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[Scenario, list[str]]:
     for key, text in raw.items():
         param = BY_KEY.get(key)
         if param is None:
-            notices.append(f"{_show(key)}: not a parameter of this app; ignored")
+            notices.append(f"{_key_text(key)}: not a parameter of this app; ignored")
             continue
         try:
             value, notice = parse_value(param, text)
@@ -296,7 +307,10 @@ def _check_version(v: str | None, notices: list[str]) -> None:
 
 
 def _check_consistency(values: dict[str, Any], raw: Mapping[str, str], notices: list[str]) -> None:
-    """Rules that span keys: uniform's low must be below high."""
+    """Rules that span keys: uniform's low below high; a log sweep above 0."""
+    if values["sweep_scale"] == "log" and min(values["sweep_from"], values["sweep_to"]) <= 0:
+        notices.append("sweep_scale: log needs from and to above 0; using linear")
+        values["sweep_scale"] = "linear"
     if values["low"] < values["high"]:
         return
     given = [k for k in ("low", "high") if k in raw] or ["low", "high"]

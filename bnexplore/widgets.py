@@ -14,6 +14,7 @@ under ``"w_" + key`` only while it is shown, so values of hidden widgets (say
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import streamlit as st
@@ -22,6 +23,9 @@ from bnexplore.engines import LABELS
 from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param, engine_of
 from bnexplore.presets import PRESETS, matching
 from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
+from bnexplore.sweep import start_range
+
+SWEEP_GROUP = "sweep"
 
 VALUES = "scenario_values"
 LINK_NOTICES = "link_notices"
@@ -78,18 +82,18 @@ def apply_scenario(scenario: Scenario) -> None:
     st.session_state[LINK_NOTICES] = []
 
 
-def _render(param: Param) -> None:
+def _render(param: Param, on_change=None) -> None:
     """One widget; its current value is written to the VALUES store."""
     key = _widget_key(param.key)
     store = st.session_state[VALUES]
     if key not in st.session_state:
         st.session_state[key] = _to_widget(param, store[param.key])
-    common = {"label": param.label, "key": key, "help": param.help}
+    common = {"label": param.label, "key": key, "help": param.help, "on_change": on_change}
     if param.kind == "shape":
         st.text_input(**common)
     elif param.kind == "choices":
         st.multiselect(options=param.choices, format_func=lambda e: LABELS.get(e, e), **common)
-    elif param.kind == "choice" and len(param.choices) > 4:
+    elif param.kind == "choice" and (len(param.choices) > 3 or max(map(len, param.choices)) > 6):
         st.selectbox(options=param.choices, **common)
     elif param.kind == "choice":
         st.radio(options=param.choices, horizontal=True, **common)
@@ -119,6 +123,36 @@ def _render(param: Param) -> None:
             **common,
         )
     _read_widget(param, store)
+
+
+def sweep_controls() -> None:
+    """The sweep's widgets, side by side, in the current container (the Sweep tab)."""
+    store = st.session_state[VALUES]
+    params = [p for p in PARAMS if p.group == SWEEP_GROUP]
+    first, *rest = params
+    _render(first, on_change=_sweep_picked)
+    if store[first.key] != "none":
+        for column, param in zip(st.columns(len(rest)), rest, strict=True):
+            with column:
+                _render(param)
+
+
+def _sweep_picked() -> None:
+    """A parameter was picked for sweeping: offer a sensible range for it."""
+    key = st.session_state[_widget_key("sweep")]
+    if key == "none":
+        return
+    start, stop, scale = start_range(key)
+    values = {"sweep_from": float(start), "sweep_to": float(stop), "sweep_scale": scale}
+    st.session_state[VALUES].update(values)
+    for name, value in values.items():
+        st.session_state[_widget_key(name)] = value
+
+
+def new_seed() -> None:
+    seed = random.SystemRandom().randrange(2**32)
+    st.session_state[VALUES]["seed"] = seed
+    st.session_state[_widget_key("seed")] = seed
 
 
 def _shown(param: Param, store: dict[str, Any], engines: tuple[str, ...]) -> bool:
@@ -159,8 +193,16 @@ def sidebar() -> tuple[Scenario, list[str]]:
             help="A named scenario to start from; every knob below stays editable.",
         )
         st.button("Reset to defaults", on_click=reset_to_defaults)
+        st.button(
+            "New seed",
+            on_click=new_seed,
+            disabled=store["input"] in ("ones", "constant"),
+            help="Draw the random batches again from another seed.",
+        )
         engines = scenario_from_values(store)[0]["engines"]
         for group, title in GROUPS.items():
+            if group == SWEEP_GROUP:
+                continue
             shown = [p for p in PARAMS if p.group == group and _shown(p, store, engines)]
             if shown:
                 st.subheader(title, divider="gray")

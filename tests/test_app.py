@@ -65,7 +65,9 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
     table = next(m.value for m in opened.markdown if m.value.startswith("| engine"))
     assert "| PyTorch |" in table and "| Keras 3 |" in table
     assert [m.label for m in opened.metric][:2] == ["max |Δ|", "mean |Δ|"]
-    assert len(opened.get("vega_lite_chart")) == 4  # distribution, 2 running, waterfall
+    # outputs: distribution + 2 per channel; running: 2 over steps, |Δ| per step, heatmap,
+    # 2 per channel; explain: waterfall
+    assert len(opened.get("vega_lite_chart")) == 10
     assert opened.subheader[0].value.startswith("max |Δ|")
     assert "of the gap:" in opened.markdown[0].value  # explain's top cause, on top
 

@@ -99,3 +99,14 @@ def test_every_engine_follows_its_frameworks_rules(link: str) -> None:
             assert (got is None) == (want is None), (name, stat)
             if want is not None:
                 assert_running_stat_matches_reference(got, want, scenario, name, f"{name} {stat}")
+        assert (result.history is None) == (reference.history is None), name
+        if reference.history is not None:
+            np.testing.assert_array_equal(result.history["step"], reference.history["step"])
+            for stat in ("running_mean", "running_var"):
+                assert_running_stat_matches_reference(
+                    result.history[stat],
+                    reference.history[stat],
+                    scenario,
+                    name,
+                    f"{name} {stat} history",
+                )

@@ -59,6 +59,7 @@ def scenario_values():
 
     return st.fixed_dictionaries({p.key: value(p) for p in PARAMS}).filter(
         lambda v: v["low"] < v["high"]
+        and (v["sweep_scale"] == "linear" or min(v["sweep_from"], v["sweep_to"]) > 0)
     )
 
 

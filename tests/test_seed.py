@@ -115,7 +115,7 @@ def test_keras_seed_output_is_within_one_float32_ulp_of_the_exact_value() -> Non
     rounded 1/√1.001) for a few, one ulp apart: vectorized lanes and the
     scalar tail round differently. Both are float32 rounding.
     """
-    from bnexplore.engines import run_engine
+    from bnexplore.runner import run_engine
     from bnexplore.scenario import parse_link
 
     output = run_engine("keras", parse_link("?v=1")[0]).output

@@ -1,13 +1,15 @@
 """Engines: one module per framework behind one small interface.
 
-Each engine runs a scenario for real and returns an :class:`EngineResult`:
-the measured pass's output (channels-first, as a NumPy array) and the running
-statistics afterwards. Framework imports live only in the engine modules and
-happen when an engine is loaded, so a missing framework is a result
-(``available: False`` with the reason), never an ImportError at start-up.
+An engine ``start``s a :class:`Session` for a scenario: a fresh layer. The
+runner then steps every session through the same batches in lock step (each
+batch is made once), and ``finish`` gives an :class:`EngineResult`: the
+measured pass's output (channels-first, as a NumPy array) and the running
+statistics. Framework imports live only in the engine modules and happen when
+an engine is loaded, so a missing framework is a result (``available: False``
+with the reason), never an ImportError at start-up.
 
-Adding a framework: a module with a class that has ``name``, ``label``,
-``version`` and ``run(scenario) -> EngineResult``, and a row in :data:`ENGINES`.
+Adding a framework: a module with an engine class (``name``, ``label``,
+``version``, ``start``) and its session class, and a row in :data:`ENGINES`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +51,9 @@ class EngineResult:
     trained_state: dict[str, np.ndarray] | None = None
     """The layer's state after the training steps, before the measured pass:
     weight, bias, running_mean, running_var (a port's source)."""
+    history: dict[str, np.ndarray] | None = None
+    """Running statistics after each pass: "step" (k), "running_mean" and
+    "running_var" (passes × channels, float64). None without running statistics."""
     rounding_gain: np.ndarray | None = None
     """Reference engines only: per channel, |mean|·|γ|/√(var + eps) of the measured
     pass, the factor by which rounding in the mean is amplified in the output."""
@@ -58,8 +62,35 @@ class EngineResult:
 State = dict[str, np.ndarray]
 """A layer's state in PyTorch's names: weight, bias, running_mean, running_var."""
 
-Progress = Callable[[int, int], None]
-"""Called after each pass with (passes done, passes in all)."""
+
+class Session:
+    """One layer of one engine, stepped through the scenario's batches.
+
+    ``step(k, batch)`` runs pass k (training passes, then the measured one); a
+    framework error raised there is the engine's result, not a crash.
+    ``state()`` is the layer's state now (a port's source); ``port(state)``
+    loads one into a layer whose scenario starts from a port.
+    """
+
+    name: str
+    where: dict
+
+    def step(self, k: int, batch: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def state(self) -> State | None:
+        return None
+
+    def port(self, state: State) -> None:
+        raise NotImplementedError(f"{self.name} cannot start from a ported state")
+
+    def finish(self) -> EngineResult:
+        raise NotImplementedError
+
+    def failed(self, exc: Exception) -> EngineResult:
+        return EngineResult(
+            self.name, available=True, error=str(exc) or type(exc).__name__, **self.where
+        )
 
 
 class Engine(Protocol):
@@ -67,12 +98,8 @@ class Engine(Protocol):
     label: str
     version: str
 
-    def run(
-        self,
-        scenario: Scenario,
-        progress: Progress | None = None,
-        initial_state: State | None = None,
-    ) -> EngineResult: ...
+    def start(self, scenario: Scenario) -> Session | EngineResult:
+        """A fresh layer for the scenario, or the reason it cannot run (no such device)."""
 
 
 ENGINES: dict[str, tuple[str, str, str]] = {
@@ -83,6 +110,17 @@ ENGINES: dict[str, tuple[str, str, str]] = {
 """name → (label, module, class). The order is the order of comparison."""
 
 LABELS: dict[str, str] = {name: row[0] for name, row in ENGINES.items()}
+
+
+def history_of(steps: list[int], means: list, variances: list) -> dict[str, np.ndarray] | None:
+    """Stack per-pass running statistics (anything np.asarray reads) into a history."""
+    if not steps:
+        return None
+    return {
+        "step": np.asarray(steps),
+        "running_mean": np.stack([np.asarray(m, dtype=np.float64) for m in means]),
+        "running_var": np.stack([np.asarray(v, dtype=np.float64) for v in variances]),
+    }
 
 
 class EngineUnavailable(RuntimeError):
@@ -116,24 +154,16 @@ def load(name: str) -> Engine:
     return engine
 
 
-def run_engine(
-    name: str,
-    scenario: Scenario,
-    progress: Progress | None = None,
-    initial_state: State | None = None,
-) -> EngineResult:
-    """Run one engine on a scenario; never raises."""
+def start(name: str, scenario: Scenario) -> Session | EngineResult:
+    """A session of engine ``name``, or why there is none; never raises."""
     try:
         engine = load(name)
     except EngineUnavailable as exc:
         return EngineResult(name=name, available=False, reason=str(exc))
     try:
-        return engine.run(scenario, progress, initial_state)
+        return engine.start(scenario)
     except Exception as exc:
-        log.warning("engine %s raised on %s", name, scenario.link, exc_info=True)
+        log.warning("engine %s failed to start on %s", name, scenario.link, exc_info=True)
         return EngineResult(
-            name=name,
-            available=True,
-            version=engine.version,
-            error=str(exc) or type(exc).__name__,
+            name, available=True, version=engine.version, error=str(exc) or type(exc).__name__
         )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnexplore.batches import batches, numpy_dtype
-from bnexplore.engines import EngineResult, State
+from bnexplore.batches import numpy_dtype
+from bnexplore.engines import EngineResult, Session, State, history_of
 from bnexplore.scenario import Scenario
 
 VERSION = f"NumPy {np.__version__} float64"
@@ -52,72 +52,103 @@ def _normalize(x, mean, var, eps, gamma, beta) -> tuple[np.ndarray, np.ndarray]:
     return (x - mean) * scale + _per_channel(beta, ndim), gain
 
 
-class TorchReference:
+class ReferenceSession(Session):
+    """A float64 layer following one framework's rules; subclasses say which."""
+
+    def __init__(self, name: str, scenario: Scenario) -> None:
+        self.name, self.s = name, scenario
+        self.where = {"version": VERSION, "device": "cpu"}
+        channels = scenario.channels
+        self.gamma, self.beta = np.ones(channels), np.zeros(channels)
+        self.running_mean: np.ndarray | None = np.zeros(channels)
+        self.running_var: np.ndarray | None = np.ones(channels)
+        self.steps_seen: list[int] = []
+        self.means: list[np.ndarray] = []
+        self.variances: list[np.ndarray] = []
+        self.trained_state: State | None = None
+        self.output = self.gain = None
+
+    def _record(self, k: int) -> None:
+        if self.running_mean is not None:
+            self.steps_seen.append(k)
+            self.means.append(self.running_mean)
+            self.variances.append(self.running_var)
+
+    def state(self) -> State | None:
+        if self.running_mean is None:
+            return None
+        return {
+            "weight": self.gamma,
+            "bias": self.beta,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+        }
+
+    def _normalize_with_running(self, x: np.ndarray, eps: float) -> None:
+        ndim = x.ndim
+        self.output, self.gain = _normalize(
+            x,
+            _per_channel(self.running_mean, ndim),
+            _per_channel(self.running_var, ndim),
+            eps,
+            self.gamma,
+            self.beta,
+        )
+
+    def finish(self) -> EngineResult:
+        return EngineResult(
+            self.name,
+            available=True,
+            output=self.output,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            trained_state=self.trained_state,
+            rounding_gain=self.gain,
+            history=history_of(self.steps_seen, self.means, self.variances),
+            **self.where,
+        )
+
+
+class TorchRules(ReferenceSession):
     """PyTorch's rules: unbiased variance into the running variance.
 
     running ← (1 − m)·running + m·batch, m = momentum or 1/num_batches_tracked;
     the batch variance fed in is var_b·n/(n − 1). Training needs n > 1.
     """
 
-    name = "torch_reference"
-    label = "PyTorch rules"
-    version = VERSION
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__("torch_reference", scenario)
+        self.track = scenario["torch_track_running_stats"]
+        if not self.track:
+            self.running_mean = self.running_var = None
+        self.tracked = 0
 
-    def run(self, scenario: Scenario, initial_state: State | None = None) -> EngineResult:
-        s = scenario
-        channels, n, ndim = s.channels, s.values_per_channel, len(s.shape)
-        track = s["torch_track_running_stats"]
-        running_mean = np.zeros(channels) if track else None
-        running_var = np.ones(channels) if track else None
-        ones, zeros = np.ones(channels), np.zeros(channels)
-        tracked = 0
-        trained_state = None
-        for k, batch in enumerate(batches(s)):
-            if k == s["steps"] and track:
-                trained_state = {
-                    "weight": ones,
-                    "bias": zeros,
-                    "running_mean": running_mean,
-                    "running_var": running_var,
-                }
-            x = batch.astype(np.float64)
-            training = k < s["steps"] or s["torch_mode"] == "train"
-            if training or not track:
-                if n == 1:
-                    return self._result(
-                        error="Expected more than 1 value per channel when training"
-                    )
-                mean, var = _moments(x)
-                output, gain = _normalize(x, mean, var, s["torch_eps"], ones, zeros)
-                if training and track:
-                    tracked += 1
-                    m = 1.0 / tracked if s["torch_momentum"] is None else s["torch_momentum"]
-                    running_mean = _stored((1 - m) * running_mean + m * mean.ravel(), s["dtype"])
-                    running_var = _stored(
-                        (1 - m) * running_var + m * var.ravel() * n / (n - 1), s["dtype"]
-                    )
-            else:
-                output, gain = _normalize(
-                    x,
-                    _per_channel(running_mean, ndim),
-                    _per_channel(running_var, ndim),
-                    s["torch_eps"],
-                    ones,
-                    zeros,
+    def step(self, k: int, batch: np.ndarray) -> None:
+        s, n = self.s, self.s.values_per_channel
+        if k == s["steps"]:
+            self.trained_state = self.state()
+        x = batch.astype(np.float64)
+        training = k < s["steps"] or s["torch_mode"] == "train"
+        if training or not self.track:
+            if n == 1:
+                raise ValueError("Expected more than 1 value per channel when training")
+            mean, var = _moments(x)
+            self.output, self.gain = _normalize(x, mean, var, s["torch_eps"], self.gamma, self.beta)
+            if training and self.track:
+                self.tracked += 1
+                m = 1.0 / self.tracked if s["torch_momentum"] is None else s["torch_momentum"]
+                self.running_mean = _stored(
+                    (1 - m) * self.running_mean + m * mean.ravel(), s["dtype"]
                 )
-        return self._result(
-            output=output,
-            running_mean=running_mean,
-            running_var=running_var,
-            trained_state=trained_state,
-            rounding_gain=gain,
-        )
-
-    def _result(self, **fields) -> EngineResult:
-        return EngineResult(self.name, available=True, version=self.version, device="cpu", **fields)
+                self.running_var = _stored(
+                    (1 - m) * self.running_var + m * var.ravel() * n / (n - 1), s["dtype"]
+                )
+        else:
+            self._normalize_with_running(x, s["torch_eps"])
+        self._record(k)
 
 
-class KerasReference(TorchReference):
+class KerasRules(ReferenceSession):
     """Keras 3's rules: biased variance into the moving variance.
 
     moving ← momentum·moving + (1 − momentum)·batch; a training pass happens
@@ -126,64 +157,52 @@ class KerasReference(TorchReference):
     ported state replaces the training steps.
     """
 
-    name = "keras_reference"
-    label = "Keras 3 rules"
     prefix = "keras"
 
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__(f"{self.prefix}_reference", scenario)
+        self.unbiased, self.eps, self.error = self.rules(scenario)
+        self.ported = self.prefix == "keras" and scenario["keras_init"] != "fresh"
+
     def rules(self, scenario: Scenario) -> tuple[bool, float, str | None]:
-        """(unbiased variance fed in?, effective epsilon, error) for this scenario."""
+        """(unbiased variance fed in?, epsilon, error) for this scenario."""
         return False, scenario[f"{self.prefix}_eps"], None
 
     def variable_dtype(self, scenario: Scenario) -> str:
         """Keras 3 keeps the moving statistics in the layer's dtype."""
         return scenario["dtype"]
 
-    def run(self, scenario: Scenario, initial_state: State | None = None) -> EngineResult:
-        s, p = scenario, self.prefix
-        ndim, n = len(s.shape), s.values_per_channel
-        unbiased, eps, error = self.rules(s)
-        if error:
-            return self._result(error=error)
-        momentum = s[f"{p}_momentum"]
-        state = initial_state or {
-            "weight": np.ones(s.channels),
-            "bias": np.zeros(s.channels),
-            "running_mean": np.zeros(s.channels),
-            "running_var": np.ones(s.channels),
-        }
-        gamma = state["weight"] if s[f"{p}_scale"] else np.ones(s.channels)
-        beta = state["bias"] if s[f"{p}_center"] else np.zeros(s.channels)
-        moving_mean, moving_var = state["running_mean"], state["running_var"]
-        measured_training = s[f"{p}_training"] == "true"
-        for k, batch in enumerate(batches(s)):
-            if initial_state is not None and k < s["steps"]:
-                continue
-            x = batch.astype(np.float64)
-            training = k < s["steps"] or measured_training
-            if training and s[f"{p}_trainable"]:
-                mean, var = _moments(x)
-                output, gain = _normalize(x, mean, var, eps, gamma, beta)
-                fed = var.ravel() * n / (n - 1) if unbiased and n > 1 else var.ravel()
-                stored = self.variable_dtype(s)
-                moving_mean = _stored(
-                    momentum * moving_mean + (1 - momentum) * mean.ravel(), stored
-                )
-                moving_var = _stored(momentum * moving_var + (1 - momentum) * fed, stored)
-            else:
-                output, gain = _normalize(
-                    x,
-                    _per_channel(moving_mean, ndim),
-                    _per_channel(moving_var, ndim),
-                    eps,
-                    gamma,
-                    beta,
-                )
-        return self._result(
-            output=output, running_mean=moving_mean, running_var=moving_var, rounding_gain=gain
-        )
+    def port(self, state: State) -> None:
+        s, p = self.s, self.prefix
+        if s[f"{p}_scale"]:
+            self.gamma = state["weight"]
+        if s[f"{p}_center"]:
+            self.beta = state["bias"]
+        self.running_mean, self.running_var = state["running_mean"], state["running_var"]
+
+    def step(self, k: int, batch: np.ndarray) -> None:
+        s, p, n = self.s, self.prefix, self.s.values_per_channel
+        if self.error:
+            raise ValueError(self.error)
+        if self.ported and k < s["steps"]:
+            return
+        x = batch.astype(np.float64)
+        training = k < s["steps"] or s[f"{p}_training"] == "true"
+        if training and s[f"{p}_trainable"]:
+            momentum, stored = s[f"{p}_momentum"], self.variable_dtype(s)
+            mean, var = _moments(x)
+            self.output, self.gain = _normalize(x, mean, var, self.eps, self.gamma, self.beta)
+            fed = var.ravel() * n / (n - 1) if self.unbiased and n > 1 else var.ravel()
+            self.running_mean = _stored(
+                momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
+            )
+            self.running_var = _stored(momentum * self.running_var + (1 - momentum) * fed, stored)
+        else:
+            self._normalize_with_running(x, self.eps)
+        self._record(k)
 
 
-class Keras2Reference(KerasReference):
+class Keras2Rules(KerasRules):
     """Keras 2's rules: as Keras 3, but the fused path feeds the unbiased variance
     var_b·n/(n − 1) into the moving variance.
 
@@ -193,13 +212,7 @@ class Keras2Reference(KerasReference):
     1.001e-5.
     """
 
-    name = "keras2_reference"
-    label = "Keras 2 rules"
     prefix = "keras2"
-
-    def variable_dtype(self, scenario: Scenario) -> str:
-        """tf_keras raises float16 and bfloat16 layers' variables to float32."""
-        return "float32" if scenario["dtype"] in ("float16", "bfloat16") else scenario["dtype"]
 
     def rules(self, scenario: Scenario) -> tuple[bool, float, str | None]:
         eps, choice = scenario["keras2_eps"], scenario["keras2_fused"]
@@ -212,6 +225,14 @@ class Keras2Reference(KerasReference):
         fused = choice != "false" and rank_ok and dtype_ok
         return fused, eps, None
 
+    def variable_dtype(self, scenario: Scenario) -> str:
+        """tf_keras raises float16 and bfloat16 layers' variables to float32."""
+        return "float32" if scenario["dtype"] in ("float16", "bfloat16") else scenario["dtype"]
 
-REFERENCES = {"torch": TorchReference(), "keras": KerasReference(), "keras2": Keras2Reference()}
-"""Engine name → the reference that follows that framework's rules."""
+
+REFERENCES: dict[str, type[ReferenceSession]] = {
+    "torch": TorchRules,
+    "keras": KerasRules,
+    "keras2": Keras2Rules,
+}
+"""Engine name → the reference session that follows that framework's rules."""

@@ -14,8 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from bnexplore.batches import batches
-from bnexplore.engines import EngineResult, Progress, State
+from bnexplore.engines import EngineResult, Session, State, history_of
 from bnexplore.scenario import Scenario
 
 TRAINING = {"none": None, "true": True, "false": False}
@@ -61,12 +60,7 @@ class KerasFamilyEngine:
     def detail(self, layer) -> str | None:
         return None
 
-    def run(
-        self,
-        scenario: Scenario,
-        progress: Progress | None = None,
-        initial_state: State | None = None,
-    ) -> EngineResult:
+    def start(self, scenario: Scenario) -> Session | EngineResult:
         device, note = resolve_device(scenario["device"])
         if device is None:
             return EngineResult(self.name, available=False, version=self.version, reason=note)
@@ -75,39 +69,64 @@ class KerasFamilyEngine:
             "device": "cpu" if device == "/CPU:0" else "gpu:0",
             "device_note": note,
         }
-        steps = scenario["steps"]
-        measured_training = TRAINING[scenario[f"{self.prefix}_training"]]
-        layer = None
-        try:
-            with tf.device(device):
-                layer = self.build(scenario)
-                if initial_state is not None:
-                    port(layer, initial_state)
-                for k, batch in enumerate(batches(scenario)):
-                    if initial_state is not None and k < steps:
-                        continue  # the ported state stands for the training steps
-                    x = tf.convert_to_tensor(np.moveaxis(batch, 1, -1))
-                    training = True if k < steps else measured_training
-                    output = layer(x) if training is None else layer(x, training=training)
-                    if progress:
-                        progress(k + 1, steps + 1)
-        except (ValueError, tf.errors.OpError) as exc:
-            detail = self.detail(layer) if layer is not None and layer.built else None
-            return EngineResult(self.name, available=True, error=str(exc), detail=detail, **where)
+        with tf.device(device):
+            layer = self.build(scenario)
+        return KerasSession(self, where, scenario, layer, device)
+
+
+class KerasSession(Session):
+    """Training passes are layer(x, training=True); the measured pass as the scenario says.
+
+    A layer that starts from a ported state (``port``) runs no training passes of
+    its own: the port stands for them.
+    """
+
+    def __init__(self, engine: KerasFamilyEngine, where: dict, scenario: Scenario, layer, device):
+        self.engine, self.name, self.where = engine, engine.name, where
+        self.layer, self.device = layer, device
+        self.steps = scenario["steps"]
+        self.measured_training = TRAINING[scenario[f"{engine.prefix}_training"]]
+        self.ported = engine.prefix == "keras" and scenario["keras_init"] != "fresh"
+        self.steps_seen: list[int] = []
+        self.recorded: list = []
+        self.output = None
+
+    def port(self, state: State) -> None:
+        """Copy a PyTorch state into the layer, weight by weight."""
+        with tf.device(self.device):
+            for keras_name, torch_name in PORT_ORDER:
+                variable = getattr(self.layer, keras_name, None)
+                if variable is not None:
+                    variable.assign(state[torch_name].astype(variable.dtype))
+
+    def step(self, k: int, batch: np.ndarray) -> None:
+        if self.ported and k < self.steps:
+            return
+        layer = self.layer
+        training = True if k < self.steps else self.measured_training
+        with tf.device(self.device):
+            x = tf.convert_to_tensor(np.moveaxis(batch, 1, -1))
+            self.output = layer(x) if training is None else layer(x, training=training)
+            moving = (layer.moving_mean, layer.moving_variance)
+            self.recorded.append(tf.stack([tf.convert_to_tensor(v) for v in moving]))
+        self.steps_seen.append(k)
+
+    def finish(self) -> EngineResult:
+        layer = self.layer
         return EngineResult(
             self.name,
             available=True,
-            detail=self.detail(layer),
-            output=np.moveaxis(output.numpy(), -1, 1),
+            detail=self.engine.detail(layer),
+            output=np.moveaxis(self.output.numpy(), -1, 1),
             running_mean=layer.moving_mean.numpy().copy(),
             running_var=layer.moving_variance.numpy().copy(),
-            **where,
+            history=history_of(
+                self.steps_seen, [r[0] for r in self.recorded], [r[1] for r in self.recorded]
+            ),
+            **self.where,
         )
 
-
-def port(layer, state: State) -> None:
-    """Copy a PyTorch state into a built Keras layer, weight by weight."""
-    for keras_name, torch_name in PORT_ORDER:
-        variable = getattr(layer, keras_name, None)
-        if variable is not None:
-            variable.assign(state[torch_name].astype(variable.dtype))
+    def failed(self, exc: Exception) -> EngineResult:
+        result = super().failed(exc)
+        detail = self.engine.detail(self.layer) if self.layer.built else None
+        return EngineResult(**{**result.__dict__, "detail": detail})

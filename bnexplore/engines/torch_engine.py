@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bnexplore.batches import batches
-from bnexplore.engines import EngineResult, Progress, State
+from bnexplore.engines import EngineResult, Session, State, history_of
 from bnexplore.scenario import Scenario
 
 _DTYPES = {
@@ -97,12 +96,7 @@ class TorchEngine:
         )
         return module.requires_grad_(scenario["torch_requires_grad"])
 
-    def run(
-        self,
-        scenario: Scenario,
-        progress: Progress | None = None,
-        initial_state: State | None = None,
-    ) -> EngineResult:
+    def start(self, scenario: Scenario) -> Session | EngineResult:
         try:
             device, note = resolve_device(scenario["device"])
         except DeviceMissing as missing:
@@ -110,33 +104,30 @@ class TorchEngine:
                 self.name, available=False, version=self.version, reason=str(missing)
             )
         where = {"version": self.version, "device": describe(device), "device_note": note}
-        module = self.build(scenario, device)
-        steps = scenario["steps"]
-        trained_state = None
-        try:
-            with torch.no_grad():
-                for k, batch in enumerate(batches(scenario)):
-                    if k == steps:
-                        trained_state = self.state(module)
-                    module.train(k < steps or scenario["torch_mode"] == "train")
-                    output = module(to_tensor(batch, device))
-                    if progress:
-                        progress(k + 1, steps + 1)
-        except (ValueError, RuntimeError) as exc:
-            return EngineResult(self.name, available=True, error=str(exc), **where)
-        return EngineResult(
-            self.name,
-            available=True,
-            output=to_numpy(output),
-            running_mean=to_numpy(module.running_mean),
-            running_var=to_numpy(module.running_var),
-            trained_state=trained_state,
-            **where,
-        )
+        return TorchSession(self.name, where, scenario, self.build(scenario, device), device)
 
-    @staticmethod
-    def state(module: torch.nn.Module) -> State | None:
+
+class TorchSession(Session):
+    def __init__(self, name, where, scenario: Scenario, module: torch.nn.Module, device):
+        self.name, self.where, self.module, self.device = name, where, module, device
+        self.steps, self.measured_train = scenario["steps"], scenario["torch_mode"] == "train"
+        self.recorded: list[torch.Tensor] = []  # (2, C) per pass, on the device until the end
+        self.trained_state: State | None = None
+        self.output: torch.Tensor | None = None
+
+    def step(self, k: int, batch: np.ndarray) -> None:
+        module = self.module
+        if k == self.steps:
+            self.trained_state = self.state()
+        module.train(k < self.steps or self.measured_train)
+        with torch.no_grad():
+            self.output = module(to_tensor(batch, self.device))
+        if module.running_mean is not None:
+            self.recorded.append(torch.stack([module.running_mean, module.running_var]))
+
+    def state(self) -> State | None:
         """weight, bias, running_mean, running_var as float64 (None without running stats)."""
+        module = self.module
         if module.running_mean is None:
             return None
         channels = module.num_features
@@ -152,3 +143,19 @@ class TorchEngine:
             "running_mean": f64(module.running_mean, 0.0),
             "running_var": f64(module.running_var, 1.0),
         }
+
+    def finish(self) -> EngineResult:
+        history = None
+        if self.recorded:
+            stacked = torch.stack(self.recorded).to(torch.float64).cpu().numpy()
+            history = history_of(list(range(len(self.recorded))), stacked[:, 0], stacked[:, 1])
+        return EngineResult(
+            self.name,
+            available=True,
+            output=to_numpy(self.output),
+            running_mean=to_numpy(self.module.running_mean),
+            running_var=to_numpy(self.module.running_var),
+            trained_state=self.trained_state,
+            history=history,
+            **self.where,
+        )

@@ -1,0 +1,442 @@
+"""The app in a real headless Chromium: links open, the address bar follows, tabs draw.
+
+Starts ``streamlit run app.py`` on a free port once for the module and drives it
+with Playwright's sync API through Debian's Chromium (``/usr/bin/chromium``;
+Playwright's own browser downloads are not used). Screenshots land in
+``tests/artifacts/`` (git-ignored).
+
+Run: ``python -m pytest tests/test_browser.py -m browser``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+VIEWPORT = {"width": 1500, "height": 1000}
+
+SERVER_START_S = 120
+FIRST_RUN_MS = 120_000  # the first script run imports PyTorch and TensorFlow
+RERUN_MS = 60_000
+
+APP = "[data-testid='stApp']"
+CHART = "[data-testid='stVegaLiteChart']"
+HEADLINE = "[data-testid='stMain'] h3"
+METRIC_VALUE = "[data-testid='stMain'] [data-testid='stMetricValue']"
+TABLE = "[data-testid='stMain'] [data-testid='stMarkdownContainer'] table"
+EXCEPTION = "[data-testid='stException']"
+WARNING = "[data-testid='stAlertContentWarning']"
+ERROR = "[data-testid='stAlertContentError']"
+ACTIVE_PANEL = "[role='tabpanel']:visible"
+
+LINK = (
+    "/?v=1&shape=16,8,6,6&input=normal&mean=0.5&steps=2&torch_mode=eval"
+    "&keras_momentum=0.9&keras_eps=1e-05"
+)
+# PyTorch trains, Keras 3 infers, eps and momenta differ: "Make them agree" has work to do
+DIFFERING_LINK = "/?v=1&shape=16,8,6,6&input=normal&mean=0.5&steps=2"
+BAD_LINK = "/?v=1&steps=abc&shape=1000,1000,1000&foo=bar&torch_eps=-1"
+PRESET_LINK = "/?preset=one-sample"
+
+TABS = {  # tab name: fewest charts it draws, screenshot
+    "Overview": (0, "tab_overview.png"),
+    "Outputs": (1, "tab_outputs.png"),
+    "Running statistics": (2, "tab_running.png"),
+    "Explain": (1, "tab_explain.png"),
+    "Code": (0, "tab_code.png"),
+}
+
+# The script run is over and the page drawn: no stale or lazily loading element is
+# left, and either an exception box or both the headline and the sidebar are there.
+SETTLED_JS = """() => {
+    const app = document.querySelector("[data-testid='stApp']");
+    if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
+    if (document.querySelector("[data-stale='true'], [data-testid='stSkeleton']")) return false;
+    if (document.querySelector("[data-testid='stException']")) return true;
+    return document.querySelector("[data-testid='stMain'] h3") !== null
+        && document.querySelector("[data-testid='stSidebar'] .st-key-w_steps input") !== null;
+}"""
+
+# The visible tab panel's charts: how many, and whether each is drawn (a canvas with
+# painted pixels, or an svg with marks); -1 while something in it is still loading.
+PANEL_CHARTS_JS = """() => {
+    const panel = Array.from(document.querySelectorAll("[role='tabpanel']"))
+        .find(p => p.offsetParent !== null);
+    if (!panel || panel.querySelector("[data-testid='stSkeleton']")) return [-1, false];
+    const charts = Array.from(panel.querySelectorAll("[data-testid='stVegaLiteChart']"));
+    const drawn = charts.every(chart => {
+        const canvas = chart.querySelector('canvas');
+        if (canvas) {
+            if (!canvas.width || !canvas.height) return false;
+            const data = canvas.getContext('2d')
+                .getImageData(0, 0, canvas.width, canvas.height).data;
+            for (let i = 3; i < data.length; i += 4) if (data[i] !== 0) return true;
+            return false;
+        }
+        const svg = chart.querySelector('svg');
+        return svg !== null && svg.querySelector('path, rect, line') !== null;
+    });
+    return [charts.length, drawn];
+}"""
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+            return r.status == 200 and r.read().decode().strip() == "ok"
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Debian Chromium, driven by Playwright."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(chromium) -> Iterator[str]:
+    """``streamlit run app.py`` on a free port; yields its base URL.
+
+    Requests ``chromium`` first so that a missing browser skips before the
+    server starts.
+    """
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "streamlit", "run", "app.py"]
+    for option, value in (
+        ("server.headless", "true"),
+        ("server.port", str(port)),
+        ("browser.gatherUsageStats", "false"),
+        ("server.fileWatcherType", "none"),
+    ):
+        command += [f"--{option}", value]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, killed as one
+        )
+        try:
+            deadline = time.monotonic() + SERVER_START_S
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    why = (
+                        f"exited with {proc.returncode}"
+                        if proc.poll() is not None
+                        else f"gave no health answer in {SERVER_START_S} s"
+                    )
+                    pytest.fail(f"streamlit server {why}:\n{log.read()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server's whole process group; kill it if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def new_page(chromium):
+    """Pages, each in its own fresh context (so its own Streamlit session)."""
+    contexts = []
+
+    def make():
+        context = chromium.new_context(viewport=VIEWPORT)
+        context.set_default_timeout(30_000)
+        contexts.append(context)
+        return context.new_page()
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _failure_shot(page, name: str = "failure.png") -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(Exception):  # the original failure matters, not this one
+        page.screenshot(path=str(ARTIFACTS / name))
+
+
+def wait_for_app(page, timeout_ms: int = RERUN_MS) -> None:
+    """The script run is over and drawn; an exception box fails with its text."""
+    try:
+        page.wait_for_function(SETTLED_JS, timeout=timeout_ms)
+    except Exception:
+        _failure_shot(page)
+        raise
+    assert_no_exception(page)
+
+
+def open_app(page, url: str, timeout_ms: int = FIRST_RUN_MS) -> None:
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    wait_for_app(page, timeout_ms)
+
+
+def assert_no_exception(page) -> None:
+    errors = page.locator(EXCEPTION)
+    if errors.count():
+        _failure_shot(page)
+    assert errors.count() == 0, "the app raised:\n" + "\n---\n".join(errors.all_inner_texts())
+
+
+def screenshot(page, name: str) -> Path:
+    """Everything: Streamlit scrolls the main area and the sidebar inside the viewport,
+    so the viewport is grown to their full height for the shot, then set back."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    height = page.evaluate(
+        """() => Math.max(
+            ...['stMain', 'stSidebarContent'].map(id => {
+                const el = document.querySelector(`[data-testid='${id}']`);
+                return el ? el.scrollHeight : 0;
+            }),
+            window.innerHeight)"""
+    )
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": min(int(height) + 40, 8000)})
+    page.wait_for_timeout(600)  # charts re-layout to the new size
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size(VIEWPORT)
+    return path
+
+
+def widget(page, key: str):
+    """The sidebar widget of parameter ``key`` (Streamlit key ``w_<key>``)."""
+    return page.locator(f"[data-testid='stSidebar'] .st-key-w_{key}")
+
+
+def widget_input(page, key: str):
+    return widget(page, key).locator("input").first
+
+
+def radio(page, key: str, option: str):
+    return widget(page, key).get_by_role("radio", name=option, exact=True)
+
+
+def assert_link_values(page, steps: int) -> None:
+    """The sidebar shows every value ``LINK`` (with ``steps`` training steps) asks for."""
+    from playwright.sync_api import expect
+
+    expect(widget_input(page, "shape")).to_have_value("16,8,6,6")
+    # "Values" has four kinds: a select box, which shows the chosen one
+    expect(widget(page, "input").get_by_role("combobox")).to_have_value("normal")
+    expect(widget_input(page, "mean")).to_have_value("0.5")
+    expect(widget_input(page, "steps")).to_have_value(str(steps))
+    expect(radio(page, "torch_mode", "eval")).to_be_checked()
+    expect(radio(page, "torch_mode", "train")).not_to_be_checked()
+    # number inputs format floats their own way (1e-05 shows as 0.00001): compare numbers
+    momentum = widget_input(page, "keras_momentum").input_value()
+    assert math.isclose(float(momentum), 0.9), momentum
+    eps = widget_input(page, "keras_eps").input_value()
+    assert math.isclose(float(eps), 1e-5, rel_tol=1e-9), eps
+    # the parameters the link leaves out keep their defaults
+    expect(widget_input(page, "torch_momentum")).to_have_value("0.1")
+
+
+def shown_numbers(page) -> dict[str, object]:
+    """The headline, the metric values and the Overview table, as the user reads them."""
+    page.wait_for_selector(METRIC_VALUE)
+    return {
+        "headline": page.locator(HEADLINE).first.inner_text().strip(),
+        "metrics": [t.strip() for t in page.locator(METRIC_VALUE).all_inner_texts()],
+        "table": page.locator(TABLE).first.inner_text().strip(),
+    }
+
+
+def show_tab(page, name: str, fewest_charts: int = 0) -> int:
+    """Select a tab; wait until its panel's charts are all drawn; return how many.
+
+    Done when at least ``fewest_charts`` charts are drawn and their number held
+    still for two polls (a lazily loaded chart may appear after the others).
+    """
+    from playwright.sync_api import expect
+
+    tab = page.get_by_role("tab", name=name, exact=True)
+    tab.click()
+    expect(tab).to_have_attribute("aria-selected", "true")
+    deadline = time.monotonic() + RERUN_MS / 1000
+    last = None
+    while time.monotonic() < deadline:
+        count, drawn = page.evaluate(PANEL_CHARTS_JS)
+        if drawn and count >= fewest_charts and count == last:
+            return count
+        last = count if drawn else None
+        page.wait_for_timeout(400)
+    _failure_shot(page)
+    raise AssertionError(
+        f"tab {name!r}: wanted at least {fewest_charts} drawn charts; "
+        f"the panel holds {count}, drawn: {drawn}"
+    )
+
+
+def query(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query)
+
+
+# --- tests ---------------------------------------------------------------------------
+
+
+def test_link_opens_with_every_widget_showing_its_value(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + LINK)
+
+    assert_link_values(page, steps=2)
+    numbers = shown_numbers(page)
+    assert numbers["headline"].startswith("max |Δ| = "), numbers
+    assert len(numbers["metrics"]) == 5, numbers
+    assert "PyTorch" in numbers["table"] and "Keras 3" in numbers["table"], numbers
+
+
+def test_address_bar_follows_widgets_and_reproduces_the_page(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + LINK)
+
+    steps = widget_input(page, "steps")
+    steps.fill("4")
+    steps.press("Enter")
+    page.wait_for_url(lambda url: "steps=4" in url, timeout=RERUN_MS)
+    wait_for_app(page)
+
+    link = page.url
+    assert query(link)["steps"] == ["4"], link
+    assert query(link)["torch_mode"] == ["eval"], link
+    assert_link_values(page, steps=4)
+    numbers = shown_numbers(page)
+    assert numbers["headline"].startswith("max |Δ| = "), numbers
+
+    again = new_page()  # a new browser context: nothing shared but the link
+    open_app(again, link)
+    assert again.url == link
+    assert_link_values(again, steps=4)
+    assert shown_numbers(again) == numbers
+
+
+def test_every_tab_draws_its_charts(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + LINK)
+
+    names = [t.strip() for t in page.get_by_role("tab").all_inner_texts()]
+    assert set(TABS) <= set(names), names
+    drawn = {}
+    for name in names:  # tabs added since TABS was written are drawn and shot too
+        fewest, shot = TABS.get(name, (0, f"tab_{name.lower().replace(' ', '_')}.png"))
+        drawn[name] = show_tab(page, name, fewest)
+        assert_no_exception(page)
+        if name == "Overview":
+            assert page.locator(f"{ACTIVE_PANEL} [data-testid='stMetricValue']").count() == 5
+        if name == "Code":
+            assert page.locator(f"{ACTIVE_PANEL} [data-testid='stCode']").count() >= 2
+            assert page.get_by_role("button", name="Export script").count() == 1
+        screenshot(page, shot)
+    print("charts per tab:", drawn)
+
+
+def test_make_them_agree(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + DIFFERING_LINK)
+    before = page.locator(HEADLINE).first.inner_text()
+    assert "normalized with" in before, before
+
+    show_tab(page, "Code")
+    page.get_by_role("button", name="Make them agree").click()
+    page.wait_for_url(lambda url: "keras_training=true" in url, timeout=RERUN_MS)
+    wait_for_app(page)
+
+    assert query(page.url)["keras_training"] == ["true"], page.url
+    headline = page.locator(HEADLINE).first.inner_text()
+    assert "differ only by rounding" in headline or "agree" in headline, headline
+    screenshot(page, "make_them_agree.png")
+
+
+def test_bad_link_warns(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + BAD_LINK)
+
+    warning = page.locator(WARNING)
+    assert warning.count() == 1, warning.all_inner_texts()
+    text = warning.inner_text()
+    for key in ("steps", "shape", "foo", "torch_eps"):
+        assert key in text, f"{key!r} not named in the warning:\n{text}"
+    # what was refused is out of the address bar too
+    assert not {"steps", "shape", "foo", "torch_eps"} & set(query(page.url)), page.url
+    screenshot(page, "bad_link.png")
+
+
+def test_preset_link_shows_pytorch_error(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + PRESET_LINK)
+
+    error = page.locator(ERROR)
+    assert error.count() >= 1, "no error box"
+    text = "\n".join(error.all_inner_texts())
+    assert "Expected more than 1 value per channel" in text, text
+    # the preset is expanded into the link
+    params = query(page.url)
+    assert params.get("shape") == ["1,8"] and params.get("keras_training") == ["true"], page.url
+    screenshot(page, "preset_one_sample.png")

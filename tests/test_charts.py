@@ -1,0 +1,71 @@
+"""Chart builders: pure functions from results to valid Vega-Lite, fed small data."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnexplore import charts
+from bnexplore.explain import explain
+from bnexplore.runner import compare
+from bnexplore.scenario import parse_link
+from bnexplore.sweep import run_sweep, values
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "?preset=seed",
+        "?preset=momentum-drift&steps=5",
+        "?preset=one-sample",
+        "?preset=keras2-vs-keras3",
+        "?preset=half-precision&dtype=bfloat16",
+        "?shape=600,300&input=normal&steps=250&torch_track_running_stats=false",
+    ],
+)
+def test_every_chart_builds_valid_vega_lite_from_small_data(link: str) -> None:
+    scenario, _ = parse_link(link)
+    comparison = compare(scenario)
+    tables = {
+        "histogram": charts.output_histogram(comparison),
+        "channels": charts.channel_output_stats(comparison),
+        "running": charts.running_statistics(comparison),
+        "history": charts.running_history(comparison),
+        "gaps": charts.step_gaps(comparison),
+        "heat": charts.gap_heatmap(comparison),
+        "explain": charts.explain_steps(explain(scenario)),
+    }
+    built = [
+        charts.output_distribution_chart(tables["histogram"]),
+        charts.channel_output_chart(tables["channels"], "output mean"),
+        charts.channel_output_chart(tables["channels"], "output std"),
+        charts.running_statistics_chart(tables["running"], "running mean"),
+        charts.history_chart(tables["history"], "running variance"),
+        charts.step_gap_chart(tables["gaps"]),
+        charts.gap_heatmap_chart(tables["heat"]),
+        charts.waterfall_chart(tables["explain"]),
+    ]
+    for chart in built:
+        spec = chart.to_dict()  # validates against the Vega-Lite schema
+        assert spec["autosize"]["type"] == "fit-x"  # the plot keeps its height in the app
+    # never millions of points: binned and sampled
+    assert len(tables["histogram"]) <= 60 * 3
+    assert len(tables["heat"]) <= charts.MAX_STEPS * charts.MAX_CHANNELS
+    assert len(tables["channels"]) <= 2 * 2 * charts.MAX_CHANNELS * 8
+
+
+def test_sweep_chart_and_table() -> None:
+    scenario, _ = parse_link(
+        "?shape=8,4&input=normal&sweep=keras_eps&sweep_from=1e-6"
+        "&sweep_to=0.01&sweep_scale=log&sweep_points=5"
+    )
+    points = run_sweep(scenario, "keras_eps", values(scenario))
+    table = charts.sweep_table(points, "keras_eps")
+    assert list(table["value"]) == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
+    charts.sweep_chart(table, "keras_eps", log_x=True).to_dict()
+
+
+def test_png_and_svg_render_offline() -> None:
+    scenario, _ = parse_link("?shape=8,4&input=normal")
+    chart = charts.output_distribution_chart(charts.output_histogram(compare(scenario)))
+    assert charts.to_png(chart)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert charts.to_svg(chart).lstrip().startswith("<svg")
