@@ -58,8 +58,10 @@ def scenario_values():
         return st.none() | floats if p.kind == "momentum" else floats
 
     return st.fixed_dictionaries({p.key: value(p) for p in PARAMS}).filter(
-        lambda v: v["low"] < v["high"]
-        and (v["sweep_scale"] == "linear" or min(v["sweep_from"], v["sweep_to"]) > 0)
+        lambda v: (
+            v["low"] < v["high"]
+            and (v["sweep_scale"] == "linear" or min(v["sweep_from"], v["sweep_to"]) > 0)
+        )
     )
 
 
