@@ -144,10 +144,10 @@ def running_statistics(comparison: Comparison) -> pd.DataFrame:
                         "engine": engine,
                         "source": source,
                         "statistic": statistic,
-                        "channel": c,
-                        "value": float(v),
+                        "channel": int(c),
+                        "value": float(values[c]),
                     }
-                    for c, v in enumerate(values)
+                    for c in _sample(len(values), MAX_CHANNELS)
                 ]
     return pd.DataFrame(rows, columns=["engine", "source", "statistic", "channel", "value"])
 
@@ -251,10 +251,12 @@ def waterfall_chart(steps: pd.DataFrame) -> alt.Chart:
 
 # --- per channel, per step, per sweep point ---------------------------------------------
 
-MAX_CHANNELS = 64
-"""Channels drawn per-channel at most; more are sampled evenly (first and last kept)."""
-MAX_STEPS = 200
-"""Steps drawn in the heatmap at most; more are sampled evenly."""
+MAX_CHANNELS = 512
+"""Channels drawn on a per-channel line at most; more are sampled evenly (ends kept)."""
+MAX_STEPS = 400
+"""Passes drawn on a per-pass line at most; more are sampled evenly (ends kept)."""
+HEATMAP_CHANNELS, HEATMAP_STEPS = 64, 60
+"""Cells of the channel × pass heatmap at most: 3840, under Altair's 5000-row limit."""
 
 
 def _sample(count: int, limit: int) -> np.ndarray:
@@ -273,7 +275,7 @@ def channel_output_stats(comparison: Comparison) -> pd.DataFrame:
         axes = tuple(i for i in range(x.ndim) if i != 1)
         with np.errstate(all="ignore"):
             stats = {"output mean": x.mean(axis=axes), "output std": x.std(axis=axes)}
-        channels = _sample(x.shape[1], MAX_CHANNELS * 8)
+        channels = _sample(x.shape[1], MAX_CHANNELS)
         for statistic, values in stats.items():
             rows += [
                 {
@@ -333,10 +335,10 @@ def running_history(comparison: Comparison) -> pd.DataFrame:
                         "engine": engine,
                         "source": source,
                         "statistic": label,
-                        "step": int(k),
-                        "value": float(v),
+                        "step": int(r.history["step"][i]),
+                        "value": float(values[i]),
                     }
-                    for k, v in zip(r.history["step"], values, strict=True)
+                    for i in _sample(len(values), MAX_STEPS)
                 ]
     return pd.DataFrame(rows, columns=["engine", "source", "statistic", "step", "value"])
 
@@ -413,7 +415,10 @@ def step_gaps(comparison: Comparison) -> pd.DataFrame:
                         "gap": float(g),
                         "tolerance": float(t),
                     }
-                    for k, g, t in zip(shared, gap, tol, strict=True)
+                    for k, g, t in zip(
+                        *(v[_sample(len(shared), MAX_STEPS)] for v in (shared, gap, tol)),
+                        strict=True,
+                    )
                 ]
     return pd.DataFrame(rows, columns=["pair", "statistic", "step", "gap", "tolerance"])
 
@@ -474,8 +479,8 @@ def gap_heatmap(comparison: Comparison) -> pd.DataFrame:
     ha, hb = comparison.results[names[0]].history, comparison.results[names[1]].history
     shared, ia, ib = np.intersect1d(ha["step"], hb["step"], return_indices=True)
     gap = ha["running_var"][ia] - hb["running_var"][ib]
-    steps = _sample(len(shared), MAX_STEPS)
-    channels = _sample(gap.shape[1], MAX_CHANNELS)
+    steps = _sample(len(shared), HEATMAP_STEPS)
+    channels = _sample(gap.shape[1], HEATMAP_CHANNELS)
     return pd.DataFrame(
         [
             {"step": int(shared[i]), "channel": int(c), "gap": float(gap[i, c])}

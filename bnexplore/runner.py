@@ -13,7 +13,7 @@ import numpy as np
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
-from bnexplore.metrics import Divergence, OutputStats
+from bnexplore.metrics import Divergence, output_summary
 from bnexplore.scenario import Scenario, parse_link
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def engine_document(r: EngineResult) -> dict:
         "device_note": r.device_note,
         "detail": r.detail,
         "error": r.error,
-        "output": None if r.output is None else OutputStats.of(r.output).to_dict(),
+        "output": None if r.output is None else output_summary(r.output),
         "running_mean": _floats(r.running_mean),
         "running_var": _floats(r.running_var),
     }

@@ -9,8 +9,10 @@ scenario, and prints the same output statistics as ``bnexplore.run`` as JSON:
 
 from __future__ import annotations
 
+import inspect
 import json
 
+from bnexplore.metrics import output_summary
 from bnexplore.scenario import Scenario
 
 _HEADER = '''"""bnexplore reproducer for {link}
@@ -60,27 +62,16 @@ def batches():
         yield batch.astype(dtype, copy=False)
 
 
-def finite_or_none(x):
-    return float(x) if math.isfinite(x) else None
-
+{output_summary}
 
 def summary(output, running_mean, running_var):
-    x = np.asarray(output, dtype=np.float64)
-    with np.errstate(all="ignore"):
-        stats = {{
-            "mean": finite_or_none(x.mean()),
-            "std": finite_or_none(x.std()),
-            "min": finite_or_none(x.min()),
-            "max": finite_or_none(x.max()),
-            "nonfinite": int(x.size - np.count_nonzero(np.isfinite(x))),
-        }}
-
     def floats(a):
         if a is None:
             return None
-        return [finite_or_none(v) for v in np.asarray(a, dtype=np.float64)]
+        return [float(v) if math.isfinite(v) else None
+                for v in np.asarray(a, dtype=np.float64)]
 
-    return {{"output": stats, "running_mean": floats(running_mean),
+    return {{"output": output_summary(output), "running_mean": floats(running_mean),
              "running_var": floats(running_var)}}
 
 
@@ -166,8 +157,8 @@ def run_keras(layer, prefix, initial_state=None):
             x = tf.convert_to_tensor(np.moveaxis(batch, 1, -1))
             training = True if k < STEPS else TRAINING[S[prefix + "_training"]]
             output = layer(x) if training is None else layer(x, training=training)
-    return summary(np.moveaxis(output.numpy(), -1, 1), layer.moving_mean.numpy(),
-                   layer.moving_variance.numpy())
+    channels_first = np.ascontiguousarray(np.moveaxis(output.numpy(), -1, 1))
+    return summary(channels_first, layer.moving_mean.numpy(), layer.moving_variance.numpy())
 '''
 
 _KERAS3 = """
@@ -232,6 +223,7 @@ def reproducer(scenario: Scenario) -> str:
     needs_torch = "torch" in engines or ("keras" in engines and scenario["keras_init"] != "fresh")
     parts = [
         _HEADER.format(
+            output_summary=inspect.getsource(output_summary),
             link=scenario.link,
             scenario=json.dumps(scenario.to_dict()),
             keras2_note=", tf_keras (Keras 2)" if "keras2" in engines else "",

@@ -43,7 +43,7 @@ def opened() -> AppTest:
 def test_app_opens_from_a_link_with_widgets_showing_its_values(opened: AppTest) -> None:
     w = widget_values(opened)
     assert w["w_shape"] == "6,4,5"
-    assert w["w_input"] == "normal"
+    assert w["w_input"] == "normal"  # a select box: four kinds
     assert w["w_mean"] == 0.5
     assert w["w_steps"] == 3
     assert w["w_torch_mode"] == "eval"
@@ -77,7 +77,7 @@ def test_changing_a_widget_updates_the_link() -> None:
     at.sidebar.number_input(key="w_steps").set_value(7).run()
     assert not at.exception
     assert at.query_params == {"v": "1", "shape": "4,3", "steps": "7"}
-    at.sidebar.radio(key="w_input").set_value("uniform").run()
+    at.sidebar.selectbox(key="w_input").set_value("uniform").run()
     assert at.query_params["input"] == "uniform"
     assert at.sidebar.number_input(key="w_high").value == 1.0
 

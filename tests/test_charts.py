@@ -19,7 +19,7 @@ from bnexplore.sweep import run_sweep, values
         "?preset=one-sample",
         "?preset=keras2-vs-keras3",
         "?preset=half-precision&dtype=bfloat16",
-        "?shape=600,300&input=normal&steps=250&torch_track_running_stats=false",
+        "?shape=2,900&input=normal&steps=401&keras_training=true&engines=torch,keras,keras2",
     ],
 )
 def test_every_chart_builds_valid_vega_lite_from_small_data(link: str) -> None:
@@ -47,10 +47,12 @@ def test_every_chart_builds_valid_vega_lite_from_small_data(link: str) -> None:
     for chart in built:
         spec = chart.to_dict()  # validates against the Vega-Lite schema
         assert spec["autosize"]["type"] == "fit-x"  # the plot keeps its height in the app
-    # never millions of points: binned and sampled
+    # never millions of points: binned and sampled, each chart under Altair's 5000 rows
     assert len(tables["histogram"]) <= 60 * 3
-    assert len(tables["heat"]) <= charts.MAX_STEPS * charts.MAX_CHANNELS
-    assert len(tables["channels"]) <= 2 * 2 * charts.MAX_CHANNELS * 8
+    assert len(tables["heat"]) <= charts.HEATMAP_STEPS * charts.HEATMAP_CHANNELS < 5000
+    engines = len(scenario["engines"])
+    assert len(tables["channels"]) <= engines * 2 * charts.MAX_CHANNELS
+    assert len(tables["history"]) <= engines * 2 * 2 * charts.MAX_STEPS
 
 
 def test_sweep_chart_and_table() -> None:

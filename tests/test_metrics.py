@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnexplore.metrics import TOLERANCES, Divergence, OutputStats
+from bnexplore.metrics import TOLERANCES, Divergence, output_summary
 from bnexplore.runner import strict_json
 
 TORCH_DTYPES = {
@@ -68,11 +68,35 @@ def test_max_rel_is_undefined_when_both_are_zero_everywhere() -> None:
     assert d.max_rel is None and d.max_abs == 0.0 and d.allclose is True
 
 
-def test_output_stats_in_float64_with_nan_reported() -> None:
-    s = OutputStats.of(np.array([1.0, 3.0], dtype=np.float32))
-    assert (s.mean, s.std, s.min, s.max, s.nonfinite) == (2.0, 1.0, 1.0, 3.0, 0)
-    s = OutputStats.of(np.array([1.0, np.nan, np.inf]))
-    assert s.mean is None and s.nonfinite == 2
+def test_output_summary_in_float64_with_nan_reported() -> None:
+    s = output_summary(np.array([1.0, 3.0], dtype=np.float32))
+    assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "nonfinite": 0}
+    s = output_summary(np.array([1.0, np.nan, np.inf]))
+    assert s["mean"] is None and s["min"] is None and s["nonfinite"] == 2
+    s = output_summary(np.array([1.0, np.inf]))
+    assert s["max"] is None and s["min"] == 1.0 and s["nonfinite"] == 1
+
+
+def test_chunked_figures_equal_whole_array_numpy_on_large_arrays() -> None:
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((3, 5, 400, 401)) * 3 + 1).astype(np.float32)  # > 2**21 values
+    b = (a + rng.standard_normal(a.shape).astype(np.float32) * 1e-3).astype(np.float32)
+    s = output_summary(a)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    for key, want in (
+        ("mean", a64.mean()),
+        ("std", a64.std()),
+        ("min", a64.min()),
+        ("max", a64.max()),
+    ):
+        assert s[key] == pytest.approx(want, rel=1e-12, abs=1e-12), key
+    d = Divergence.between("a", "b", a, b, "float32")
+    diff = np.abs(a64 - b64)
+    assert d.max_abs == diff.max()
+    assert d.mean_abs == pytest.approx(diff.mean(), rel=1e-12)
+    assert d.rmse == pytest.approx(np.sqrt(np.square(diff).mean()), rel=1e-12)
+    assert d.max_rel == pytest.approx((diff / np.maximum(np.abs(a64), np.abs(b64))).max())
+    assert d.allclose is False
 
 
 def test_strict_json_has_no_nan_or_infinity() -> None:

@@ -65,7 +65,7 @@ def test_one_value_per_channel_is_a_result_not_a_crash() -> None:
     assert torch["output"] is None
     assert doc["engines"]["keras"]["output"]["max"] == pytest.approx(1 / math.sqrt(1.001))
     assert doc["divergence"][0]["allclose"] is None
-    assert "torch has no output" in doc["divergence"][0]["reason"]
+    assert "PyTorch raised an error" in doc["divergence"][0]["reason"]
 
 
 def test_keras_trainable_false_forces_inference_even_when_training() -> None:
