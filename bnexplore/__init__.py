@@ -6,5 +6,6 @@ framework and returns the document the app and the CLI show.
 
 from bnexplore.runner import compare, run
 from bnexplore.scenario import Scenario, parse_link
+from bnexplore.sweep import sweep_link as sweep_run
 
-__all__ = ["Scenario", "compare", "parse_link", "run"]
+__all__ = ["Scenario", "compare", "parse_link", "run", "sweep_run"]

@@ -8,7 +8,6 @@ import logging
 import sys
 from urllib.parse import quote
 
-from bnexplore import sweep
 from bnexplore.docs import link_reference
 from bnexplore.engines import LABELS
 from bnexplore.params import MAX_SWEEP_POINTS, SWEEPABLE
@@ -16,6 +15,7 @@ from bnexplore.presets import PRESETS
 from bnexplore.runner import run
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
+from bnexplore.sweep import sweep_link
 
 
 def link_of(preset: str | None, link: str | None) -> str:
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument(
         "--explain", action="store_true", help="attribute the first pair's gap to its causes"
     )
+    run_cmd.add_argument(
+        "--reference", action="store_true", help="add each engine's float64 reference"
+    )
     script_cmd = commands.add_parser("script", help="print a standalone reproducer script")
     script_cmd.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario")
     script_cmd.add_argument("--link", help="an app URL or its query string")
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cmd.add_argument("--param", choices=SWEEPABLE, help="default: the link's sweep")
     sweep_cmd.add_argument("--values", help="comma-separated; default: the link's sweep range")
     sweep_cmd.add_argument("--json", action="store_true", help="print the JSON document")
+    bench_cmd = commands.add_parser("bench", help="time bnexplore against bare framework calls")
+    bench_cmd.add_argument("--repeat", type=int, default=5, help="warm runs per scenario")
+    bench_cmd.add_argument("--quick", action="store_true", help="the seed only, once")
+    bench_cmd.add_argument("--no-browser", action="store_true", help="skip the browser timing")
+    bench_cmd.add_argument("--json", action="store_true", help="print the JSON document")
     commands.add_parser("docs", help="print the README's link reference table")
     args = parser.parse_args(argv)
     if args.command == "docs":
@@ -117,18 +125,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "sweep":
         return _sweep(parser, args)
-    doc = run(link_of(args.preset, args.link), explain=args.explain)
+    if args.command == "bench":
+        return _bench(args)
+    doc = run(link_of(args.preset, args.link), reference=args.reference, explain=args.explain)
     print(json.dumps(doc, indent=2, allow_nan=False) if args.json else table(doc))
     return 0
 
 
 def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    scenario, notices = parse_link(link_of(args.preset, args.link))
-    for notice in notices:
+    link = link_of(args.preset, args.link)
+    for notice in parse_link(link)[1]:
         print(f"notice: {notice}", file=sys.stderr)
-    key = args.param or scenario["sweep"]
-    if key == "none":
-        parser.error("sweep: give --param, or a link with sweep=KEY")
+    points = None
     if args.values:
         try:
             points = [float(v) for v in args.values.split(",") if v.strip()]
@@ -136,23 +144,35 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"--values: {args.values!r} is not a comma-separated list of numbers")
         if not points or len(points) > MAX_SWEEP_POINTS:
             parser.error(f"--values: give 1 to {MAX_SWEEP_POINTS} values")
-    else:
-        points = sweep.values(scenario.replace(sweep=key))
+    if not args.param and parse_link(link)[0]["sweep"] == "none":
+        parser.error("sweep: give --param, or a link with sweep=KEY")
 
     def report(done: float, text: str) -> None:
         print(f"[{done:4.0%}] {text}", file=sys.stderr, flush=True)
 
-    results = sweep.run_sweep(scenario, key, points, report)
-    doc = sweep.sweep_document(scenario, key, results)
+    doc = sweep_link(link, args.param, points, report)
     if args.json:
         print(json.dumps(doc, indent=2, allow_nan=False))
         return 0
-    print(f"link: {doc['link']}\nsweep: {key}")
+    print(f"link: {doc['link']}\nsweep: {doc['param']}")
     for point in doc["points"]:
         gaps = "  ".join(
             f"{d['a']}–{d['b']} max|Δ| {_num(d['max_abs'])}" for d in point["divergence"]
         )
-        print(f"{key} = {point['value']:<12g} {gaps}")
+        print(f"{doc['param']} = {point['value']:<12g} {gaps}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bnexplore.bench import bench, table
+
+    result = bench(
+        args.repeat,
+        args.quick,
+        not args.no_browser,
+        report=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 
 

@@ -78,6 +78,114 @@ def _within(
     return bool(np.all(diff <= atol + rtol * abs_expected))
 
 
+CHUNK = 1 << 17
+"""Elements widened to float64 at a time: a chunk stays in cache, no whole-array copies."""
+
+
+class _Summary:
+    """output_summary's accumulation, fed float64 chunks (bit for bit the same figures)."""
+
+    def __init__(self, flat: np.ndarray) -> None:
+        self.flat = flat
+        first = float(flat[0])
+        self.shift = first if math.isfinite(first) else 0.0
+        self.total = self.squares = 0.0
+
+    def add(self, part: np.ndarray) -> None:
+        shifted = part - self.shift
+        self.total += float(shifted.sum())
+        self.squares += float(np.dot(shifted, shifted))
+
+    def result(self) -> dict:
+        flat, n = self.flat, self.flat.size
+        total, squares = self.total, self.squares
+        low, high = float(flat.min()), float(flat.max())
+        nonfinite = (
+            0 if math.isfinite(total + squares) else int(n - np.count_nonzero(np.isfinite(flat)))
+        )
+        mean = self.shift + total / n
+        variance = max(squares - total * total / n, 0.0) / n
+        return {
+            "mean": _finite_or_none(mean),
+            "std": _finite_or_none(math.sqrt(variance)) if math.isfinite(variance) else None,
+            "min": _finite_or_none(low),
+            "max": _finite_or_none(high),
+            "nonfinite": nonfinite,
+        }
+
+
+class _Gap:
+    """Divergence figures accumulated over float64 chunks of (expected, actual)."""
+
+    def __init__(self, size: int, rtol: float, atol: float) -> None:
+        self.size, self.rtol, self.atol = size, rtol, atol
+        self.worst = self.worst_rel = np.float64(-np.inf)  # numpy maxima: a NaN propagates
+        self.total = self.squares = 0.0
+        self.close, self.any_nonzero = True, False
+
+    def add(self, e: np.ndarray, x: np.ndarray) -> None:
+        diff = np.subtract(e, x)
+        np.abs(diff, out=diff)
+        part_sum = float(diff.sum())
+        if not math.isfinite(part_sum):
+            diff[np.isinf(e) & (e == x)] = 0.0  # equal infinities are equal
+            part_sum = float(diff.sum())
+        part_max = diff.max()
+        self.worst = np.maximum(self.worst, part_max)
+        self.total += part_sum
+        self.squares += float(np.dot(diff, diff))
+        abs_e = np.abs(e)
+        self.close = self.close and _within(diff, float(part_max), abs_e, self.rtol, self.atol)
+        scale = np.maximum(abs_e, np.abs(x), out=abs_e)
+        if scale.max() > 0 or np.isnan(scale).any():
+            self.any_nonzero = True
+            scale[scale == 0] = 1.0  # both zero: diff is 0 there, so is its ratio
+            self.worst_rel = np.maximum(self.worst_rel, np.divide(diff, scale, out=scale).max())
+
+    def result(self, a: str, b: str) -> Divergence:
+        n = self.size
+        squares = self.squares
+        return Divergence(
+            a=a,
+            b=b,
+            max_abs=_finite_or_none(self.worst),
+            mean_abs=_finite_or_none(self.total / n),
+            rmse=_finite_or_none(math.sqrt(squares / n) if math.isfinite(squares) else math.nan),
+            max_rel=_finite_or_none(self.worst_rel) if self.any_nonzero else None,
+            allclose=self.close,
+            rtol=self.rtol,
+            atol=self.atol,
+        )
+
+
+def measure(
+    outputs: dict[str, np.ndarray], pairs: list[tuple[str, str]], dtype: str
+) -> tuple[dict[str, dict], list[Divergence]]:
+    """Every output's summary and every pair's divergence in one pass over the outputs.
+
+    Each chunk of each output is widened to float64 once and feeds all figures
+    it takes part in; the first of a pair is the expected side.
+    """
+    rtol, atol = TOLERANCES[dtype]
+    flats = {name: np.ascontiguousarray(out).reshape(-1) for name, out in outputs.items()}
+    summaries = {name: _Summary(flat) for name, flat in flats.items()}
+    size = next(iter(flats.values())).size if flats else 0
+    gaps = {pair: _Gap(size, rtol, atol) for pair in pairs}
+    with np.errstate(all="ignore"):
+        for start in range(0, size, CHUNK):
+            parts = {
+                name: flat[start : start + CHUNK].astype(np.float64) for name, flat in flats.items()
+            }
+            for name, summary in summaries.items():
+                summary.add(parts[name])
+            for (a, b), gap in gaps.items():
+                gap.add(parts[a], parts[b])
+        return (
+            {name: summary.result() for name, summary in summaries.items()},
+            [gap.result(a, b) for (a, b), gap in gaps.items()],
+        )
+
+
 @dataclass(frozen=True)
 class Divergence:
     """How far output b is from output a, elementwise.
@@ -102,47 +210,23 @@ class Divergence:
     def between(
         cls, a: str, b: str, expected: np.ndarray, actual: np.ndarray, dtype: str
     ) -> Divergence:
-        """Elementwise in float64, 2**17 elements at a time (no whole-array copies)."""
-        rtol, atol = TOLERANCES[dtype]
-        e_flat = np.ascontiguousarray(expected).reshape(-1)
-        x_flat = np.ascontiguousarray(actual).reshape(-1)
-        chunk = 1 << 17
-        worst = worst_rel = np.float64(-np.inf)  # numpy maxima: a NaN propagates
-        total = squares = 0.0
-        close, any_nonzero = True, False
-        with np.errstate(all="ignore"):
-            for start in range(0, e_flat.size, chunk):
-                e = e_flat[start : start + chunk].astype(np.float64)
-                x = x_flat[start : start + chunk].astype(np.float64)
-                diff = np.subtract(e, x)
-                np.abs(diff, out=diff)
-                part_sum = float(diff.sum())
-                if not math.isfinite(part_sum):
-                    diff[np.isinf(e) & (e == x)] = 0.0  # equal infinities are equal
-                    part_sum = float(diff.sum())
-                part_max = diff.max()
-                worst = np.maximum(worst, part_max)
-                total += part_sum
-                squares += float(np.dot(diff, diff))
-                np.abs(e, out=e)
-                np.abs(x, out=x)
-                close = close and _within(diff, float(part_max), e, rtol, atol)
-                scale = np.maximum(e, x, out=x)
-                if scale.max() > 0 or np.isnan(scale).any():
-                    any_nonzero = True
-                    scale[scale == 0] = 1.0  # both zero: diff is 0 there, so is its ratio
-                    worst_rel = np.maximum(worst_rel, np.divide(diff, scale, out=scale).max())
-        n = e_flat.size
-        return cls(
-            a=a,
-            b=b,
-            max_abs=_finite_or_none(worst),
-            mean_abs=_finite_or_none(total / n),
-            rmse=_finite_or_none(math.sqrt(squares / n) if math.isfinite(squares) else math.nan),
-            max_rel=_finite_or_none(worst_rel) if any_nonzero else None,
-            allclose=close,
-            rtol=rtol,
-            atol=atol,
+        """Elementwise in float64, a chunk at a time (no whole-array copies)."""
+        return measure({"expected": expected, "actual": actual}, [("expected", "actual")], dtype)[
+            1
+        ][0].renamed(a, b)
+
+    def renamed(self, a: str, b: str) -> Divergence:
+        return Divergence(
+            a,
+            b,
+            self.max_abs,
+            self.mean_abs,
+            self.rmse,
+            self.max_rel,
+            self.allclose,
+            self.rtol,
+            self.atol,
+            self.reason,
         )
 
     @classmethod

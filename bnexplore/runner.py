@@ -7,13 +7,15 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
+from bnexplore import memory
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
-from bnexplore.metrics import Divergence, output_summary
+from bnexplore.metrics import Divergence, measure, output_summary
 from bnexplore.scenario import Scenario, parse_link
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,25 @@ class Comparison:
     results: dict[str, EngineResult]
     references: dict[str, EngineResult] = field(default_factory=dict)
 
+    @cached_property
+    def _measured(self) -> tuple[dict[str, dict], dict[tuple[str, str], Divergence]]:
+        """Output summaries and pair divergences, measured once in one pass."""
+        outputs = {n: r.output for n, r in self.results.items() if r.output is not None}
+        pairs = [p for p in itertools.combinations(self.results, 2) if set(p) <= set(outputs)]
+        summaries, gaps = measure(outputs, pairs, self.scenario["dtype"])
+        return summaries, dict(zip(pairs, gaps, strict=True))
+
+    @property
+    def summaries(self) -> dict[str, dict]:
+        """Each engine's output summary (see bnexplore.metrics.output_summary)."""
+        return self._measured[0]
+
     @property
     def divergence(self) -> list[Divergence]:
-        """Each pair of engines, in ENGINES order (the first is the expected side)."""
+        """Each pair of engines, in the scenario's order (the first is the expected side)."""
+        gaps = self._measured[1]
         return [
-            self._diverge(self.results[a], self.results[b])
+            gaps.get((a, b)) or self._diverge(self.results[a], self.results[b])
             for a, b in itertools.combinations(self.results, 2)
         ]
 
@@ -57,12 +73,20 @@ class Comparison:
             "link": self.scenario.link,
             "scenario": self.scenario.to_dict(),
             "notices": list(self.notices),
-            "engines": {name: engine_document(r) for name, r in self.results.items()},
+            "engines": {
+                name: engine_document(r, self.summaries.get(name))
+                for name, r in self.results.items()
+            },
             "divergence": [d.to_dict() for d in self.divergence],
         }
         if self.references:
             doc["reference"] = {
-                name: {**engine_document(ref), "vs_engine": _to_dict(self.reference_gap(name))}
+                name: {
+                    **engine_document(
+                        ref, None if ref.output is None else output_summary(ref.output)
+                    ),
+                    "vs_engine": _to_dict(self.reference_gap(name)),
+                }
                 for name, ref in self.references.items()
             }
         return strict_json(doc)
@@ -72,8 +96,8 @@ def _to_dict(d: Divergence | None) -> dict | None:
     return None if d is None else d.to_dict()
 
 
-def engine_document(r: EngineResult) -> dict:
-    """One engine's entry: E in the README's document format."""
+def engine_document(r: EngineResult, summary: dict | None) -> dict:
+    """One engine's entry: E in the README's document format (summary: of its output)."""
     if not r.available:
         return {"available": False, "reason": r.reason, "version": r.version}
     return {
@@ -83,7 +107,7 @@ def engine_document(r: EngineResult) -> dict:
         "device_note": r.device_note,
         "detail": r.detail,
         "error": r.error,
-        "output": None if r.output is None else output_summary(r.output),
+        "output": summary,
         "running_mean": _floats(r.running_mean),
         "running_var": _floats(r.running_var),
     }
@@ -130,8 +154,26 @@ def compare(
     lock step, so each batch is made once. Where Keras 3 starts from a port,
     PyTorch's state is taken after the training passes, just before the measured
     one (from a PyTorch layer run for the purpose if torch is not compared).
+    The memory guard runs first: a scenario whose estimate exceeds the limit is
+    refused before anything is allocated, or run without its references where
+    those alone would pass it (a notice says so).
     """
     names = scenario["engines"]
+    notices = list(notices)
+    need, most = memory.estimate(scenario, reference), memory.limit()
+    if need > most and reference and memory.estimate(scenario, False) <= most:
+        notices.append(
+            f"reference: the float64 reference engine would bring the need to about "
+            f"{memory.words(need)}, over the memory limit of {memory.words(most)}; skipped"
+        )
+        reference, need = False, memory.estimate(scenario, False)
+    if need > most:
+        why = (
+            f"refused before allocating: this scenario needs about {memory.words(need)}, "
+            f"over the memory limit of {memory.words(most)} (BNEXPLORE_MEMORY_LIMIT)"
+        )
+        refused = {name: EngineResult(name, available=False, reason=why) for name in names}
+        return Comparison(scenario, (*notices, why), refused, {})
     done: dict[str, EngineResult] = {}
     lanes: dict[str, Session] = {}
     for name in names:
@@ -195,10 +237,12 @@ def run_engine(name: str, scenario: Scenario) -> EngineResult:
     return compare(scenario.replace(engines=(name,)), reference=False).results[name]
 
 
-def run(link: str = "", reference: bool = True, explain: bool = False) -> dict:
+def run(link: str = "", reference: bool = False, explain: bool = False) -> dict:
     """Run the scenario a link describes and return the document (strict JSON).
 
     ``link`` is a full URL of the app or only its query string (``?a=1&b=2``).
+    With ``reference``, the document's "reference" holds each engine's float64
+    reference and its gap from it (the app always shows them).
     With ``explain``, the document's "explain" lists the first pair's gap
     cause by cause (see bnexplore.explain), each step re-run for real.
     """

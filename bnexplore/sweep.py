@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnexplore.params import BY_KEY, DEFAULTS, SWEEP_KEYS
+from bnexplore.params import BY_KEY, DEFAULTS, SWEEP_KEYS, SWEEPABLE
 from bnexplore.runner import Report, compare, strict_json
 from bnexplore.scenario import Scenario, format_value, scenario_from_values
 
@@ -115,3 +115,20 @@ def sweep_document(scenario: Scenario, key: str, points: list[SweepPoint]) -> di
     return strict_json(
         {"link": scenario.link, "param": key, "points": [p.to_dict() for p in points]}
     )
+
+
+def sweep_link(
+    link: str,
+    param: str | None = None,
+    points: Sequence[float] | None = None,
+    report: Report | None = None,
+) -> dict:
+    """The sweep a link describes (or ``param`` over ``points``), as its JSON document."""
+    from bnexplore.scenario import parse_link
+
+    scenario, _ = parse_link(link)
+    key = param or scenario["sweep"]
+    if key not in SWEEPABLE:
+        raise ValueError(f"sweep: {key!r} is not one of {', '.join(SWEEPABLE)}")
+    chosen = list(points) if points is not None else values(scenario.replace(sweep=key))
+    return sweep_document(scenario, key, run_sweep(scenario, key, chosen, report))

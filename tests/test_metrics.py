@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnexplore.metrics import TOLERANCES, Divergence, output_summary
+from bnexplore.metrics import TOLERANCES, Divergence, measure, output_summary
 from bnexplore.runner import strict_json
 
 TORCH_DTYPES = {
@@ -102,3 +102,14 @@ def test_chunked_figures_equal_whole_array_numpy_on_large_arrays() -> None:
 def test_strict_json_has_no_nan_or_infinity() -> None:
     doc = strict_json({"a": [1.0, math.nan, {"b": math.inf}], "c": (2, -math.inf)})
     assert json.dumps(doc, allow_nan=False) == '{"a": [1.0, null, {"b": null}], "c": [2, null]}'
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_one_pass_measure_gives_output_summary_bit_for_bit(dtype: str) -> None:
+    """Reproducer scripts embed output_summary; the app's one-pass figures must equal it."""
+    rng = np.random.default_rng(11)
+    a = (rng.standard_normal((7, 3, 211, 300)) * 2 + 5).astype(dtype)
+    b = (a + rng.standard_normal(a.shape) * 1e-2).astype(dtype)
+    summaries, (gap,) = measure({"a": a, "b": b}, [("a", "b")], dtype)
+    assert summaries == {"a": output_summary(a), "b": output_summary(b)}
+    assert gap == Divergence.between("a", "b", a, b, dtype)

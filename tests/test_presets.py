@@ -22,7 +22,9 @@ def approx32(x: float):
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict]:
-    return {name: bnexplore.run(f"?preset={name}", explain=True) for name in PRESETS}
+    return {
+        name: bnexplore.run(f"?preset={name}", reference=True, explain=True) for name in PRESETS
+    }
 
 
 def engines(doc: dict) -> dict:

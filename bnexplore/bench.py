@@ -1,0 +1,295 @@
+"""The benchmark: bnexplore's own cost against the bare framework calls doing the same work.
+
+``python -m bnexplore bench [--json] [--repeat N] [--quick] [--no-browser]``
+
+For each scenario, in one process and warm: (a) ``bnexplore.run(link)`` and
+(b) the minimal PyTorch + Keras code that makes the same batches and runs the
+same passes (written here, below), medians of ``repeat`` runs, and the ratio
+(a)/(b). Then: a cached link answered by the app's cache; cold start, from
+process start to the first result, with the framework imports timed apart;
+``streamlit run`` to the first chart drawn in Chromium (where Debian's
+chromium and Playwright exist); and the peak memory of this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SCENARIOS = (
+    ("seed", "?v=1"),
+    ("10 random steps", "?input=normal&steps=10"),
+    ("large tensor (32×256×56×56)", "?shape=32,256,56,56&input=normal"),
+)
+SWEEP = (
+    "50-point sweep (seed's shape)",
+    "?sweep=keras_momentum&sweep_from=0.5&sweep_to=0.999&sweep_points=50",
+)
+TARGETS = {"ratio": 1.2, "cached_ms": 50.0, "cold_start_s": 6.0, "sweep_s": 10.0}
+
+
+def _median_seconds(work: Callable[[], object], repeat: int) -> float:
+    work()  # warm: layers, kernels and caches as a second visitor finds them
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bare_calls(link: str) -> Callable[[], None]:
+    """The minimal PyTorch + Keras 3 code doing the scenario's work, outputs to the host.
+
+    Only the default engines (torch, keras), fresh layers, the scenario's own
+    batches drawn once; no statistics, no comparison, no bookkeeping.
+    """
+    import keras
+    import tensorflow as tf
+    import torch
+
+    from bnexplore.scenario import parse_link
+
+    s, _ = parse_link(link)
+    shape, steps = s.shape, s["steps"]
+    modules = {
+        2: torch.nn.BatchNorm1d,
+        3: torch.nn.BatchNorm1d,
+        4: torch.nn.BatchNorm2d,
+        5: torch.nn.BatchNorm3d,
+    }
+    training = {"none": None, "true": True, "false": False}[s["keras_training"]]
+
+    def work() -> None:
+        rng = np.random.default_rng(s["seed"])
+        bn = modules[len(shape)](shape[1], eps=s["torch_eps"], momentum=s["torch_momentum"])
+        layer = keras.layers.BatchNormalization(
+            momentum=s["keras_momentum"], epsilon=s["keras_eps"], dtype=s["dtype"]
+        )
+        for k in range(steps + 1):
+            if s["input"] == "normal":
+                x = (rng.standard_normal(shape) * s["std"] + s["mean"]).astype(s["dtype"])
+            else:
+                x = np.ones(shape, dtype=s["dtype"])
+            bn.train(k < steps or s["torch_mode"] == "train")
+            with torch.no_grad():
+                torch_out = bn(torch.from_numpy(x))
+            x_last = tf.convert_to_tensor(np.moveaxis(x, 1, -1))
+            mode = True if k < steps else training
+            keras_out = layer(x_last) if mode is None else layer(x_last, training=mode)
+        torch_out.numpy(), keras_out.numpy()
+
+    return work
+
+
+def _bare_sweep(link: str) -> Callable[[], None]:
+    from bnexplore import sweep
+    from bnexplore.scenario import parse_link
+
+    scenario, _ = parse_link(link)
+    points = [sweep.at(scenario, scenario["sweep"], v)[0].link for v in sweep.values(scenario)]
+    works = [bare_calls(point) for point in points]
+    return lambda: [work() for work in works]
+
+
+def _cold_start() -> dict:
+    code = (
+        "import json, time; t0 = time.perf_counter()\n"
+        "import torch; t1 = time.perf_counter()\n"
+        "import tensorflow, keras; t2 = time.perf_counter()\n"
+        "import bnexplore; bnexplore.run('?v=1'); t3 = time.perf_counter()\n"
+        "print(json.dumps({'torch_import_s': t1 - t0, 'tensorflow_import_s': t2 - t1,"
+        " 'first_run_s': t3 - t2}))\n"
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
+    return {
+        "process_to_first_result_s": time.perf_counter() - start,
+        **json.loads(done.stdout.strip().splitlines()[-1]),
+    }
+
+
+def _browser_first_chart() -> dict:
+    """``streamlit run app.py`` to the first chart drawn in headless Chromium."""
+    chromium = "/usr/bin/chromium"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return {"skipped": "Playwright is not installed"}
+    if not Path(chromium).exists():
+        return {"skipped": "Debian's chromium is not installed"}
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).parents[1]
+    start = time.perf_counter()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=chromium,
+                headless=True,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
+            page = browser.new_page()
+            deadline = time.time() + 180
+            while True:
+                try:
+                    page.goto(f"http://127.0.0.1:{port}/?v=1", timeout=5000)
+                    break
+                except Exception:  # the server is still starting
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+            page.wait_for_selector(
+                "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg",
+                timeout=180_000,
+            )
+            seconds = time.perf_counter() - start
+            browser.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    return {"streamlit_run_to_first_chart_s": seconds}
+
+
+def bench(
+    repeat: int = 5,
+    quick: bool = False,
+    browser: bool = True,
+    report: Callable[[str], None] = lambda text: None,
+) -> dict:
+    """Run the benchmark; the result is the JSON document ``bench --json`` prints."""
+    import bnexplore
+    from bnexplore.engines import load
+    from bnexplore.scenario import parse_link
+    from bnexplore.view import ViewCache
+
+    load("torch"), load("keras")
+    rows = []
+    scenarios = SCENARIOS[:1] if quick else (*SCENARIOS, SWEEP)
+    for name, link in scenarios:
+        report(f"bench: {name}")
+        is_sweep = "sweep=" in link
+        ours = _median_seconds(
+            (lambda link=link: bnexplore.sweep_run(link))
+            if is_sweep
+            else (lambda link=link: bnexplore.run(link)),
+            1 if (quick or is_sweep) else repeat,
+        )
+        bare = _median_seconds(
+            _bare_sweep(link) if is_sweep else bare_calls(link),
+            1 if (quick or is_sweep) else repeat,
+        )
+        rows.append(
+            {
+                "scenario": name,
+                "link": link,
+                "bnexplore_s": ours,
+                "bare_s": bare,
+                "ratio": ours / bare,
+            }
+        )
+
+    report("bench: cached link")
+    cache, (scenario, _) = ViewCache(), parse_link("?v=1")
+    cache.view(scenario)
+    cached_ms = 1000 * _median_seconds(lambda: cache.view(scenario), 1 if quick else 100)
+
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, "
+        f"Python {platform.python_version()}",
+        "versions": {e: load(e).version for e in ("torch", "keras")},
+        "device": bnexplore.run("?shape=4,3")["engines"]["torch"]["device"],
+        "repeat": repeat,
+        "scenarios": rows,
+        "cached_link_ms": cached_ms,
+        "targets": TARGETS,
+    }
+    if not quick:
+        report("bench: cold start")
+        result["cold_start"] = _cold_start()
+        if browser:
+            report("bench: streamlit run to first chart")
+            result["browser"] = _browser_first_chart()
+    result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def table(result: dict) -> str:
+    """The bench as the README shows it (markdown)."""
+    lines = [
+        f"Machine: {result['machine']}; ran on {result['device']}; "
+        f"{', '.join(result['versions'].values())}; medians of {result['repeat']} warm runs.",
+        "",
+        "| scenario | bnexplore.run | bare framework calls | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in result["scenarios"]:
+        lines.append(
+            f"| {row['scenario']} | {row['bnexplore_s'] * 1000:.0f} ms | "
+            f"{row['bare_s'] * 1000:.0f} ms | {row['ratio']:.2f} |"
+        )
+    lines += ["", f"- cached link answered in {result['cached_link_ms']:.2f} ms"]
+    cold = result.get("cold_start")
+    if cold:
+        lines.append(
+            f"- cold start, process start to first result: "
+            f"{cold['process_to_first_result_s']:.1f} s (importing torch "
+            f"{cold['torch_import_s']:.1f} s, TensorFlow + Keras "
+            f"{cold['tensorflow_import_s']:.1f} s, first run {cold['first_run_s']:.2f} s)"
+        )
+    browser = result.get("browser")
+    if browser:
+        shown = browser.get("streamlit_run_to_first_chart_s")
+        lines.append(
+            f"- `streamlit run app.py` to the first chart in Chromium: {shown:.1f} s"
+            if shown is not None
+            else f"- browser start: skipped ({browser['skipped']})"
+        )
+    lines.append(f"- peak memory of the bench process: {result['peak_memory_mib']:.0f} MiB")
+    return "\n".join(lines)
