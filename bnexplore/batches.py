@@ -39,8 +39,9 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
     kind = scenario["input"]
     count = scenario["steps"] + 1
     if kind in ("ones", "constant"):
-        value = 1.0 if kind == "ones" else scenario["value"]
-        batch = np.full(shape, value, dtype=np.float64).astype(dtype)
+        # the float64 value cast once is what casting a float64 batch gives each element
+        value = np.array(1.0 if kind == "ones" else scenario["value"]).astype(dtype)
+        batch = np.full(shape, value, dtype=dtype)
         for _ in range(count):
             yield batch
         return

@@ -51,16 +51,19 @@ def _median_seconds(work: Callable[[], object], repeat: int) -> float:
 def bare_calls(link: str) -> Callable[[], None]:
     """The minimal PyTorch + Keras 3 code doing the scenario's work, outputs to the host.
 
-    Only the default engines (torch, keras), fresh layers, the scenario's own
-    batches drawn once; no statistics, no comparison, no bookkeeping.
+    The scenario's engines (torch, and keras where it is compared), fresh
+    layers, the scenario's own batches drawn once; no statistics, no comparison,
+    no bookkeeping.
     """
-    import keras
-    import tensorflow as tf
     import torch
 
     from bnexplore.scenario import parse_link
 
     s, _ = parse_link(link)
+    with_keras = "keras" in s["engines"]
+    if with_keras:
+        import keras
+        import tensorflow as tf
     shape, steps = s.shape, s["steps"]
     modules = {
         2: torch.nn.BatchNorm1d,
@@ -69,13 +72,17 @@ def bare_calls(link: str) -> Callable[[], None]:
         5: torch.nn.BatchNorm3d,
     }
     training = {"none": None, "true": True, "false": False}[s["keras_training"]]
+    device = "cuda" if torch.cuda.is_available() and s["device"] != "cpu" else "cpu"
 
     def work() -> None:
         rng = np.random.default_rng(s["seed"])
-        bn = modules[len(shape)](shape[1], eps=s["torch_eps"], momentum=s["torch_momentum"])
-        layer = keras.layers.BatchNormalization(
-            momentum=s["keras_momentum"], epsilon=s["keras_eps"], dtype=s["dtype"]
+        bn = modules[len(shape)](
+            shape[1], eps=s["torch_eps"], momentum=s["torch_momentum"], device=device
         )
+        if with_keras:
+            layer = keras.layers.BatchNormalization(
+                momentum=s["keras_momentum"], epsilon=s["keras_eps"], dtype=s["dtype"]
+            )
         for k in range(steps + 1):
             if s["input"] == "normal":
                 x = (rng.standard_normal(shape) * s["std"] + s["mean"]).astype(s["dtype"])
@@ -83,11 +90,14 @@ def bare_calls(link: str) -> Callable[[], None]:
                 x = np.ones(shape, dtype=s["dtype"])
             bn.train(k < steps or s["torch_mode"] == "train")
             with torch.no_grad():
-                torch_out = bn(torch.from_numpy(x))
-            x_last = tf.convert_to_tensor(np.moveaxis(x, 1, -1))
-            mode = True if k < steps else training
-            keras_out = layer(x_last) if mode is None else layer(x_last, training=mode)
-        torch_out.numpy(), keras_out.numpy()
+                torch_out = bn(torch.from_numpy(x).to(device))
+            if with_keras:
+                x_last = tf.convert_to_tensor(np.moveaxis(x, 1, -1))
+                mode = True if k < steps else training
+                keras_out = layer(x_last) if mode is None else layer(x_last, training=mode)
+        torch_out.cpu().numpy()
+        if with_keras:
+            keras_out.numpy()
 
     return work
 
@@ -205,14 +215,21 @@ def bench(
 ) -> dict:
     """Run the benchmark; the result is the JSON document ``bench --json`` prints."""
     import bnexplore
-    from bnexplore.engines import load
+    from bnexplore.engines import EngineUnavailable, load
     from bnexplore.scenario import parse_link
     from bnexplore.view import ViewCache
 
-    load("torch"), load("keras")
+    load("torch")
+    try:
+        load("keras")
+        alone = ""
+    except EngineUnavailable as missing:  # a GPU machine may have PyTorch only
+        report(f"bench: {missing}; timing PyTorch alone")
+        alone = "&engines=torch"
     rows = []
     scenarios = SCENARIOS[:1] if quick else (*SCENARIOS, SWEEP)
-    for name, link in scenarios:
+    for name, base_link in scenarios:
+        link = base_link + alone
         report(f"bench: {name}")
         is_sweep = "sweep=" in link
         ours = _median_seconds(
@@ -243,7 +260,7 @@ def bench(
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, "
         f"Python {platform.python_version()}",
-        "versions": {e: load(e).version for e in ("torch", "keras")},
+        "versions": {e: load(e).version for e in (("torch",) if alone else ("torch", "keras"))},
         "device": bnexplore.run("?shape=4,3")["engines"]["torch"]["device"],
         "repeat": repeat,
         "scenarios": rows,

@@ -139,7 +139,8 @@ class _Gap:
         scale = np.maximum(abs_e, np.abs(x), out=abs_e)
         if scale.max() > 0 or np.isnan(scale).any():
             self.any_nonzero = True
-            scale[scale == 0] = 1.0  # both zero: diff is 0 there, so is its ratio
+            # where both are zero, diff is 0 too: 0/tiny keeps that element's ratio at 0
+            np.maximum(scale, np.finfo(np.float64).tiny, out=scale)
             self.worst_rel = np.maximum(self.worst_rel, np.divide(diff, scale, out=scale).max())
 
     def result(self, a: str, b: str) -> Divergence:

@@ -123,3 +123,25 @@ def test_preset_picker_applies_the_preset() -> None:
     assert not at.exception
     assert at.query_params == {"v": "1"}
     assert at.sidebar.number_input(key="w_steps").value == 0
+
+
+def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
+    monkeypatch,
+) -> None:
+    import bnexplore.runner
+
+    started = []
+    real_start = bnexplore.runner.start
+
+    def counting_start(name, scenario):
+        started.append(name)
+        return real_start(name, scenario)
+
+    monkeypatch.setattr(bnexplore.runner, "start", counting_start)
+    link = "?shape=5,7,3&input=uniform&seed=424242&steps=2"
+    open_link(link)
+    first = len(started)
+    assert first >= 2  # both engines ran (and explain re-ran them)
+    again = open_link(link)  # a second visitor, a new session, the same link
+    assert len(started) == first, "the frameworks ran again for a cached link"
+    assert again.subheader[0].value.startswith("max |Δ|")

@@ -63,3 +63,13 @@ def test_every_preset_runs_in_the_cli(name: str, capsys) -> None:
     assert main(["run", "--preset", name, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["notices"] == [] and doc["engines"]
+
+
+def test_bench_quick_reports_ratios_against_bare_calls(capsys) -> None:
+    """The bench runs and reports; its numbers are measurements, not asserted targets."""
+    assert main(["bench", "--quick", "--json", "--no-browser"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["scenarios"]
+    assert row["scenario"] == "seed" and row["bare_s"] > 0
+    assert row["ratio"] == pytest.approx(row["bnexplore_s"] / row["bare_s"])
+    assert result["cached_link_ms"] >= 0 and result["peak_memory_mib"] > 0

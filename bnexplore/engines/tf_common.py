@@ -117,7 +117,8 @@ class KerasSession(Session):
             self.name,
             available=True,
             detail=self.engine.detail(layer),
-            output=np.ascontiguousarray(np.moveaxis(self.output.numpy(), -1, 1)),
+            # np.asarray shares the tensor's buffer (.numpy() would copy it first)
+            output=np.ascontiguousarray(np.moveaxis(np.asarray(self.output), -1, 1)),
             running_mean=layer.moving_mean.numpy().copy(),
             running_var=layer.moving_variance.numpy().copy(),
             history=history_of(

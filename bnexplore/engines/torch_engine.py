@@ -65,16 +65,22 @@ def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(batch).to(device)
 
 
-def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
-    """A tensor as a NumPy array of the same dtype (bfloat16 through ml_dtypes)."""
+def to_numpy(tensor: torch.Tensor | None, copy: bool = True) -> np.ndarray | None:
+    """A tensor as a NumPy array of the same dtype (bfloat16 through ml_dtypes).
+
+    ``copy=False`` shares the tensor's memory on the CPU: only for tensors that
+    nothing writes to afterwards, such as the measured pass's output.
+    """
     if tensor is None:
         return None
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         import ml_dtypes
 
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return tensor.numpy().copy()
+        array = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+        array = tensor.numpy()
+    return array.copy() if copy else array
 
 
 class TorchEngine:
@@ -152,7 +158,7 @@ class TorchSession(Session):
         return EngineResult(
             self.name,
             available=True,
-            output=to_numpy(self.output),
+            output=to_numpy(self.output, copy=False),
             running_mean=to_numpy(self.module.running_mean),
             running_var=to_numpy(self.module.running_var),
             trained_state=self.trained_state,
