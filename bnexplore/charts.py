@@ -13,7 +13,12 @@ import pandas as pd
 from bnexplore.engines import LABELS
 from bnexplore.runner import Comparison
 
-COLORS = {"PyTorch": "#E4572E", "Keras 3": "#1F5FBF", "Keras 2": "#2A9D8F"}
+COLORS = {
+    "PyTorch": "#E4572E",
+    "Keras 3": "#1F5FBF",
+    "Keras 2": "#2A9D8F",
+    "PyTorch (CUDA)": "#8E3B1F",
+}
 """One colour per engine, on every chart."""
 
 
@@ -33,7 +38,7 @@ def _color(engines: list[str] | None = None) -> alt.Color:
 
 def _stroke_width(engines: list[str]) -> alt.StrokeWidth:
     """Wider lines for engines drawn first, so identical lines stay visible under each other."""
-    widths = {"PyTorch": 5.0, "Keras 3": 2.5, "Keras 2": 1.2}
+    widths = {"PyTorch": 5.0, "Keras 3": 2.5, "Keras 2": 1.2, "PyTorch (CUDA)": 1.8}
     return alt.StrokeWidth(
         "engine:N",
         scale=alt.Scale(domain=engines, range=[widths[e] for e in engines]),

@@ -25,6 +25,7 @@ from typing import Any
 from bnexplore.engines import LABELS
 from bnexplore.engines.reference import FUSED_DTYPES
 from bnexplore.metrics import Divergence
+from bnexplore.params import knobs
 from bnexplore.runner import compare
 from bnexplore.scenario import Scenario
 
@@ -53,20 +54,20 @@ class Step:
 
 
 def uses_batch_statistics(s: Scenario, engine: str) -> bool:
-    if engine == "torch":
+    if knobs(engine) == "torch":
         return s["torch_mode"] == "train" or not s["torch_track_running_stats"]
-    return s[f"{engine}_training"] == "true" and s[f"{engine}_trainable"]
+    return s[f"{knobs(engine)}_training"] == "true" and s[f"{knobs(engine)}_trainable"]
 
 
 def new_batch_weight(s: Scenario, engine: str) -> float | None:
     """m in running ← (1 − m)·running + m·batch; None: PyTorch's cumulative average."""
-    if engine == "torch":
+    if knobs(engine) == "torch":
         return s["torch_momentum"]
-    return 1.0 - s[f"{engine}_momentum"]
+    return 1.0 - s[f"{knobs(engine)}_momentum"]
 
 
 def feeds_unbiased_variance(s: Scenario, engine: str) -> bool:
-    if engine == "torch":
+    if knobs(engine) == "torch":
         return True
     if engine == "keras":
         return False
@@ -76,9 +77,9 @@ def feeds_unbiased_variance(s: Scenario, engine: str) -> bool:
 
 def _mode_words(s: Scenario, engine: str) -> str:
     batch = uses_batch_statistics(s, engine)
-    if engine == "torch":
+    if knobs(engine) == "torch":
         return "training mode" if batch else "eval mode"
-    if not batch and s[f"{engine}_training"] == "true":
+    if not batch and s[f"{knobs(engine)}_training"] == "true":
         return "inference (trainable=False)"
     return "training" if batch else "inference"
 
@@ -88,21 +89,21 @@ def _align_mode(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     if want == uses_batch_statistics(s, b):
         return None
     words = f"{LABELS[a]} ran in {_mode_words(s, a)}, {LABELS[b]} in {_mode_words(s, b)}"
-    if b == "torch":
+    if knobs(b) == "torch":
         if not want and not s["torch_track_running_stats"]:
             return None
         return words, {"torch_mode": "train" if want else "eval"}
-    changes: Changes = {f"{b}_training": "true" if want else "false"}
-    if want and not s[f"{b}_trainable"]:
-        changes[f"{b}_trainable"] = True
+    changes: Changes = {f"{knobs(b)}_training": "true" if want else "false"}
+    if want and not s[f"{knobs(b)}_trainable"]:
+        changes[f"{knobs(b)}_trainable"] = True
     return words, changes
 
 
 def _align_eps(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
-    eps_a, eps_b = s[f"{a}_eps"], s[f"{b}_eps"]
+    eps_a, eps_b = s[f"{knobs(a)}_eps"], s[f"{knobs(b)}_eps"]
     if eps_a == eps_b:
         return None
-    return f"eps {eps_a:g} ({LABELS[a]}) vs {eps_b:g} ({LABELS[b]})", {f"{b}_eps": eps_a}
+    return f"eps {eps_a:g} ({LABELS[a]}) vs {eps_b:g} ({LABELS[b]})", {f"{knobs(b)}_eps": eps_a}
 
 
 def _align_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
@@ -117,8 +118,8 @@ def _align_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
         f"momentum: a new batch weighs {_weight(w_a)} in {LABELS[a]}'s running statistics, "
         f"{_weight(w_b)} in {LABELS[b]}'s"
     )
-    value = w_a if b == "torch" else round(1.0 - w_a, 12)
-    return words, {f"{b}_momentum": value}
+    value = w_a if knobs(b) == "torch" else round(1.0 - w_a, 12)
+    return words, {f"{knobs(b)}_momentum": value}
 
 
 def _weight(w: float | None) -> str:
@@ -147,13 +148,13 @@ def _bias(unbiased: bool) -> str:
 
 
 def _align_trainable(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
-    frozen = [e for e in (a, b) if e != "torch" and not s[f"{e}_trainable"]]
+    frozen = [e for e in (a, b) if knobs(e) != "torch" and not s[f"{knobs(e)}_trainable"]]
     if not frozen or (len(frozen) == 2):
         return None
     engine = frozen[0]
     return (
         f"{LABELS[engine]} trainable=False forces inference and freezes its moving statistics",
-        {f"{engine}_trainable": True},
+        {f"{knobs(engine)}_trainable": True},
     )
 
 

@@ -55,6 +55,7 @@ def estimate(scenario: Scenario, reference: bool) -> int:
     batch = (8 if scenario["input"] in ("ones", "constant") else 16) * values + itemsize * values
     per_engine = {
         "torch": itemsize * values,
+        "torch_gpu": itemsize * values,
         "keras": 4 * itemsize * values,
         "keras2": 4 * itemsize * values,
     }

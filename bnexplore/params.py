@@ -21,8 +21,17 @@ MIN_DIMS = 2
 
 Kind = Literal["shape", "choice", "choices", "int", "float", "bool", "momentum"]
 
-ENGINE_NAMES = ("torch", "keras", "keras2")
+ENGINE_NAMES = ("torch", "keras", "keras2", "torch_gpu")
 """Engines a scenario may compare; bnexplore.engines.ENGINES says how each is run."""
+
+KNOB_PREFIX = {"torch": "torch", "torch_gpu": "torch", "keras": "keras", "keras2": "keras2"}
+"""Whose knobs an engine reads: PyTorch on CUDA is configured by the torch_* keys."""
+
+
+def knobs(engine: str) -> str:
+    """The key prefix of an engine's knobs: torch_gpu reads torch_eps, torch_mode, …"""
+    return KNOB_PREFIX[engine]
+
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -188,7 +197,8 @@ PARAMS: tuple[Param, ...] = (
         ("torch", "keras"),
         "run",
         "Engines to compare",
-        "Each pair is compared; the first engine is the expected side.",
+        "Each pair is compared; the first engine is the expected side. torch_gpu: PyTorch "
+        "on CUDA with the PyTorch knobs, beside the other engines' device.",
         choices=ENGINE_NAMES,
     ),
     Param(
@@ -419,9 +429,9 @@ SWEEP_KEYS = tuple(p.key for p in PARAMS if p.group == "sweep")
 
 
 def engine_of(param: Param) -> str | None:
-    """The engine a knob belongs to, by its key's prefix (torch_, keras_, keras2_)."""
+    """The knob prefix a parameter belongs to (torch, keras, keras2), or None."""
     prefix = param.key.split("_", 1)[0]
-    return prefix if prefix in ENGINE_NAMES and "_" in param.key else None
+    return prefix if prefix in KNOB_PREFIX.values() and "_" in param.key else None
 
 
 DEFAULTS: dict[str, Any] = {p.key: p.default for p in PARAMS}

@@ -184,6 +184,15 @@ PRESETS: dict[str, Preset] = {
             {"input": "normal", "mean": 1000.0, "keras_training": "true", "keras_eps": 1e-5},
         ),
         Preset(
+            "cpu-vs-gpu",
+            "One framework, two kernels: PyTorch on the CPU and on CUDA",
+            "The same module configuration and the same batches through PyTorch's CPU kernel "
+            "and its CUDA (cuDNN) kernel. Their reductions sum in different orders, so they "
+            "differ by float32 rounding, not by semantics. Needs a machine whose PyTorch sees "
+            "a CUDA device; elsewhere the CUDA side says why it did not run.",
+            {"input": "normal", "steps": 3, "device": "cpu", "engines": ("torch", "torch_gpu")},
+        ),
+        Preset(
             "weight-port",
             "PyTorch's trained state ported into Keras",
             "Five training steps in PyTorch, then its state copied into a Keras layer: weight → "

@@ -85,19 +85,8 @@ import torch
 
 TORCH_DTYPES = {{"float32": torch.float32, "float64": torch.float64,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}}
-device = {torch_device}
-module_class = {{2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
-                4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}}[len(SHAPE)]
-bn = module_class(SHAPE[1], eps=S["torch_eps"], momentum=S["torch_momentum"],
-                  affine=S["torch_affine"], track_running_stats=S["torch_track_running_stats"],
-                  device=device, dtype=TORCH_DTYPES[S["dtype"]])
-bn.requires_grad_(S["torch_requires_grad"])
-
-
-def to_tensor(batch):
-    if batch.dtype.name == "bfloat16":
-        return torch.from_numpy(batch.view(np.int16)).view(torch.bfloat16).to(device)
-    return torch.from_numpy(batch).to(device)
+MODULES = {{2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
+           4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}}
 
 
 def to_numpy(t):
@@ -107,27 +96,46 @@ def to_numpy(t):
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-torch_state = None
-try:
-    with torch.no_grad():
-        for k, batch in enumerate(batches()):
-            if k == STEPS and bn.running_mean is not None:
-                torch_state = {{
-                    name: (np.ones(SHAPE[1]) if t is None and name == "weight" else
-                           np.zeros(SHAPE[1]) if t is None else
-                           t.detach().cpu().to(torch.float64).numpy())
-                    for name, t in (("weight", bn.weight), ("bias", bn.bias),
-                                    ("running_mean", bn.running_mean),
-                                    ("running_var", bn.running_var))
-                }}
-            bn.train(k < STEPS or S["torch_mode"] == "train")
-            output = bn(to_tensor(batch))
-    if "torch" in S["engines"]:
-        results["torch"] = summary(to_numpy(output), to_numpy(bn.running_mean),
-                                   to_numpy(bn.running_var))
-except (ValueError, RuntimeError) as exc:
-    if "torch" in S["engines"]:
-        results["torch"] = {{"error": str(exc)}}
+def run_torch(device):
+    \"\"\"(result, state after the training passes) of a fresh module on ``device``.\"\"\"
+    bn = MODULES[len(SHAPE)](SHAPE[1], eps=S["torch_eps"], momentum=S["torch_momentum"],
+                             affine=S["torch_affine"],
+                             track_running_stats=S["torch_track_running_stats"],
+                             device=device, dtype=TORCH_DTYPES[S["dtype"]])
+    bn.requires_grad_(S["torch_requires_grad"])
+    state = None
+    try:
+        with torch.no_grad():
+            for k, batch in enumerate(batches()):
+                if k == STEPS and bn.running_mean is not None:
+                    state = {{
+                        name: (np.ones(SHAPE[1]) if t is None and name == "weight" else
+                               np.zeros(SHAPE[1]) if t is None else
+                               t.detach().cpu().to(torch.float64).numpy())
+                        for name, t in (("weight", bn.weight), ("bias", bn.bias),
+                                        ("running_mean", bn.running_mean),
+                                        ("running_var", bn.running_var))
+                    }}
+                if batch.dtype.name == "bfloat16":
+                    x = torch.from_numpy(batch.view(np.int16)).view(torch.bfloat16)
+                else:
+                    x = torch.from_numpy(batch)
+                bn.train(k < STEPS or S["torch_mode"] == "train")
+                output = bn(x.to(device))
+    except (ValueError, RuntimeError) as exc:
+        return {{"error": str(exc)}}, None
+    return summary(to_numpy(output), to_numpy(bn.running_mean),
+                   to_numpy(bn.running_var)), state
+
+
+results["torch"], torch_state = run_torch({torch_device})
+"""
+
+_TORCH_GPU = """
+if torch.cuda.is_available():
+    results["torch_gpu"] = run_torch("cuda")[0]
+else:
+    results["torch_gpu"] = {"unavailable": "PyTorch sees no CUDA device"}
 """
 
 _KERAS_COMMON = '''
@@ -220,7 +228,11 @@ _TF_DEVICES = {
 def reproducer(scenario: Scenario) -> str:
     """A standalone Python program that reruns the scenario and prints its numbers."""
     engines = scenario["engines"]
-    needs_torch = "torch" in engines or ("keras" in engines and scenario["keras_init"] != "fresh")
+    needs_torch = (
+        "torch" in engines
+        or "torch_gpu" in engines
+        or ("keras" in engines and scenario["keras_init"] != "fresh")
+    )
     parts = [
         _HEADER.format(
             output_summary=inspect.getsource(output_summary),
@@ -232,6 +244,8 @@ def reproducer(scenario: Scenario) -> str:
     ]
     if needs_torch:
         parts.append(_TORCH.format(torch_device=_TORCH_DEVICES[scenario["device"]]))
+        if "torch_gpu" in engines:
+            parts.append(_TORCH_GPU)
     else:
         parts.append("\ntorch_state = None\n")
     if "keras" in engines or "keras2" in engines:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bnexplore.engines import LABELS
 from bnexplore.explain import uses_batch_statistics
 from bnexplore.metrics import Divergence
+from bnexplore.params import knobs
 from bnexplore.runner import Comparison
 from bnexplore.scenario import Scenario
 
@@ -13,7 +14,7 @@ def _statistics_words(scenario: Scenario, engine: str) -> str:
     """What normalized the measured pass, in the engine's own words."""
     if uses_batch_statistics(scenario, engine):
         return "the batch statistics"
-    return "its running statistics" if engine == "torch" else "its moving averages"
+    return "its running statistics" if knobs(engine) == "torch" else "its moving averages"
 
 
 def verdict(d: Divergence) -> str:

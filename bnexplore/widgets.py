@@ -20,7 +20,7 @@ from typing import Any
 import streamlit as st
 
 from bnexplore.engines import LABELS
-from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param, engine_of
+from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param, engine_of, knobs
 from bnexplore.presets import PRESETS, matching
 from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
 from bnexplore.sweep import start_range
@@ -160,7 +160,7 @@ def _shown(param: Param, store: dict[str, Any], engines: tuple[str, ...]) -> boo
     if param.only_for and store["input"] not in param.only_for:
         return False
     engine = engine_of(param)
-    return engine is None or engine in engines
+    return engine is None or engine in {knobs(e) for e in engines}
 
 
 def _read_widget(param: Param, store: dict[str, Any]) -> None:

@@ -44,3 +44,11 @@ def test_cuda_agrees_with_cpu_within_the_dtypes_tolerance(link: str) -> None:
             rtol=rtol,
             atol=atol,
         )
+
+
+def test_cpu_vs_gpu_preset_differs_only_by_rounding() -> None:
+    import bnexplore
+
+    doc = bnexplore.run("?preset=cpu-vs-gpu")
+    assert doc["engines"]["torch_gpu"]["device"].startswith("cuda")
+    assert doc["divergence"][0]["allclose"] is True

@@ -37,8 +37,8 @@ def test_preset_opens_without_notice_and_expands_into_its_keys(runs, name) -> No
     assert doc["notices"] == []
     assert "preset" not in doc["link"]
     assert parse_link(doc["link"])[0] == parse_link(f"?preset={name}")[0]
-    for engine in engines(doc).values():
-        assert engine["available"], engine
+    for name, engine in engines(doc).items():
+        assert engine["available"] or name == "torch_gpu", engine  # CUDA only where there is one
 
 
 def test_seed_pytorch_trains_keras_infers(runs) -> None:
@@ -179,3 +179,17 @@ def test_weight_port_agrees_and_swapped_port_does_not(runs) -> None:
     assert swapped["divergence"][0]["max_abs"] > 1.0
     assert [s["knob"] for s in swapped["explain"]][-1] == "port"
     assert swapped["explain"][-1]["gap_after"] <= ATOL
+
+
+def test_cpu_vs_gpu_says_why_the_cuda_side_did_not_run_without_a_gpu(runs) -> None:
+    import torch
+
+    engines = runs["cpu-vs-gpu"]["engines"]
+    assert engines["torch"]["device"] == "cpu" and engines["torch"]["output"]
+    if torch.cuda.is_available():
+        assert engines["torch_gpu"]["device"].startswith("cuda")
+        assert runs["cpu-vs-gpu"]["divergence"][0]["allclose"] is True
+    else:
+        assert engines["torch_gpu"]["available"] is False
+        assert "no CUDA device" in engines["torch_gpu"]["reason"]
+        assert "did not run" in runs["cpu-vs-gpu"]["divergence"][0]["reason"]

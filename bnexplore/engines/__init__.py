@@ -106,6 +106,7 @@ ENGINES: dict[str, tuple[str, str, str]] = {
     "torch": ("PyTorch", "bnexplore.engines.torch_engine", "TorchEngine"),
     "keras": ("Keras 3", "bnexplore.engines.keras_engine", "KerasEngine"),
     "keras2": ("Keras 2", "bnexplore.engines.keras2_engine", "Keras2Engine"),
+    "torch_gpu": ("PyTorch (CUDA)", "bnexplore.engines.torch_engine", "TorchGpuEngine"),
 }
 """name → (label, module, class). The order is the order of comparison."""
 

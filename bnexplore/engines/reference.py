@@ -11,6 +11,8 @@ axis; mean_b and var_b are the batch mean and the biased batch variance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from bnexplore.batches import numpy_dtype
@@ -116,8 +118,8 @@ class TorchRules(ReferenceSession):
     the batch variance fed in is var_b·n/(n − 1). Training needs n > 1.
     """
 
-    def __init__(self, scenario: Scenario) -> None:
-        super().__init__("torch_reference", scenario)
+    def __init__(self, scenario: Scenario, name: str = "torch_reference") -> None:
+        super().__init__(name, scenario)
         self.track = scenario["torch_track_running_stats"]
         if not self.track:
             self.running_mean = self.running_var = None
@@ -230,9 +232,10 @@ class Keras2Rules(KerasRules):
         return "float32" if scenario["dtype"] in ("float16", "bfloat16") else scenario["dtype"]
 
 
-REFERENCES: dict[str, type[ReferenceSession]] = {
+REFERENCES: dict[str, Callable[[Scenario], ReferenceSession]] = {
     "torch": TorchRules,
     "keras": KerasRules,
     "keras2": Keras2Rules,
+    "torch_gpu": lambda scenario: TorchRules(scenario, "torch_gpu_reference"),
 }
 """Engine name → the reference session that follows that framework's rules."""

@@ -113,6 +113,34 @@ class TorchEngine:
         return TorchSession(self.name, where, scenario, self.build(scenario, device), device)
 
 
+class TorchGpuEngine(TorchEngine):
+    """PyTorch on CUDA, whatever ``device`` says: the GPU kernel beside the others.
+
+    Configured by the same torch_* knobs as the ``torch`` engine, so a scenario
+    with engines=torch,torch_gpu and device=cpu compares PyTorch's CPU and CUDA
+    kernels on the same batches.
+    """
+
+    name = "torch_gpu"
+    label = "PyTorch (CUDA)"
+
+    def start(self, scenario: Scenario) -> Session | EngineResult:
+        if not torch.cuda.is_available():
+            return EngineResult(
+                self.name,
+                available=False,
+                version=self.version,
+                reason="PyTorch sees no CUDA device: the GPU kernel cannot run here",
+            )
+        device = torch.device("cuda")
+        where = {
+            "version": self.version,
+            "device": describe(device),
+            "device_note": "torch_gpu: CUDA, whatever device says",
+        }
+        return TorchSession(self.name, where, scenario, self.build(scenario, device), device)
+
+
 class TorchSession(Session):
     def __init__(self, name, where, scenario: Scenario, module: torch.nn.Module, device):
         self.name, self.where, self.module, self.device = name, where, module, device
