@@ -40,7 +40,8 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
     count = scenario["steps"] + 1
     if kind in ("ones", "constant"):
         # the float64 value cast once is what casting a float64 batch gives each element
-        value = np.array(1.0 if kind == "ones" else scenario["value"]).astype(dtype)
+        with np.errstate(over="ignore"):  # beyond the dtype's range is ±inf: a result to show
+            value = np.array(1.0 if kind == "ones" else scenario["value"]).astype(dtype)
         batch = np.full(shape, value, dtype=dtype)
         for _ in range(count):
             yield batch
@@ -51,4 +52,6 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
             batch = rng.standard_normal(shape) * scenario["std"] + scenario["mean"]
         else:
             batch = rng.uniform(scenario["low"], scenario["high"], shape)
-        yield batch.astype(dtype, copy=False)
+        with np.errstate(over="ignore"):
+            batch = batch.astype(dtype, copy=False)
+        yield batch

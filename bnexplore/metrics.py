@@ -8,6 +8,7 @@ the expected side being PyTorch's (NaN is never close; equal infinities are).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -122,12 +123,14 @@ class _Gap:
         self.worst = self.worst_rel = np.float64(-np.inf)  # numpy maxima: a NaN propagates
         self.total = self.squares = 0.0
         self.close, self.any_nonzero = True, False
+        self.nonfinite = 0
 
     def add(self, e: np.ndarray, x: np.ndarray) -> None:
         diff = np.subtract(e, x)
         np.abs(diff, out=diff)
         part_sum = float(diff.sum())
         if not math.isfinite(part_sum):
+            self.nonfinite += int(np.count_nonzero(~(np.isfinite(e) & np.isfinite(x))))
             diff[np.isinf(e) & (e == x)] = 0.0  # equal infinities are equal
             part_sum = float(diff.sum())
         part_max = diff.max()
@@ -156,6 +159,7 @@ class _Gap:
             allclose=self.close,
             rtol=self.rtol,
             atol=self.atol,
+            nonfinite=self.nonfinite,
         )
 
 
@@ -206,6 +210,8 @@ class Divergence:
     rtol: float
     atol: float
     reason: str | None = None
+    nonfinite: int = 0
+    """Elements where either output is NaN or ±inf: counted, never dropped."""
 
     @classmethod
     def between(
@@ -217,18 +223,7 @@ class Divergence:
         ][0].renamed(a, b)
 
     def renamed(self, a: str, b: str) -> Divergence:
-        return Divergence(
-            a,
-            b,
-            self.max_abs,
-            self.mean_abs,
-            self.rmse,
-            self.max_rel,
-            self.allclose,
-            self.rtol,
-            self.atol,
-            self.reason,
-        )
+        return dataclasses.replace(self, a=a, b=b)
 
     @classmethod
     def missing(cls, a: str, b: str, dtype: str, reason: str) -> Divergence:
