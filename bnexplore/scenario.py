@@ -212,7 +212,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     pieces = [p for p in re.split(r"[,x×\s]+", text.strip("()[] ")) if p]
     dims: list[int] = []
     for piece in pieces:
-        if not piece.isdigit():
+        if not re.fullmatch(r"[0-9]+", piece):  # ASCII digits only: int() takes "٣" and "²"
             raise BadValue(f"{_show(piece)} is not a positive integer")
         dims.append(int(piece))
     if not MIN_DIMS <= len(dims) <= MAX_DIMS:
@@ -255,7 +255,7 @@ def from_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[Scenario, list[str]]:
     for key, value in pairs:
         key = key.strip()
         if key in raw:
-            notices.append(f"{key}: given more than once; the last value is used")
+            notices.append(f"{_key_text(key)}: given more than once; the last value is used")
         raw[key] = value
 
     _check_version(raw.pop("v", None), notices)
