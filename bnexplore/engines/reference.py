@@ -27,8 +27,9 @@ FUSED_DTYPES = ("float16", "bfloat16", "float32")
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel batch mean and biased variance, shaped to broadcast."""
     axes = tuple(i for i in range(x.ndim) if i != 1)
-    mean = x.mean(axis=axes, keepdims=True)
-    var = np.square(x - mean).mean(axis=axes, keepdims=True)
+    with np.errstate(all="ignore"):  # ±inf inputs give NaN statistics: a result to show
+        mean = x.mean(axis=axes, keepdims=True)
+        var = np.square(x - mean).mean(axis=axes, keepdims=True)
     return mean, var
 
 
@@ -51,7 +52,8 @@ def _normalize(x, mean, var, eps, gamma, beta) -> tuple[np.ndarray, np.ndarray]:
     ndim = x.ndim
     scale = _per_channel(gamma, ndim) / np.sqrt(var + eps)
     gain = np.abs(mean * scale).reshape(-1)
-    return (x - mean) * scale + _per_channel(beta, ndim), gain
+    with np.errstate(all="ignore"):
+        return (x - mean) * scale + _per_channel(beta, ndim), gain
 
 
 class ReferenceSession(Session):
