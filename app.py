@@ -103,23 +103,16 @@ def show(chart, name: str) -> None:
 
 
 def download_chart(chart, name: str) -> None:
-    png, svg = st.columns(2)
-    png.download_button(
-        "PNG",
-        lambda: charts.to_png(chart),
-        file_name=f"{name}.png",
-        mime="image/png",
-        key=f"png_{name}",
-        on_click="ignore",
-    )
-    svg.download_button(
-        "SVG",
-        lambda: charts.to_svg(chart),
-        file_name=f"{name}.svg",
-        mime="image/svg+xml",
-        key=f"svg_{name}",
-        on_click="ignore",
-    )
+    formats = (("PNG", charts.to_png, "image/png"), ("SVG", charts.to_svg, "image/svg+xml"))
+    for column, (label, render, mime) in zip(st.columns(2), formats, strict=True):
+        column.download_button(
+            label,
+            lambda render=render: render(chart),
+            file_name=f"{name}.{label.lower()}",
+            mime=mime,
+            key=f"{label.lower()}_{name}",
+            on_click="ignore",
+        )
 
 
 overview, outputs, running, sweep_tab, explain_tab, code = st.tabs(

@@ -27,20 +27,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from bnexplore import bench
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+CHROMIUM = Path(bench.CHROMIUM)
+CHROMIUM_ARGS = bench.CHROMIUM_ARGS
 VIEWPORT = {"width": 1500, "height": 1000}
 
 SERVER_START_S = 120

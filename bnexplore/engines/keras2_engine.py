@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tf_keras
 
-from bnexplore.engines.tf_common import KerasFamilyEngine, nhwc_shape, tf
+from bnexplore.engines.tf_common import KerasFamilyEngine, tf
 from bnexplore.scenario import Scenario
 
 _FUSED = {"auto": None, "true": True, "false": False}
@@ -22,19 +22,10 @@ class Keras2Engine(KerasFamilyEngine):
     version = f"tf_keras {tf_keras.__version__} (TensorFlow {tf.__version__})"
     prefix = "keras2"
 
-    def build(self, scenario: Scenario) -> tf_keras.layers.BatchNormalization:
-        layer = tf_keras.layers.BatchNormalization(
-            axis=-1,
-            momentum=scenario["keras2_momentum"],
-            epsilon=scenario["keras2_eps"],
-            center=scenario["keras2_center"],
-            scale=scenario["keras2_scale"],
-            fused=_FUSED[scenario["keras2_fused"]],
-            dtype=scenario["dtype"],
-        )
-        layer.build(nhwc_shape(scenario))
-        layer.trainable = scenario["keras2_trainable"]
-        return layer
+    layer_class = tf_keras.layers.BatchNormalization
+
+    def options(self, scenario: Scenario) -> dict:
+        return {"fused": _FUSED[scenario["keras2_fused"]]}
 
     def detail(self, layer) -> str:
         return "fused path" if layer.fused else "non-fused path"

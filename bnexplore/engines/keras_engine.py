@@ -21,8 +21,7 @@ if "keras" not in sys.modules:
 
 import keras
 
-from bnexplore.engines.tf_common import KerasFamilyEngine, nhwc_shape, tf
-from bnexplore.scenario import Scenario
+from bnexplore.engines.tf_common import KerasFamilyEngine, tf
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -37,16 +36,4 @@ class KerasEngine(KerasFamilyEngine):
     version = f"keras {keras.__version__} (TensorFlow {tf.__version__})"
     prefix = "keras"
 
-    def build(self, scenario: Scenario) -> keras.layers.BatchNormalization:
-        """A fresh channels-last layer in the scenario's dtype and settings."""
-        layer = keras.layers.BatchNormalization(
-            axis=-1,
-            momentum=scenario["keras_momentum"],
-            epsilon=scenario["keras_eps"],
-            center=scenario["keras_center"],
-            scale=scenario["keras_scale"],
-            dtype=scenario["dtype"],
-        )
-        layer.build(nhwc_shape(scenario))
-        layer.trainable = scenario["keras_trainable"]
-        return layer
+    layer_class = keras.layers.BatchNormalization

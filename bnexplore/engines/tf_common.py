@@ -54,8 +54,28 @@ class KerasFamilyEngine:
     version: str
     prefix: str
 
+    layer_class: type
+    """The framework's BatchNormalization class."""
+
+    def options(self, scenario: Scenario) -> dict:
+        """Constructor arguments beyond the shared ones (Keras 2: fused)."""
+        return {}
+
     def build(self, scenario: Scenario):
-        raise NotImplementedError
+        """A fresh channels-last layer in the scenario's dtype and settings."""
+        p = self.prefix
+        layer = self.layer_class(
+            axis=-1,
+            momentum=scenario[f"{p}_momentum"],
+            epsilon=scenario[f"{p}_eps"],
+            center=scenario[f"{p}_center"],
+            scale=scenario[f"{p}_scale"],
+            dtype=scenario["dtype"],
+            **self.options(scenario),
+        )
+        layer.build(nhwc_shape(scenario))
+        layer.trainable = scenario[f"{p}_trainable"]
+        return layer
 
     def detail(self, layer) -> str | None:
         return None
