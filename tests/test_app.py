@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -145,3 +146,17 @@ def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
     again = open_link(link)  # a second visitor, a new session, the same link
     assert len(started) == first, "the frameworks ran again for a cached link"
     assert again.subheader[0].value.startswith("max |Δ|")
+
+
+def test_a_20_point_sweep_from_a_link_runs_and_charts_every_point() -> None:
+    at = open_link(
+        "?shape=16,4,3,3&input=normal&steps=2&sweep=keras_momentum&sweep_from=0.5"
+        "&sweep_to=0.999&sweep_points=20"
+    )
+    (table,) = at.dataframe
+    assert len(table.value) == 20  # one row per point for the one pair
+    assert table.value["max_abs"].notna().all()
+    assert at.query_params["sweep_points"] == "20" if "sweep_points" in at.query_params else True
+    assert at.query_params["sweep"] == "keras_momentum"
+    charts = at.get("vega_lite_chart")
+    assert any("as keras_momentum varies" in json.dumps(c.proto.spec) for c in charts)

@@ -496,7 +496,7 @@ def engine_problems(doc: dict) -> list[str]:
 
 def test_bad_links_through_run_give_strict_json_and_notices() -> None:
     failures = []
-    for link in bad_tiny_links(200, seed=20240601):
+    for link in bad_tiny_links(1000, seed=20240601):
         try:
             doc = bnexplore.run(link)
             json.dumps(doc, allow_nan=False)
@@ -508,7 +508,7 @@ def test_bad_links_through_run_give_strict_json_and_notices() -> None:
             problems.append(f"canonical link {doc['link']} has notices")
         if problems:
             failures.append(f"{link!r}: {problems}")
-    assert not failures, f"{len(failures)} of 200 links failed:\n" + "\n".join(failures[:20])
+    assert not failures, f"{len(failures)} of 1000 links failed:\n" + "\n".join(failures[:20])
 
 
 # --- 2. the app opened from bad links ---------------------------------------------------------

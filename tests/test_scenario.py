@@ -177,3 +177,23 @@ def test_readme_link_reference_is_the_generated_one() -> None:
     assert link_reference() in readme, "run: python -m bnexplore docs, paste into README.md"
     for p in PARAMS:
         assert f"| `{p.key}` | `{format_value(p, p.default)}` |" in link_reference()
+
+
+def test_memory_guard_refuses_at_once_naming_the_estimate_and_the_limit(monkeypatch) -> None:
+    import bnexplore
+
+    monkeypatch.setenv("BNEXPLORE_MEMORY_LIMIT", "64MiB")
+    start = time.perf_counter()
+    doc = bnexplore.run("?shape=4000,1000,3&input=normal&engines=torch,keras,keras2")
+    assert time.perf_counter() - start < 0.5
+    for engine in doc["engines"].values():
+        assert engine["available"] is False
+        assert "refused before allocating" in engine["reason"]
+        assert "over the memory limit of 64 MiB" in engine["reason"]
+    assert any("needs about" in n for n in doc["notices"])
+    # the reference alone is dropped where the frameworks would fit
+    monkeypatch.setenv("BNEXPLORE_MEMORY_LIMIT", "180MiB")  # frameworks ~115 MiB, with refs ~206
+    doc = bnexplore.run("?shape=1000,1000,3&input=normal", reference=True)
+    assert "reference" not in doc or not doc["reference"]
+    assert any(n.startswith("reference:") for n in doc["notices"])
+    assert doc["engines"]["torch"]["output"] is not None
