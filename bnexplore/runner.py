@@ -15,7 +15,7 @@ from bnexplore import memory
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
-from bnexplore.metrics import Divergence, measure, output_summary
+from bnexplore.metrics import Divergence, measure
 from bnexplore.scenario import Scenario, parse_link
 
 log = logging.getLogger(__name__)
@@ -32,23 +32,28 @@ class Comparison:
 
     @cached_property
     def _measured(self) -> tuple[dict[str, dict], dict[tuple[str, str], Divergence]]:
-        """Output summaries and pair divergences, measured once in one pass."""
+        """Output summaries and divergences, measured once in one pass over every output:
+        each pair of engines, and each engine against its reference."""
         outputs = {n: r.output for n, r in self.results.items() if r.output is not None}
         pairs = [p for p in itertools.combinations(self.results, 2) if set(p) <= set(outputs)]
+        for name, ref in self.references.items():
+            if ref.output is not None:
+                outputs[ref.name] = ref.output
+                if name in outputs:
+                    pairs.append((ref.name, name))
         summaries, gaps = measure(outputs, pairs, self.scenario["dtype"])
         return summaries, dict(zip(pairs, gaps, strict=True))
 
     @property
     def summaries(self) -> dict[str, dict]:
-        """Each engine's output summary (see bnexplore.metrics.output_summary)."""
+        """Each engine's (and reference's) output summary, by result name."""
         return self._measured[0]
 
     @property
     def divergence(self) -> list[Divergence]:
         """Each pair of engines, in the scenario's order (the first is the expected side)."""
-        gaps = self._measured[1]
         return [
-            gaps.get((a, b)) or self._diverge(self.results[a], self.results[b])
+            self._gap(self.results[a], self.results[b])
             for a, b in itertools.combinations(self.results, 2)
         ]
 
@@ -56,16 +61,19 @@ class Comparison:
         """An engine against the float64 computation of its own framework's rules."""
         if name not in self.references:
             return None
-        return self._diverge(self.references[name], self.results[name])
+        return self._gap(self.references[name], self.results[name])
 
-    def _diverge(self, a: EngineResult, b: EngineResult) -> Divergence:
-        dtype = self.scenario["dtype"]
-        for r in (a, b):
-            if r.output is None:
-                label = LABELS.get(r.name.removesuffix("_reference"), r.name)
-                why = "did not run" if not r.available else "raised an error"
-                return Divergence.missing(a.name, b.name, dtype, f"{label} {why}, no output")
-        return Divergence.between(a.name, b.name, a.output, b.output, dtype)
+    def _gap(self, a: EngineResult, b: EngineResult) -> Divergence:
+        """The measured divergence of a pair, or why it could not be measured."""
+        measured = self._measured[1].get((a.name, b.name))
+        if measured is not None:
+            return measured
+        missing = a if a.output is None else b
+        label = LABELS.get(missing.name.removesuffix("_reference"), missing.name)
+        why = "did not run" if not missing.available else "raised an error"
+        return Divergence.missing(
+            a.name, b.name, self.scenario["dtype"], f"{label} {why}, no output"
+        )
 
     def document(self) -> dict:
         """The strict-JSON document of ``bnexplore.run``."""
@@ -82,9 +90,7 @@ class Comparison:
         if self.references:
             doc["reference"] = {
                 name: {
-                    **engine_document(
-                        ref, None if ref.output is None else output_summary(ref.output)
-                    ),
+                    **engine_document(ref, self.summaries.get(ref.name)),
                     "vs_engine": _to_dict(self.reference_gap(name)),
                 }
                 for name, ref in self.references.items()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -97,14 +96,13 @@ class ViewCache:
         self,
         scenario: Scenario,
         report: Report | None = None,
-        compute: Callable[..., Comparison] = compare,
     ) -> View:
         """The view of a scenario: from the cache, or run for real and kept."""
         cached = self.get(scenario.run_link)
         if cached is not None:
             return cached
         scaled = (lambda done, text: report(0.9 * done, text)) if report else None
-        view = build_view(compute(scenario, report=scaled), report)
+        view = build_view(compare(scenario, report=scaled), report)
         self.put(scenario.run_link, view)
         return view
 

@@ -68,8 +68,7 @@ def _load_link() -> None:
 def _apply_preset() -> None:
     name = st.session_state["w_preset"]
     if name in PRESETS:
-        _set_widgets({**DEFAULTS, **PRESETS[name].values})
-        st.session_state[LINK_NOTICES] = []
+        apply_scenario(Scenario({**DEFAULTS, **PRESETS[name].values}))
 
 
 def reset_to_defaults() -> None:
