@@ -1,17 +1,17 @@
 """The memory guard: a scenario's memory need, estimated before anything is allocated.
 
-Host bytes, with E values per batch of itemsize s (float64 batches are drawn,
-then cast):
+Host bytes over the caller and the engines' worker processes, with E values per
+batch of itemsize s (float64 batches are drawn, then cast):
 
-    batch      8E (ones, constant) or 16E (random: draw and scale), + sE cast
-    PyTorch    sE  (its output; the input is shared with NumPy on the CPU)
-    Keras      4sE (channels-last copy, output, NumPy output, channels-first copy)
+    batch      8E (ones, constant) or 16E (random: draw and scale), + sE cast,
+               + sE for the shared-memory file the workers read it from
+    each engine, its output shipped back: sE in a shared-memory file, sE read here
+    PyTorch    sE  (its output; the input is the shared batch itself)
+    Keras, Flax  4sE (channels-last copy, output, NumPy output, channels-first copy)
     reference  16E (float64 input and output; measured here: about 13E)
 
 plus the per-pass running statistics, 16·C bytes per pass per engine. Metrics
-work in fixed chunks and add nothing that grows with E. Measured peaks here
-were 70 % of the estimate (the seed with normal input: 85 MiB for 120 MiB;
-32×256×56×56: 687 MiB for 980 MiB).
+work in fixed chunks and add nothing that grows with E.
 
 The limit is 2 GiB unless ``BNEXPLORE_MEMORY_LIMIT`` says otherwise (bytes, or
 a number with KiB, MiB or GiB).
@@ -23,6 +23,7 @@ import os
 import re
 
 from bnexplore.batches import numpy_dtype
+from bnexplore.params import knobs
 from bnexplore.scenario import Scenario
 
 DEFAULT_LIMIT = 2 * 1024**3
@@ -52,15 +53,19 @@ def estimate(scenario: Scenario, reference: bool) -> int:
     values = scenario.values_per_channel * scenario.channels
     itemsize = numpy_dtype(scenario["dtype"]).itemsize
     engines = scenario["engines"]
-    batch = (8 if scenario["input"] in ("ones", "constant") else 16) * values + itemsize * values
-    per_engine = {
-        "torch": itemsize * values,
-        "torch_gpu": itemsize * values,
-        "keras": 4 * itemsize * values,
-        "keras2": 4 * itemsize * values,
-    }
-    porting = "keras" in engines and scenario["keras_init"] != "fresh" and "torch" not in engines
-    frameworks = sum(per_engine[e] for e in engines) + (per_engine["torch"] if porting else 0)
+    drawn = 8 if scenario["input"] in ("ones", "constant") else 16
+    batch = drawn * values + 2 * itemsize * values
+
+    def per_engine(engine: str) -> int:
+        own = 1 if knobs(engine) == "torch" else 4
+        return (own + 2) * itemsize * values
+
+    porting = (
+        any(knobs(e) == "keras" for e in engines)
+        and scenario["keras_init"] != "fresh"
+        and "torch" not in engines
+    )
+    frameworks = sum(per_engine(e) for e in engines) + (per_engine("torch") if porting else 0)
     references = 16 * values * len(engines) if reference else 0
     history = 16 * scenario.channels * (scenario["steps"] + 1) * len(engines) * (1 + reference)
     return batch + frameworks + references + history

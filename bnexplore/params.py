@@ -21,11 +21,20 @@ MIN_DIMS = 2
 
 Kind = Literal["shape", "choice", "choices", "int", "float", "bool", "momentum"]
 
-ENGINE_NAMES = ("torch", "keras", "keras2", "torch_gpu")
+ENGINE_NAMES = ("torch", "keras", "keras2", "torch_gpu", "keras_jax", "keras_torch", "flax")
 """Engines a scenario may compare; bnexplore.engines.ENGINES says how each is run."""
 
-KNOB_PREFIX = {"torch": "torch", "torch_gpu": "torch", "keras": "keras", "keras2": "keras2"}
-"""Whose knobs an engine reads: PyTorch on CUDA is configured by the torch_* keys."""
+KNOB_PREFIX = {
+    "torch": "torch",
+    "torch_gpu": "torch",
+    "keras": "keras",
+    "keras2": "keras2",
+    "keras_jax": "keras",
+    "keras_torch": "keras",
+    "flax": "flax",
+}
+"""Whose knobs an engine reads: PyTorch on CUDA is configured by the torch_* keys, and
+Keras 3 on every backend by the keras_* keys (the same layer, another kernel)."""
 
 
 def knobs(engine: str) -> str:
@@ -41,6 +50,7 @@ GROUPS: dict[str, str] = {
     "torch": "PyTorch module",
     "keras": "Keras 3 layer",
     "keras2": "Keras 2 layer (tf_keras)",
+    "flax": "Flax layer (nnx.BatchNorm)",
     "sweep": "Sweep",
 }
 """Sidebar groups, in the order they are shown."""
@@ -114,6 +124,8 @@ SWEEPABLE = (
     "keras_momentum",
     "keras2_eps",
     "keras2_momentum",
+    "flax_eps",
+    "flax_momentum",
 )
 """Parameters a sweep can vary; batch_size is the shape's first dim (N)."""
 
@@ -198,7 +210,9 @@ PARAMS: tuple[Param, ...] = (
         "run",
         "Engines to compare",
         "Each pair is compared; the first engine is the expected side. torch_gpu: PyTorch "
-        "on CUDA with the PyTorch knobs, beside the other engines' device.",
+        "on CUDA with the PyTorch knobs, beside the other engines' device. keras_jax, "
+        "keras_torch: Keras 3 on JAX and on PyTorch, with the Keras 3 knobs. flax: "
+        "flax.nnx.BatchNorm. Each framework runs in a worker process of its own.",
         choices=ENGINE_NAMES,
     ),
     Param(
@@ -389,6 +403,50 @@ PARAMS: tuple[Param, ...] = (
         "into the moving variance, like PyTorch; the non-fused path the biased one, like Keras 3. "
         "auto: fused where it can be.",
         choices=("auto", "true", "false"),
+    ),
+    # --- Flax ------------------------------------------------------------------------
+    Param(
+        "flax_use_running_average",
+        "bool",
+        False,
+        "flax",
+        "use_running_average",
+        "The measured pass: false (a fresh nnx.BatchNorm's default) normalizes with the batch "
+        "and updates the statistics, like a new PyTorch module; true uses the running ones. "
+        "Training passes always use the batch.",
+    ),
+    Param(
+        "flax_momentum",
+        "float",
+        0.99,
+        "flax",
+        "momentum",
+        "running ← momentum·running + (1 − momentum)·batch, Keras's convention.",
+        low=0.0,
+        high=1.0,
+        step=0.01,
+    ),
+    Param(
+        "flax_eps",
+        "float",
+        1e-5,
+        "flax",
+        "epsilon",
+        "Added to the variance before the square root (1e-5, like PyTorch).",
+        low=0.0,
+        low_open=True,
+        step=1e-6,
+    ),
+    Param("flax_use_bias", "bool", True, "flax", "use_bias", "Learnable bias (0 when fresh)."),
+    Param("flax_use_scale", "bool", True, "flax", "use_scale", "Learnable scale (1 when fresh)."),
+    Param(
+        "flax_use_fast_variance",
+        "bool",
+        True,
+        "flax",
+        "use_fast_variance",
+        "true: the batch variance as E[x²] − E[x]² in at least float32 (fast, cancels when "
+        "|mean| ≫ std); false: the two-pass E[(x − E[x])²].",
     ),
     # --- sweep (shown in the Sweep tab) ---------------------------------------------------
     Param(

@@ -11,11 +11,12 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import memory
+from bnexplore import memory, workers
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
 from bnexplore.metrics import Divergence, measure
+from bnexplore.params import knobs
 from bnexplore.scenario import Scenario, parse_link
 
 log = logging.getLogger(__name__)
@@ -180,62 +181,97 @@ def compare(
         )
         refused = {name: EngineResult(name, available=False, reason=why) for name in names}
         return Comparison(scenario, (*notices, why), refused, {})
-    done: dict[str, EngineResult] = {}
-    lanes: dict[str, Session] = {}
-    for name in names:
-        started = start(name, scenario)
-        if isinstance(started, EngineResult):
-            done[name] = started
-        else:
-            lanes[name] = started
-    if reference:  # every engine that could be loaded, even one whose layer refused to build
-        for name in names:
-            if name in lanes or done[name].available:
-                lanes[f"{name}_reference"] = REFERENCES[name](scenario)
-    porting = "keras" in names and scenario["keras_init"] != "fresh"
-    source = "torch"
+    porting = any(knobs(n) == "keras" for n in names) and scenario["keras_init"] != "fresh"
+    engine_of_lane = {name: name for name in names}
     if porting and "torch" not in names:
-        source = PORT_SOURCE
-        started = start("torch", scenario)
-        if isinstance(started, EngineResult):
-            done[source] = started
+        engine_of_lane[PORT_SOURCE] = "torch"
+    in_process = workers.workers_per_engine() == 0
+    taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
+    shared = workers.SharedBatch()
+    try:
+        if in_process:
+            started = {lane: start(e, scenario) for lane, e in engine_of_lane.items()}
         else:
-            lanes[source] = started
-
-    steps = scenario["steps"]
-    for k, batch in enumerate(batches(scenario)):
-        if porting and k == steps:
-            _port(scenario, lanes, done, source)
-        for name, lane in list(lanes.items()):
-            try:
-                lane.step(k, batch)
-            except Exception as exc:  # a framework error is its result
-                log.info("%s raised on pass %d of %s", name, k, scenario.link, exc_info=True)
-                done[name] = lane.failed(exc)
-                del lanes[name]
-        if report:
-            report((k + 1) / (steps + 1), f"pass {k + 1} of {steps + 1}")
-    done.update({name: lane.finish() for name, lane in lanes.items()})
+            started = workers.start_sessions(engine_of_lane, scenario, taken, shared)
+        done = {lane: s for lane, s in started.items() if isinstance(s, EngineResult)}
+        lanes = {lane: s for lane, s in started.items() if not isinstance(s, EngineResult)}
+        if reference:  # every engine that could be loaded, even one whose layer refused to build
+            for name in names:
+                if name in lanes or done[name].available:
+                    lanes[f"{name}_reference"] = REFERENCES[name](scenario)
+        _run_passes(scenario, lanes, done, porting, report)
+    finally:
+        shared.close()
+        workers.POOL.release(taken.values())
     results = {name: done[name] for name in names}
     references = {name: done[f"{name}_reference"] for name in names if f"{name}_reference" in done}
     return Comparison(scenario, tuple(notices), results, references)
 
 
+def _run_passes(
+    scenario: Scenario,
+    lanes: dict[str, Session],
+    done: dict[str, EngineResult],
+    porting: bool,
+    report: Report | None,
+) -> None:
+    """Step every lane through the same batches in lock step, then finish each.
+
+    A lane in a worker only begins its pass in ``step``; ``settle`` waits, so every
+    worker works on a pass at once while the references step here.
+    """
+
+    def attempt(name: str, action) -> None:
+        try:
+            action(lanes[name])
+        except Exception as exc:  # a framework error, or a lost worker, is its result
+            log.info("%s failed on %s", name, scenario.link, exc_info=True)
+            done[name] = lanes.pop(name).failed(exc)
+
+    steps = scenario["steps"]
+    source = "torch" if "torch" in scenario["engines"] else PORT_SOURCE
+    try:
+        for k, batch in enumerate(batches(scenario)):
+            if porting and k == steps:
+                _port(scenario, lanes, done, source)
+            for name in list(lanes):
+                attempt(name, lambda lane, k=k, batch=batch: lane.step(k, batch))
+            for name in list(lanes):
+                attempt(name, lambda lane: lane.settle())
+            if report:
+                report((k + 1) / (steps + 1), f"pass {k + 1} of {steps + 1}")
+        for name in list(lanes):
+            attempt(name, lambda lane: lane.begin_finish())
+        for name in list(lanes):
+            try:
+                done[name] = lanes[name].finish()
+            except Exception as exc:
+                log.info("%s failed to finish on %s", name, scenario.link, exc_info=True)
+                done[name] = lanes[name].failed(exc)
+            del lanes[name]
+    finally:
+        for lane in lanes.values():  # left by an interruption: nothing will finish them
+            lane.drop()
+
+
 def _port(scenario: Scenario, lanes: dict, done: dict, source: str) -> None:
-    """Hand PyTorch's state to Keras 3 (and its reference) before the measured pass."""
+    """Hand PyTorch's state to every Keras 3 engine (and reference) before the measured pass."""
     state = lanes[source].state() if source in lanes else None
     why = None
     if state is None:
         failed = done.get(source)
         cause = (failed.reason or failed.error) if failed else "no running statistics"
         why = f"keras_init={scenario['keras_init']}: PyTorch has no state to port ({cause})"
-    for name in ("keras", "keras_reference"):
+    receivers = [n for n in scenario["engines"] if knobs(n) == "keras"]
+    for name in [*receivers, *(f"{n}_reference" for n in receivers)]:
         if name not in lanes:
             continue
-        if why:
-            done[name] = lanes.pop(name).failed(ValueError(why))
-        else:
+        try:
+            if why:
+                raise ValueError(why)
             lanes[name].port(_swapped_if_asked(scenario, state))
+        except Exception as exc:  # noqa: BLE001 - no state to port, or a lost worker: a result
+            done[name] = lanes.pop(name).failed(exc)
 
 
 def run_engine(name: str, scenario: Scenario) -> EngineResult:

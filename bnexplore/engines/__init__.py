@@ -57,6 +57,11 @@ class EngineResult:
     rounding_gain: np.ndarray | None = None
     """Reference engines only: per channel, |mean|·|γ|/√(var + eps) of the measured
     pass, the factor by which rounding in the mean is amplified in the output."""
+    variance_error: dict[str, np.ndarray] | None = None
+    """Reference engines of kernels that take the batch variance as E[x²] − E[x]²: per
+    channel, the bound δ on that variance's error (see reference.fast_variance_error),
+    for the measured pass ("output", when it normalizes with the batch) and the largest
+    over the passes that fed the running variance ("running")."""
 
 
 State = dict[str, np.ndarray]
@@ -66,8 +71,9 @@ State = dict[str, np.ndarray]
 class Session:
     """One layer of one engine, stepped through the scenario's batches.
 
-    ``step(k, batch)`` runs pass k (training passes, then the measured one); a
-    framework error raised there is the engine's result, not a crash.
+    ``step(k, batch)`` runs pass k (training passes, then the measured one), or
+    only begins it where ``settle`` then waits; a framework error raised in
+    either is the engine's result, not a crash.
     ``state()`` is the layer's state now (a port's source); ``port(state)``
     loads one into a layer whose scenario starts from a port.
     """
@@ -77,6 +83,15 @@ class Session:
 
     def step(self, k: int, batch: np.ndarray) -> None:
         raise NotImplementedError
+
+    def settle(self) -> None:
+        """Wait for the pass ``step`` began (a session in a worker process only sends)."""
+
+    def begin_finish(self) -> None:
+        """Start finishing; ``finish`` then waits for the result."""
+
+    def drop(self) -> None:
+        """Let go of a session that will not be finished."""
 
     def state(self) -> State | None:
         return None
@@ -107,6 +122,13 @@ ENGINES: dict[str, tuple[str, str, str]] = {
     "keras": ("Keras 3", "bnexplore.engines.keras_engine", "KerasEngine"),
     "keras2": ("Keras 2", "bnexplore.engines.keras2_engine", "Keras2Engine"),
     "torch_gpu": ("PyTorch (CUDA)", "bnexplore.engines.torch_engine", "TorchGpuEngine"),
+    "keras_jax": ("Keras 3 (JAX)", "bnexplore.engines.keras_jax_engine", "KerasJaxEngine"),
+    "keras_torch": (
+        "Keras 3 (PyTorch)",
+        "bnexplore.engines.keras_torch_engine",
+        "KerasTorchEngine",
+    ),
+    "flax": ("Flax", "bnexplore.engines.flax_engine", "FlaxEngine"),
 }
 """name → (label, module, class). The order is the order of comparison."""
 

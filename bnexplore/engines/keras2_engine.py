@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import tf_keras
 
-from bnexplore.engines.tf_common import KerasFamilyEngine, tf
+from bnexplore.engines.tf_common import TensorFlowKerasEngine, tf
 from bnexplore.scenario import Scenario
 
 _FUSED = {"auto": None, "true": True, "false": False}
 
 
-class Keras2Engine(KerasFamilyEngine):
+class Keras2Engine(TensorFlowKerasEngine):
     name = "keras2"
     label = "Keras 2"
     version = f"tf_keras {tf_keras.__version__} (TensorFlow {tf.__version__})"

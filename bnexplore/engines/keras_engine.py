@@ -21,7 +21,7 @@ if "keras" not in sys.modules:
 
 import keras
 
-from bnexplore.engines.tf_common import KerasFamilyEngine, tf
+from bnexplore.engines.tf_common import TensorFlowKerasEngine, tf
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -30,10 +30,11 @@ if keras.backend.backend() != "tensorflow":
     )
 
 
-class KerasEngine(KerasFamilyEngine):
+class KerasEngine(TensorFlowKerasEngine):
     name = "keras"
     label = "Keras 3"
     version = f"keras {keras.__version__} (TensorFlow {tf.__version__})"
     prefix = "keras"
+    receives_port = True
 
     layer_class = keras.layers.BatchNormalization

@@ -33,6 +33,29 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
+def unit_roundoff(dtype: str) -> float:
+    """u of the dtype the statistics are computed in: at least float32 (half inputs are
+    widened first), float64 for float64."""
+    return 2.0**-53 if dtype == "float64" else 2.0**-24
+
+
+def fast_variance_error(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Per channel, a bound δ on |v̂ − v| where v̂ = fl(E[x²]) − fl(E[x])² is computed in
+    floating point with unit roundoff u (at least float32's) over n values.
+
+    First order, for any summation order: |fl(E[x²]) − E[x²]| ≤ (n + 1)·u·E[x²];
+    |fl(E[x]) − E[x]| ≤ (n + 1)·u·E[|x|], so squaring it errs by at most
+    2·(n + 1)·u·E[|x|]² + u·E[x]²; the subtraction adds u·v. With E[|x|]², E[x]² and v
+    each at most E[x²]: δ = (3n + 5)·u·E[x²]. When |E[x]| ≫ std, δ exceeds v itself:
+    the fast variance has no correct digit left.
+    """
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    n = x.size // x.shape[1]
+    with np.errstate(all="ignore"):
+        second_moment = np.square(x).mean(axis=axes)
+    return (3 * n + 5) * unit_roundoff(dtype) * second_moment
+
+
 def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
     """Running statistics as a layer keeps them: rounded to its variables' dtype."""
     return values.astype(numpy_dtype(dtype)).astype(np.float64)
@@ -71,6 +94,18 @@ class ReferenceSession(Session):
         self.variances: list[np.ndarray] = []
         self.trained_state: State | None = None
         self.output = self.gain = None
+        self.fast_variance = False
+        self.variance_error: dict[str, np.ndarray] = {}
+
+    def _batch_statistics(self, k: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The exact batch moments; with a fast-variance kernel, also its error bound δ."""
+        if self.fast_variance:
+            delta = fast_variance_error(x, self.s["dtype"])
+            if k == self.s["steps"]:
+                self.variance_error["output"] = delta
+            fed = self.variance_error.get("running")
+            self.variance_error["running"] = delta if fed is None else np.maximum(fed, delta)
+        return _moments(x)
 
     def _record(self, k: int) -> None:
         if self.running_mean is not None:
@@ -108,6 +143,7 @@ class ReferenceSession(Session):
             running_var=self.running_var,
             trained_state=self.trained_state,
             rounding_gain=self.gain,
+            variance_error=self.variance_error or None,
             history=history_of(self.steps_seen, self.means, self.variances),
             **self.where,
         )
@@ -163,8 +199,11 @@ class KerasRules(ReferenceSession):
 
     prefix = "keras"
 
-    def __init__(self, scenario: Scenario) -> None:
-        super().__init__(f"{self.prefix}_reference", scenario)
+    def __init__(
+        self, scenario: Scenario, name: str | None = None, fast_variance: bool = False
+    ) -> None:
+        super().__init__(name or f"{self.prefix}_reference", scenario)
+        self.fast_variance = fast_variance
         self.unbiased, self.eps, self.error = self.rules(scenario)
         self.ported = self.prefix == "keras" and scenario["keras_init"] != "fresh"
 
@@ -194,7 +233,7 @@ class KerasRules(ReferenceSession):
         training = k < s["steps"] or s[f"{p}_training"] == "true"
         if training and s[f"{p}_trainable"]:
             momentum, stored = s[f"{p}_momentum"], self.variable_dtype(s)
-            mean, var = _moments(x)
+            mean, var = self._batch_statistics(k, x)
             self.output, self.gain = _normalize(x, mean, var, self.eps, self.gamma, self.beta)
             fed = var.ravel() * n / (n - 1) if self.unbiased and n > 1 else var.ravel()
             self.running_mean = _stored(
@@ -234,10 +273,48 @@ class Keras2Rules(KerasRules):
         return "float32" if scenario["dtype"] in ("float16", "bfloat16") else scenario["dtype"]
 
 
+class FlaxRules(ReferenceSession):
+    """Flax nnx's rules: biased variance, Keras's momentum convention, no default inference.
+
+    running ← momentum·running + (1 − momentum)·batch with the biased var_b;
+    training passes always normalize with the batch; the measured pass uses the
+    running statistics only with use_running_average=true. Statistics are
+    computed in at least float32, and the updated running statistics keep that
+    dtype (a float16 layer's become float32).
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__("flax_reference", scenario)
+        self.fast_variance = scenario["flax_use_fast_variance"]
+
+    def step(self, k: int, batch: np.ndarray) -> None:
+        s = self.s
+        x = batch.astype(np.float64)
+        if k < s["steps"] or not s["flax_use_running_average"]:
+            momentum = s["flax_momentum"]
+            stored = "float64" if s["dtype"] == "float64" else "float32"
+            mean, var = self._batch_statistics(k, x)
+            self.output, self.gain = _normalize(x, mean, var, s["flax_eps"], self.gamma, self.beta)
+            self.running_mean = _stored(
+                momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
+            )
+            self.running_var = _stored(
+                momentum * self.running_var + (1 - momentum) * var.ravel(), stored
+            )
+        else:
+            self._normalize_with_running(x, s["flax_eps"])
+        self._record(k)
+
+
 REFERENCES: dict[str, Callable[[Scenario], ReferenceSession]] = {
     "torch": TorchRules,
     "keras": KerasRules,
     "keras2": Keras2Rules,
     "torch_gpu": lambda scenario: TorchRules(scenario, "torch_gpu_reference"),
+    "keras_jax": lambda scenario: KerasRules(scenario, "keras_jax_reference"),
+    "keras_torch": lambda scenario: KerasRules(
+        scenario, "keras_torch_reference", fast_variance=True
+    ),
+    "flax": FlaxRules,
 }
 """Engine name → the reference session that follows that framework's rules."""

@@ -1,0 +1,89 @@
+"""Large arrays between processes through shared-memory files, never through a pipe.
+
+A file under ``/dev/shm`` (the temporary directory where there is none) holds
+one array's bytes; the other side maps or reads it and the receiver deletes it.
+Small arrays (running statistics, states) travel inside the message itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnexplore.batches import numpy_dtype
+
+SHIP_ABOVE = 64 * 1024
+"""Arrays larger than this many bytes go through a shared-memory file."""
+
+PREFIX = "bnexplore-"
+
+
+def shm_dir() -> str:
+    return (
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        else (tempfile.gettempdir())
+    )
+
+
+def new_file(size: int) -> str:
+    """A fresh shared-memory file of ``size`` bytes (at least one), by path."""
+    fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=shm_dir())
+    try:
+        os.ftruncate(fd, max(size, 1))
+    finally:
+        os.close(fd)
+    return path
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """An array left in a shared-memory file for the receiver."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def receive(self) -> np.ndarray:
+        """The array, read once; the file is deleted."""
+        try:
+            return np.fromfile(self.path, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
+        finally:
+            os.unlink(self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _ship_array(array: np.ndarray) -> np.ndarray | Shipped:
+    if array.nbytes <= SHIP_ABOVE:
+        return array
+    path = new_file(array.nbytes)
+    np.ascontiguousarray(array).tofile(path)
+    return Shipped(path, array.shape, array.dtype.name)
+
+
+def ship(result):
+    """A dataclass (an EngineResult) with its large top-level arrays left in files."""
+    changes = {
+        f.name: _ship_array(value)
+        for f in dataclasses.fields(result)
+        if isinstance(value := getattr(result, f.name), np.ndarray)
+    }
+    return dataclasses.replace(result, **changes)
+
+
+def unship(result):
+    """The dataclass with every shipped array read back (and its file deleted)."""
+    changes = {
+        f.name: value.receive()
+        for f in dataclasses.fields(result)
+        if isinstance(value := getattr(result, f.name), Shipped)
+    }
+    return dataclasses.replace(result, **changes) if changes else result

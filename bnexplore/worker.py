@@ -1,0 +1,130 @@
+"""A worker process: one engine's framework, imported once, serving sessions over a socket.
+
+Started by :mod:`bnexplore.workers` as ``python -m bnexplore.worker ENGINE FD``, so
+``ps`` shows which engine a process serves. It imports the framework, says it is
+ready (or why it cannot be), then answers requests until the socket closes:
+
+- ``("start", sid, values)`` → ``("started", sid, where)`` or ``("result", sid, result)``
+- ``("step", sid, k, path, shape, dtype)`` → ``("ok", sid)`` or ``("result", sid, failed)``;
+  the batch is read in place from the shared-memory file ``path``
+- ``("state", sid)`` → ``("state", sid, state)``; ``("port", sid, state)`` → ``("ok", sid)``
+- ``("finish", sid)`` → ``("result", sid, result)``, large arrays in shared-memory files
+- ``("drop", sid)``: forget a session (no answer); ``("ping", sid)`` → ``("pong", sid, info)``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import sys
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from bnexplore import engines
+from bnexplore.batches import numpy_dtype
+from bnexplore.scenario import Scenario
+from bnexplore.shipping import ship
+
+log = logging.getLogger("bnexplore.worker")
+
+
+class BatchViews:
+    """Shared-memory batch files mapped once per session, copy-on-write (never written back)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def view(self, path: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        mapped = self._maps.get(path)
+        if mapped is None:
+            with open(path, "rb") as file:
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[path] = mapped
+        return np.frombuffer(mapped, dtype=numpy_dtype(dtype)).reshape(shape)
+
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            # a framework may still hold a view: then the map goes with the view
+            with contextlib.suppress(BufferError):
+                mapped.close()
+        self._maps.clear()
+
+
+def thread_counts() -> dict[str, int]:
+    """The intra- and inter-op thread counts of the frameworks this process imported."""
+    counts = {}
+    if "torch" in sys.modules:
+        counts["torch_intra_op"] = sys.modules["torch"].get_num_threads()
+    if "tensorflow" in sys.modules:
+        threading = sys.modules["tensorflow"].config.threading
+        counts["tf_intra_op"] = threading.get_intra_op_parallelism_threads()
+        counts["tf_inter_op"] = threading.get_inter_op_parallelism_threads()
+    return counts
+
+
+def serve(name: str, conn: Connection) -> None:
+    info: dict = {"pid": os.getpid()}
+    try:
+        info["version"] = engines.load(name).version
+    except engines.EngineUnavailable as missing:
+        info["reason"] = str(missing)
+    conn.send(("ready", None, {**info, "threads": thread_counts()}))
+    sessions: dict[int, engines.Session] = {}
+    views: dict[int, BatchViews] = {}
+    while True:
+        try:
+            op, sid, *args = conn.recv()
+        except (EOFError, OSError):
+            return
+        if op == "drop":
+            sessions.pop(sid, None)
+            views.pop(sid, BatchViews()).close()
+            continue
+        conn.send(handle(name, op, sid, args, sessions, views))
+
+
+def handle(name: str, op: str, sid: int, args: list, sessions: dict, views: dict) -> tuple:
+    """One request's answer; a framework's exception is the session's failed result."""
+    if op == "ping":
+        return ("pong", sid, {"pid": os.getpid(), "sessions": len(sessions), **thread_counts()})
+    if op == "start":
+        started = engines.start(name, Scenario(args[0]))
+        if isinstance(started, engines.EngineResult):
+            return ("result", sid, ship(started))
+        sessions[sid], views[sid] = started, BatchViews()
+        return ("started", sid, started.where)
+    session = sessions[sid]
+    try:
+        if op == "step":
+            k, path, shape, dtype = args
+            session.step(k, views[sid].view(path, shape, dtype))
+            return ("ok", sid)
+        if op == "state":
+            return ("state", sid, session.state())
+        if op == "port":
+            session.port(args[0])
+            return ("ok", sid)
+        if op == "finish":
+            result = session.finish()
+            del sessions[sid]
+            views.pop(sid).close()
+            return ("result", sid, ship(result))
+    except Exception as exc:  # a framework error is the session's result
+        log.info("%s raised on %s", name, op, exc_info=True)
+        sessions.pop(sid, None)
+        views.pop(sid, BatchViews()).close()
+        return ("result", sid, ship(session.failed(exc)))
+    raise ValueError(f"unknown request {op!r}")
+
+
+def main(argv: list[str]) -> None:
+    name, fd = argv[0], int(argv[1])
+    logging.basicConfig(level=logging.WARNING, format=f"bnexplore.worker[{name}] %(message)s")
+    serve(name, Connection(fd))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

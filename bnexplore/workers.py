@@ -1,0 +1,369 @@
+"""Engines in worker processes: one framework (or Keras backend) per long-lived process.
+
+A Keras 3 backend is fixed once per process, and a framework that crashes, runs
+out of memory or hangs must not take the caller with it. So every engine runs in
+worker processes of its own (``python -m bnexplore.worker ENGINE FD``):
+
+- started on first use, all of a run's at once, so their imports overlap; then
+  reused across runs. ``BNEXPLORE_WORKERS`` (default 1) is the number of workers
+  per engine: runs for the same engine queue for its workers, first come first
+  served, each holding its workers for the whole run.
+- batches reach a worker through one shared-memory file per run, rewritten for
+  each pass; outputs come back the same way (see :mod:`bnexplore.shipping`).
+- a worker that dies, or does not answer within ``BNEXPLORE_TIME_LIMIT`` seconds
+  (default 120) of the run's start, is stopped: the engine's result is an error
+  that starts with "worker", and the next run starts a fresh worker.
+
+``BNEXPLORE_WORKERS=0`` runs every engine inside the calling process instead
+(for debugging; Keras 3 on JAX or PyTorch and Flax then cannot load beside
+Keras on TensorFlow).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+from bnexplore.engines import LABELS, EngineResult, Session, State
+from bnexplore.scenario import Scenario
+from bnexplore.shipping import new_file, unship
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_LIMIT = 120.0
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def time_limit() -> float:
+    """Seconds a run may take: BNEXPLORE_TIME_LIMIT, or 120 (also when it is unreadable)."""
+    try:
+        value = float(os.environ.get("BNEXPLORE_TIME_LIMIT", DEFAULT_TIME_LIMIT))
+    except ValueError:
+        return DEFAULT_TIME_LIMIT
+    return value if value > 0 and value == value else DEFAULT_TIME_LIMIT
+
+
+def workers_per_engine() -> int:
+    """BNEXPLORE_WORKERS: workers per engine (0: engines run in this process)."""
+    try:
+        return max(0, int(os.environ.get("BNEXPLORE_WORKERS", "1")))
+    except ValueError:
+        return 1
+
+
+class WorkerLost(RuntimeError):
+    """The worker died or was stopped; the message is the engine's error."""
+
+
+class StepFailed(RuntimeError):
+    """The framework raised in the worker; ``result`` is the session's failed result."""
+
+    def __init__(self, result: EngineResult) -> None:
+        super().__init__(result.error)
+        self.result = result
+
+
+def _death(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"died (killed by signal {signal.Signals(-code).name})"
+        except ValueError:
+            return f"died (signal {-code})"
+    return f"died (exit code {code})"
+
+
+class Worker:
+    """One worker process and its end of the socket; used by one run at a time."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        env.pop("KERAS_BACKEND", None)  # each engine module sets its own
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bnexplore.worker", engine, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.pid = self.process.pid
+        self.info: dict | None = None
+        self._stash: dict[int, tuple] = {}
+        self.lost: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.lost is None and self.process.poll() is None
+
+    def send(self, message: tuple) -> None:
+        if self.lost:
+            raise WorkerLost(self.lost)
+        try:
+            self.conn.send(message)
+        except OSError:
+            self._lose(_death(self._exit_code()))
+
+    def reply(self, sid: int, deadline: float) -> tuple:
+        """The next answer for session ``sid`` (answers for others are kept for them)."""
+        while sid not in self._stash:
+            if self.lost:
+                raise WorkerLost(self.lost)
+            remaining = deadline - time.monotonic()
+            try:
+                ready = remaining > 0 and self.conn.poll(remaining)
+                if not ready:
+                    self.stop()
+                    self._lose(
+                        f"did not answer within the time limit of {time_limit():g} s "
+                        "(BNEXPLORE_TIME_LIMIT); it was stopped"
+                    )
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                self._lose(_death(self._exit_code()))
+            if message[0] == "ready":
+                self.info = message[2]
+                continue
+            self._stash[message[1]] = message
+        return self._stash.pop(sid)
+
+    def _exit_code(self) -> int | None:
+        try:
+            return self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _lose(self, why: str) -> None:
+        self.lost = (
+            f"worker for {LABELS.get(self.engine, self.engine)} (pid {self.pid}) {why}; "
+            "a new one starts for the next run"
+        )
+        self.stop()
+        raise WorkerLost(self.lost)
+
+    def stop(self) -> None:
+        """Kill the process (its memory goes with it) and close the socket."""
+        if self.process.poll() is None:
+            self.process.kill()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s (pid %d) did not exit after SIGKILL", self.engine, self.pid)
+        self.conn.close()
+
+
+class Pool:
+    """Workers by engine; a run takes one of each engine it needs, in name order."""
+
+    def __init__(self) -> None:
+        self._all: dict[str, list[Worker]] = {}
+        self._free: dict[str, list[Worker]] = {}
+        self._cond = threading.Condition()
+
+    def acquire(self, engines: Iterable[str]) -> dict[str, Worker]:
+        """One worker per engine, waiting for a free one; spawns up to BNEXPLORE_WORKERS.
+
+        Engines are taken in name order, so two runs never wait on each other in a cycle.
+        """
+        most = max(1, workers_per_engine())
+        taken: dict[str, Worker] = {}
+        with self._cond:
+            for engine in sorted(set(engines)):
+                while True:
+                    self._prune(engine)
+                    free = self._free.setdefault(engine, [])
+                    if free:
+                        taken[engine] = free.pop()
+                        break
+                    if len(self._all.setdefault(engine, [])) < most:
+                        worker = Worker(engine)
+                        self._all[engine].append(worker)
+                        taken[engine] = worker
+                        break
+                    self._cond.wait()
+        return taken
+
+    def release(self, workers: Iterable[Worker]) -> None:
+        with self._cond:
+            for worker in workers:
+                if worker.alive:
+                    worker._stash.clear()
+                    self._free.setdefault(worker.engine, []).append(worker)
+                else:
+                    worker.stop()
+                    self._prune(worker.engine)
+            self._cond.notify_all()
+
+    def _prune(self, engine: str) -> None:
+        """Forget workers that died while idle (killed from outside, say)."""
+        for worker in [w for w in self._all.get(engine, []) if not w.alive]:
+            worker.stop()
+            self._all[engine].remove(worker)
+            if worker in self._free.get(engine, []):
+                self._free[engine].remove(worker)
+
+    def warm(self, engines: Iterable[str]) -> None:
+        """Start a worker for each engine that has none yet, without waiting for it."""
+        self.release(self.acquire(engines))
+
+    def processes(self) -> dict[str, list[int]]:
+        """Engine → pids of its live workers."""
+        with self._cond:
+            return {e: [w.pid for w in ws if w.alive] for e, ws in self._all.items()}
+
+    def shutdown(self) -> None:
+        with self._cond:
+            for workers in self._all.values():
+                for worker in workers:
+                    worker.stop()
+            self._all.clear()
+            self._free.clear()
+
+
+POOL = Pool()
+atexit.register(POOL.shutdown)
+
+_session_ids = itertools.count(1)
+
+
+class SharedBatch:
+    """One run's batch, in one shared-memory file rewritten for each pass."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self._current: tuple[int, int] | None = None
+        self._array: np.ndarray | None = None
+
+    def publish(self, batch: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+        if self.path is None:
+            self.path = new_file(batch.nbytes)
+            self._array = np.memmap(self.path, dtype=batch.dtype, mode="r+", shape=batch.shape)
+        if self._current != (id(batch), batch.ctypes.data):  # constant batches: written once
+            self._array[...] = batch
+            self._current = (id(batch), batch.ctypes.data)
+        return self.path, batch.shape, batch.dtype.name
+
+    def close(self) -> None:
+        self._array = None
+        if self.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+class WorkerSession(Session):
+    """A session that lives in a worker: the same interface, answered over the socket.
+
+    ``step`` and ``begin_finish`` only send; ``settle`` and ``finish`` wait, so the
+    runner can let every worker work on a pass at once.
+    """
+
+    def __init__(self, name: str, engine: str, worker: Worker, batch: SharedBatch, deadline):
+        self.name, self.engine, self.worker, self.batch = name, engine, worker, batch
+        self.deadline = deadline
+        self.sid = next(_session_ids)
+        self.where: dict = {}
+        self._pending = False
+
+    def begin_start(self, scenario: Scenario) -> None:
+        self.worker.send(("start", self.sid, dict(scenario.values)))
+
+    def settle_start(self) -> Session | EngineResult:
+        answer = self.worker.reply(self.sid, self.deadline)
+        if answer[0] == "result":
+            return self._named(unship(answer[2]))
+        self.where = answer[2]
+        return self
+
+    def _named(self, result: EngineResult) -> EngineResult:
+        import dataclasses
+
+        return result if result.name == self.name else dataclasses.replace(result, name=self.name)
+
+    def step(self, k: int, batch: np.ndarray) -> None:
+        self.worker.send(("step", self.sid, k, *self.batch.publish(batch)))
+        self._pending = True
+
+    def settle(self) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        answer = self.worker.reply(self.sid, self.deadline)
+        if answer[0] == "result":
+            raise StepFailed(self._named(unship(answer[2])))
+
+    def state(self) -> State | None:
+        self.worker.send(("state", self.sid))
+        return self.worker.reply(self.sid, self.deadline)[2]
+
+    def port(self, state: State) -> None:
+        self.worker.send(("port", self.sid, state))
+        answer = self.worker.reply(self.sid, self.deadline)
+        if answer[0] == "result":
+            raise StepFailed(self._named(unship(answer[2])))
+
+    def begin_finish(self) -> None:
+        self.worker.send(("finish", self.sid))
+
+    def finish(self) -> EngineResult:
+        answer = self.worker.reply(self.sid, self.deadline)
+        if answer[0] != "result":
+            raise WorkerLost(f"worker for {self.engine}: unexpected answer {answer[0]!r}")
+        return self._named(unship(answer[2]))
+
+    def failed(self, exc: Exception) -> EngineResult:
+        if isinstance(exc, StepFailed):
+            return exc.result
+        return EngineResult(
+            self.name, available=True, error=str(exc) or type(exc).__name__, **self.where
+        )
+
+    def drop(self) -> None:
+        """Forget the session in its worker (after a failure elsewhere in the run)."""
+        if self.worker.alive:
+            with contextlib.suppress(WorkerLost):
+                self.worker.send(("drop", self.sid))
+
+
+def start_sessions(
+    lanes: dict[str, str], scenario: Scenario, workers: dict[str, Worker], batch: SharedBatch
+) -> dict[str, Session | EngineResult]:
+    """Start each lane (lane name → engine) in its engine's worker, all at once."""
+    deadline = time.monotonic() + time_limit()
+    sessions = {}
+    for lane, engine in lanes.items():
+        session = WorkerSession(lane, engine, workers[engine], batch, deadline)
+        try:
+            session.begin_start(scenario)
+        except WorkerLost as lost:
+            sessions[lane] = EngineResult(lane, available=True, error=str(lost))
+            continue
+        sessions[lane] = session
+    started = {}
+    for lane, session in sessions.items():
+        if isinstance(session, EngineResult):
+            started[lane] = session
+            continue
+        try:
+            started[lane] = session.settle_start()
+        except WorkerLost as lost:
+            started[lane] = EngineResult(lane, available=True, error=str(lost))
+    return started
