@@ -11,7 +11,7 @@ import json
 import streamlit as st
 
 from bnexplore import charts
-from bnexplore.engines import ENGINES, LABELS, EngineUnavailable, load
+from bnexplore.engines import LABELS
 from bnexplore.explain import aligned
 from bnexplore.params import DEFAULTS
 from bnexplore.presets import matching
@@ -24,19 +24,6 @@ from bnexplore.widgets import apply_scenario, sidebar, sweep_controls
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
 
 
-@st.cache_resource(show_spinner="Loading PyTorch and TensorFlow…")
-def load_engines() -> dict[str, str]:
-    """Import each framework once per server; name → why it is missing ('' if loaded)."""
-    missing = {}
-    for name in ENGINES:
-        try:
-            load(name)
-            missing[name] = ""
-        except EngineUnavailable as exc:
-            missing[name] = str(exc)
-    return missing
-
-
 @st.cache_resource
 def views() -> ViewCache:
     """Results by canonical link, shared by every session of this server."""
@@ -47,7 +34,6 @@ def fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.4g}"
 
 
-missing_engines = load_engines()
 scenario, notices = sidebar()
 
 st.title("BatchNorm: PyTorch vs Keras")
@@ -55,18 +41,18 @@ st.caption(
     "Configure a BatchNorm scenario in the sidebar; it runs for real in each framework. "
     "The address bar is always a link that reproduces it."
 )
-for name in scenario["engines"]:
-    if missing_engines.get(name):
-        st.error(f"{LABELS[name]} is missing; the page shows the others. {missing_engines[name]}")
 if notices:
     st.warning("Parts of the link were not used:\n\n" + "\n".join(f"- {n}" for n in notices))
 
-progress = st.progress(0.0, text="Running…")
+progress = st.progress(0.0, text="Running in each framework's worker process…")
 view = views().view(
     scenario, report=lambda done, text: progress.progress(min(done, 1.0), text=text)
 )
 progress.empty()
 doc = view.document
+for name, engine in doc["engines"].items():
+    if not engine["available"] and "could not be loaded" in (engine["reason"] or ""):
+        st.error(f"{LABELS[name]} is missing; the page shows the others. {engine['reason']}")
 
 # --- the answer, on top --------------------------------------------------------------
 BADGES = {"agree": "green", "rounding": "blue", "differ": "red", "not compared": "gray"}

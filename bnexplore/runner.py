@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -187,19 +188,21 @@ def compare(
         engine_of_lane[PORT_SOURCE] = "torch"
     in_process = workers.workers_per_engine() == 0
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
+    deadline = time.monotonic() + workers.time_limit()
     shared = workers.SharedBatch()
     try:
         if in_process:
             started = {lane: start(e, scenario) for lane, e in engine_of_lane.items()}
         else:
-            started = workers.start_sessions(engine_of_lane, scenario, taken, shared)
+            started = workers.start_sessions(engine_of_lane, scenario, taken, shared, deadline)
         done = {lane: s for lane, s in started.items() if isinstance(s, EngineResult)}
         lanes = {lane: s for lane, s in started.items() if not isinstance(s, EngineResult)}
         if reference:  # every engine that could be loaded, even one whose layer refused to build
             for name in names:
                 if name in lanes or done[name].available:
                     lanes[f"{name}_reference"] = REFERENCES[name](scenario)
-        _run_passes(scenario, lanes, done, porting, report)
+        if not _run_passes(scenario, lanes, done, porting, report, deadline):
+            notices.append(str(workers.TimeLimitReached()) + "; what had not finished stopped")
     finally:
         shared.close()
         workers.POOL.release(taken.values())
@@ -214,11 +217,13 @@ def _run_passes(
     done: dict[str, EngineResult],
     porting: bool,
     report: Report | None,
-) -> None:
+    deadline: float,
+) -> bool:
     """Step every lane through the same batches in lock step, then finish each.
 
     A lane in a worker only begins its pass in ``step``; ``settle`` waits, so every
-    worker works on a pass at once while the references step here.
+    worker works on a pass at once while the references step here. Past the
+    deadline, the lanes still running stop (False is returned).
     """
 
     def attempt(name: str, action) -> None:
@@ -232,6 +237,11 @@ def _run_passes(
     source = "torch" if "torch" in scenario["engines"] else PORT_SOURCE
     try:
         for k, batch in enumerate(batches(scenario)):
+            if lanes and time.monotonic() > deadline:
+                stopped = workers.TimeLimitReached()
+                for name in list(lanes):
+                    done[name] = lanes[name].failed(stopped)
+                return False
             if porting and k == steps:
                 _port(scenario, lanes, done, source)
             for name in list(lanes):
@@ -250,8 +260,9 @@ def _run_passes(
                 done[name] = lanes[name].failed(exc)
             del lanes[name]
     finally:
-        for lane in lanes.values():  # left by an interruption: nothing will finish them
+        for lane in lanes.values():  # stopped, or left by an interruption: nothing finishes them
             lane.drop()
+    return True
 
 
 def _port(scenario: Scenario, lanes: dict, done: dict, source: str) -> None:

@@ -56,10 +56,11 @@ class BatchViews:
 def thread_counts() -> dict[str, int]:
     """The intra- and inter-op thread counts of the frameworks this process imported."""
     counts = {}
-    if "torch" in sys.modules:
-        counts["torch_intra_op"] = sys.modules["torch"].get_num_threads()
-    if "tensorflow" in sys.modules:
-        threading = sys.modules["tensorflow"].config.threading
+    torch, tf = sys.modules.get("torch"), sys.modules.get("tensorflow")
+    if torch is not None:
+        counts["torch_intra_op"] = torch.get_num_threads()
+    if tf is not None:
+        threading = tf.config.threading
         counts["tf_intra_op"] = threading.get_intra_op_parallelism_threads()
         counts["tf_inter_op"] = threading.get_inter_op_parallelism_threads()
     return counts

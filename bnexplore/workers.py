@@ -130,7 +130,7 @@ class Worker:
                 raise WorkerLost(self.lost)
             remaining = deadline - time.monotonic()
             try:
-                ready = remaining > 0 and self.conn.poll(remaining)
+                ready = self.conn.poll(max(remaining, 0.0))  # an answer already here counts
                 if not ready:
                     self.stop()
                     self._lose(
@@ -343,11 +343,23 @@ class WorkerSession(Session):
                 self.worker.send(("drop", self.sid))
 
 
+class TimeLimitReached(RuntimeError):
+    """The run is past BNEXPLORE_TIME_LIMIT: what has not finished stops."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"stopped: the run reached its time limit of {time_limit():g} s (BNEXPLORE_TIME_LIMIT)"
+        )
+
+
 def start_sessions(
-    lanes: dict[str, str], scenario: Scenario, workers: dict[str, Worker], batch: SharedBatch
+    lanes: dict[str, str],
+    scenario: Scenario,
+    workers: dict[str, Worker],
+    batch: SharedBatch,
+    deadline: float,
 ) -> dict[str, Session | EngineResult]:
     """Start each lane (lane name → engine) in its engine's worker, all at once."""
-    deadline = time.monotonic() + time_limit()
     sessions = {}
     for lane, engine in lanes.items():
         session = WorkerSession(lane, engine, workers[engine], batch, deadline)

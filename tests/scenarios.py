@@ -53,3 +53,23 @@ def random_links(count: int, seed: int, ranks=(2, 3, 4, 5)) -> list[str]:
             params["low"], params["high"] = low, round(low + float(rng.uniform(0.5, 3)), 3)
         links.append("?v=1&" + "&".join(f"{k}={v}" for k, v in params.items()))
     return links
+
+
+def random_backend_links(count: int, seed: int, ranks=(2, 3, 4, 5)) -> list[str]:
+    """Links for Keras 3 on JAX and on PyTorch, and Flax, over the same spread of scenarios:
+    Keras's knobs from ``random_links``, Flax's drawn here."""
+    rng = np.random.default_rng(seed + 1)
+    links = []
+    for link in random_links(count, seed, ranks):
+        flax = {
+            "engines": "keras_jax,keras_torch,flax",
+            "flax_use_running_average": ["false", "true"][int(rng.random() < 0.4)],
+            "flax_momentum": float(rng.choice([0.99, 0.9, 0.5, 0.0, 1.0])),
+            "flax_eps": float(rng.choice([1e-5, 1e-3, 1e-1])),
+            "flax_use_bias": ["true", "false"][int(rng.random() < 0.2)],
+            "flax_use_scale": ["true", "false"][int(rng.random() < 0.2)],
+            "flax_use_fast_variance": ["true", "false"][int(rng.random() < 0.3)],
+        }
+        kept = [p for p in link.split("&") if not p.startswith("engines=")]
+        links.append("&".join(kept + [f"{k}={v}" for k, v in flax.items()]))
+    return links

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bnexplore.metrics import TOLERANCES
+from bnexplore.params import knobs
 from bnexplore.runner import compare
 from bnexplore.scenario import parse_link
 from tests.scenarios import random_links
@@ -34,20 +35,25 @@ def stored_updates(scenario, engine: str) -> float:
     (m = PyTorch momentum, 1 − Keras momentum; cumulative average: every step).
     """
     steps = scenario["steps"] + 1
-    if engine == "torch":
+    if knobs(engine) == "torch":
         m = scenario["torch_momentum"]
         if m is None:
             return float(steps)
     else:
-        m = 1 - scenario[f"{engine}_momentum"]
+        m = 1 - scenario[f"{knobs(engine)}_momentum"]
     return float(steps) if m == 0 else max(1.0, (1 - (1 - m) ** steps) / m)
 
 
-def assert_running_stat_matches_reference(actual, expected, scenario, engine, what) -> None:
-    """assert_close's dtype tolerances, once for each rounded update still weighing in."""
+def assert_running_stat_matches_reference(
+    actual, expected, scenario, engine, what, variance_error: float = 0.0
+) -> None:
+    """assert_close's dtype tolerances, once for each rounded update still weighing in;
+    plus, for a fast-variance kernel's running variance, the bound on what it fed in."""
     rtol, atol = TOLERANCES[scenario["dtype"]]
     rounds = stored_updates(scenario, engine)
-    assert_matches_reference(actual, expected, scenario["dtype"], what, rtol * rounds, atol)
+    assert_matches_reference(
+        actual, expected, scenario["dtype"], what, rtol * rounds, atol + variance_error
+    )
 
 
 def assert_output_matches_reference(actual, reference, dtype: str, what: str) -> None:
@@ -62,8 +68,12 @@ def assert_output_matches_reference(actual, reference, dtype: str, what: str) ->
     rtol, atol = TOLERANCES[dtype]
     y = np.asarray(actual, dtype=np.float64)
     y_ref = np.asarray(reference.output, dtype=np.float64)
-    gain = reference.rounding_gain.reshape((1, -1) + (1,) * (y.ndim - 2))
+    channel = (1, -1) + (1,) * (y.ndim - 2)
+    gain = reference.rounding_gain.reshape(channel)
     allowed = atol + rtol * (np.abs(y_ref) + gain)
+    fast = (reference.variance_error or {}).get("output")
+    if fast is not None:  # E[x²] − E[x]²: the variance's error bound, propagated to y
+        allowed = allowed + fast.reshape(channel)
     excess = np.abs(y - y_ref) - allowed
     worst = np.unravel_index(np.argmax(excess), y.shape)
     assert np.all(excess <= 0), (

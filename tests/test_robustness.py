@@ -743,11 +743,17 @@ IMPORT_FAILED = re.compile(r"could not be loaded: (ModuleNotFound|Import)Error: 
 """How an engine whose framework fails to import says so."""
 
 
-def _python(code: str) -> subprocess.Popen:
+def _python(code: str, hide: str, tmp: Path) -> subprocess.Popen:
+    """A fresh process running ``code`` where the modules ``hide`` names cannot be
+    imported, nor in the engines' worker processes it starts: a sitecustomize on
+    PYTHONPATH, which every child process inherits."""
+    hidden = tmp / f"hide-{abs(hash(hide))}"
+    hidden.mkdir(exist_ok=True)
+    (hidden / "sitecustomize.py").write_text(hide)
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=_env(),
+        env=_env(PYTHONPATH=os.pathsep.join([str(hidden), str(ROOT)])),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -761,12 +767,13 @@ def _last_json(proc: subprocess.Popen) -> dict:
 
 
 @pytest.fixture(scope="module")
-def degraded() -> dict[str, dict]:
+def degraded(tmp_path_factory) -> dict[str, dict]:
     """Three fresh processes at once: TensorFlow hidden, torch hidden, the app without TF."""
+    tmp = tmp_path_factory.mktemp("degraded")
     procs = {
-        "no_tf": _python(HIDE_TF + RUN_THREE),
-        "no_torch": _python(HIDE_TORCH + RUN_THREE),
-        "app_no_tf": _python(HIDE_TF + APP_SCRIPT),
+        "no_tf": _python(RUN_THREE, HIDE_TF, tmp),
+        "no_torch": _python(RUN_THREE, HIDE_TORCH, tmp),
+        "app_no_tf": _python(APP_SCRIPT, HIDE_TF, tmp),
     }
     return {name: _last_json(proc) for name, proc in procs.items()}
 

@@ -58,10 +58,10 @@ class EngineResult:
     """Reference engines only: per channel, |mean|·|γ|/√(var + eps) of the measured
     pass, the factor by which rounding in the mean is amplified in the output."""
     variance_error: dict[str, np.ndarray] | None = None
-    """Reference engines of kernels that take the batch variance as E[x²] − E[x]²: per
-    channel, the bound δ on that variance's error (see reference.fast_variance_error),
-    for the measured pass ("output", when it normalizes with the batch) and the largest
-    over the passes that fed the running variance ("running")."""
+    """Reference engines of kernels that take the batch variance as E[x²] − E[x]² (see
+    reference.fast_variance_error), per channel: "output", the bound on how far that
+    moves y in the measured pass (when it normalizes with the batch), and "running", the
+    largest bound δ on a batch variance fed into the running variance."""
 
 
 State = dict[str, np.ndarray]

@@ -97,15 +97,32 @@ class ReferenceSession(Session):
         self.fast_variance = False
         self.variance_error: dict[str, np.ndarray] = {}
 
-    def _batch_statistics(self, k: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The exact batch moments; with a fast-variance kernel, also its error bound δ."""
+    def _normalize_with_batch(
+        self, k: int, x: np.ndarray, eps: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """y from the exact batch moments (returned); with a fast-variance kernel, also
+        what that kernel's error does.
+
+        A variance off by at most δ scales y − β by √(v + eps)/√(v̂ + eps) with
+        v̂ ∈ [max(v − δ, 0), v + δ]: by at most 1 + r, r = √((v + eps)/(max(v − δ, 0) + eps))
+        − 1. Kept per channel: "output", r·max|y − β| for the measured pass; "running",
+        the largest δ fed in (the running variance takes (1 − momentum)·δ per pass, at
+        most δ in all).
+        """
+        mean, var = _moments(x)
+        self.output, self.gain = _normalize(x, mean, var, eps, self.gamma, self.beta)
         if self.fast_variance:
             delta = fast_variance_error(x, self.s["dtype"])
             if k == self.s["steps"]:
-                self.variance_error["output"] = delta
+                v = var.ravel()
+                axes = tuple(i for i in range(x.ndim) if i != 1)
+                with np.errstate(all="ignore"):
+                    r = np.sqrt((v + eps) / (np.maximum(v - delta, 0.0) + eps)) - 1.0
+                    spread = np.abs(self.output - _per_channel(self.beta, x.ndim)).max(axis=axes)
+                self.variance_error["output"] = r * spread
             fed = self.variance_error.get("running")
             self.variance_error["running"] = delta if fed is None else np.maximum(fed, delta)
-        return _moments(x)
+        return mean, var
 
     def _record(self, k: int) -> None:
         if self.running_mean is not None:
@@ -233,8 +250,7 @@ class KerasRules(ReferenceSession):
         training = k < s["steps"] or s[f"{p}_training"] == "true"
         if training and s[f"{p}_trainable"]:
             momentum, stored = s[f"{p}_momentum"], self.variable_dtype(s)
-            mean, var = self._batch_statistics(k, x)
-            self.output, self.gain = _normalize(x, mean, var, self.eps, self.gamma, self.beta)
+            mean, var = self._normalize_with_batch(k, x, self.eps)
             fed = var.ravel() * n / (n - 1) if self.unbiased and n > 1 else var.ravel()
             self.running_mean = _stored(
                 momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
@@ -293,8 +309,7 @@ class FlaxRules(ReferenceSession):
         if k < s["steps"] or not s["flax_use_running_average"]:
             momentum = s["flax_momentum"]
             stored = "float64" if s["dtype"] == "float64" else "float32"
-            mean, var = self._batch_statistics(k, x)
-            self.output, self.gain = _normalize(x, mean, var, s["flax_eps"], self.gamma, self.beta)
+            mean, var = self._normalize_with_batch(k, x, s["flax_eps"])
             self.running_mean = _stored(
                 momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
             )

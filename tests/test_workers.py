@@ -1,0 +1,179 @@
+"""Engines in worker processes: the same numbers as before, and a caller that never crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bnexplore
+from bnexplore import workers
+from bnexplore.runner import compare
+from bnexplore.scenario import parse_link
+from bnexplore.shipping import PREFIX, shm_dir
+from tests.record_golden import outputs_sha256
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "documents.json").read_text())
+
+
+def subset_problems(golden, actual, where: str = "") -> list[str]:
+    """Every key of the golden document, recursively, equal in the new one (new keys may
+    join a document; none of the old may change)."""
+    if isinstance(golden, dict):
+        if not isinstance(actual, dict):
+            return [f"{where}: {actual!r} is not a mapping"]
+        problems = []
+        for key, value in golden.items():
+            if key not in actual:
+                problems.append(f"{where}.{key}: missing")
+            else:
+                problems += subset_problems(value, actual[key], f"{where}.{key}")
+        return problems
+    return [] if golden == actual else [f"{where}: {golden!r} then, {actual!r} now"]
+
+
+def worker_info(engine: str) -> dict:
+    """Ask the engine's worker (started if need be) who it is."""
+    (worker,) = workers.POOL.acquire([engine]).values()
+    try:
+        worker.send(("ping", 0))
+        return {**worker.reply(0, time.monotonic() + 120)[2], **(worker.info or {})}
+    finally:
+        workers.POOL.release([worker])
+
+
+def test_worker_thread_counts_are_those_of_the_golden_documents() -> None:
+    recorded = GOLDEN["threads"]
+    torch_info, keras_info = worker_info("torch"), worker_info("keras")
+    assert torch_info["torch_intra_op"] == recorded["torch_intra_op"]
+    assert keras_info["tf_intra_op"] == recorded["tf_intra_op"]
+    assert keras_info["tf_inter_op"] == recorded["tf_inter_op"]
+
+
+@pytest.mark.parametrize("entry", GOLDEN["entries"], ids=lambda e: e["link"][:60])
+def test_torch_keras_keras2_give_the_golden_documents_bit_for_bit(entry: dict) -> None:
+    doc = bnexplore.run(entry["link"], reference=True)
+    assert subset_problems(entry["document"], doc) == []
+    assert outputs_sha256(entry["link"]) == entry["output_sha256"]
+
+
+def test_each_worker_names_bnexplore_and_its_engine_on_its_command_line() -> None:
+    compare(parse_link("?shape=4,3&engines=torch,flax")[0], reference=False)
+    for engine in ("torch", "flax"):
+        (pid,) = workers.POOL.processes()[engine]
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"bnexplore.worker" in words and engine.encode() in words, words
+
+
+def test_runs_leave_no_shared_memory_files_behind() -> None:
+    before = {p.name for p in Path(shm_dir()).glob(PREFIX + "*")}
+    for link in ("?input=normal&steps=2&engines=torch,keras,flax", "?shape=1,3"):
+        compare(parse_link(link)[0])
+    after = {p.name for p in Path(shm_dir()).glob(PREFIX + "*")}
+    assert after - before == set()
+
+
+def test_runs_of_the_same_engine_queue_for_its_one_worker() -> None:
+    links = [f"?shape=16,8,8&input=normal&seed={i}&steps=3&engines=torch" for i in range(6)]
+    serial = [bnexplore.run(link) for link in links]
+    results: dict[int, dict] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, bnexplore.run(links[i])))
+        for i in range(len(links))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [results[i] for i in range(len(links))] == serial
+    assert len(workers.POOL.processes()["torch"]) == 1
+
+
+LINK = "?shape=8,4,5,5&input=normal&mean=3&seed=5&steps=3&engines=torch,keras_jax,flax"
+
+
+def _kill(engine: str) -> int:
+    (pid,) = workers.POOL.processes()[engine]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_worker_killed_between_runs_is_restarted_with_the_same_numbers() -> None:
+    before = bnexplore.run(LINK, reference=True)
+    killed = _kill("keras_jax")
+    time.sleep(0.2)
+    after = bnexplore.run(LINK, reference=True)
+    assert after == before
+    assert workers.POOL.processes()["keras_jax"] != [killed]
+
+
+def test_a_worker_killed_during_a_run_is_that_engines_error_and_the_next_run_recovers() -> None:
+    slow = "?shape=64,16,16,16&input=normal&seed=1&steps=400&engines=torch,flax&flax_momentum=0.5"
+    expected = bnexplore.run(LINK, reference=True)
+    compare(parse_link(slow)[0], reference=False)  # warm: the workers exist
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(doc=bnexplore.run(slow)))
+    run.start()
+    time.sleep(1.0)
+    killed = _kill("flax")
+    run.join(timeout=300)
+    doc = outcome["doc"]
+    flax = doc["engines"]["flax"]
+    assert flax["available"] and flax["error"].startswith("worker for Flax"), flax
+    assert f"pid {killed}" in flax["error"] and "SIGKILL" in flax["error"], flax["error"]
+    assert doc["engines"]["torch"]["error"] is None  # the other engine ran on
+    (pair,) = doc["divergence"]
+    assert "Flax raised an error" in pair["reason"]
+    assert bnexplore.run(LINK, reference=True) == expected
+
+
+def test_a_worker_that_hangs_past_the_time_limit_is_stopped_and_replaced(monkeypatch) -> None:
+    expected = bnexplore.run(LINK)
+    (pid,) = workers.POOL.processes()["flax"]
+    os.kill(pid, signal.SIGSTOP)  # a hang, as the caller sees one
+    monkeypatch.setenv("BNEXPLORE_TIME_LIMIT", "3")
+    started = time.monotonic()
+    doc = bnexplore.run(LINK)
+    assert time.monotonic() - started < 60
+    error = doc["engines"]["flax"]["error"]
+    assert error.startswith("worker for Flax") and "time limit of 3 s" in error, error
+    (torch_pid,) = workers.POOL.processes()["torch"]
+    # the run is past its limit, so PyTorch stops too, but its healthy worker lives on
+    assert doc["engines"]["torch"]["error"].startswith("stopped: the run reached its time limit")
+    assert any("time limit of 3 s" in n for n in doc["notices"]), doc["notices"]
+    monkeypatch.delenv("BNEXPLORE_TIME_LIMIT")
+    assert bnexplore.run(LINK) == expected
+    assert pid not in workers.POOL.processes()["flax"]
+    assert workers.POOL.processes()["torch"] == [torch_pid]
+
+
+def test_batches_reach_the_workers_through_shared_memory(monkeypatch) -> None:
+    """The step messages carry a path, never the batch: a 1 MiB batch, messages of bytes."""
+    sent: list[int] = []
+    original = workers.Worker.send
+
+    def measuring(self, message):
+        sent.append(len(repr(message)))
+        return original(self, message)
+
+    monkeypatch.setattr(workers.Worker, "send", measuring)
+    scenario = parse_link("?shape=64,16,16,16&input=normal&steps=2&engines=torch,keras")[0]
+    result = compare(scenario, reference=False)
+    assert result.results["torch"].output.nbytes == 64 * 16 * 16 * 16 * 4
+    assert max(sent) < 4096, max(sent)
+
+
+def test_outputs_from_workers_are_writable_arrays_of_the_scenarios_dtype() -> None:
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
+        link = f"?shape=32,4,30,30&input=normal&dtype={dtype}&engines=torch,keras,flax"
+        comparison = compare(parse_link(link)[0], reference=False)
+        for name, result in comparison.results.items():
+            assert result.output.dtype.name == dtype, (name, dtype)
+            assert result.output.shape == (32, 4, 30, 30)
+            assert np.isfinite(result.output.astype(np.float64)).all(), (name, dtype)
