@@ -56,6 +56,8 @@ class Step:
 def uses_batch_statistics(s: Scenario, engine: str) -> bool:
     if knobs(engine) == "torch":
         return s["torch_mode"] == "train" or not s["torch_track_running_stats"]
+    if knobs(engine) == "flax":
+        return not s["flax_use_running_average"]
     return s[f"{knobs(engine)}_training"] == "true" and s[f"{knobs(engine)}_trainable"]
 
 
@@ -69,16 +71,25 @@ def new_batch_weight(s: Scenario, engine: str) -> float | None:
 def feeds_unbiased_variance(s: Scenario, engine: str) -> bool:
     if knobs(engine) == "torch":
         return True
-    if engine == "keras":
+    if knobs(engine) in ("keras", "flax"):
         return False
     fusable = len(s.shape) in (4, 5) and s["dtype"] in FUSED_DTYPES
     return s["keras2_fused"] != "false" and fusable
+
+
+def fast_variance(s: Scenario, engine: str) -> bool:
+    """Does the engine's kernel take the batch variance as E[x²] − E[x]²?"""
+    if engine == "flax":
+        return s["flax_use_fast_variance"]
+    return engine == "keras_torch"
 
 
 def _mode_words(s: Scenario, engine: str) -> str:
     batch = uses_batch_statistics(s, engine)
     if knobs(engine) == "torch":
         return "training mode" if batch else "eval mode"
+    if knobs(engine) == "flax":
+        return f"use_running_average={not batch}"
     if not batch and s[f"{knobs(engine)}_training"] == "true":
         return "inference (trainable=False)"
     return "training" if batch else "inference"
@@ -93,6 +104,8 @@ def _align_mode(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
         if not want and not s["torch_track_running_stats"]:
             return None
         return words, {"torch_mode": "train" if want else "eval"}
+    if knobs(b) == "flax":
+        return words, {"flax_use_running_average": not want}
     changes: Changes = {f"{knobs(b)}_training": "true" if want else "false"}
     if want and not s[f"{knobs(b)}_trainable"]:
         changes[f"{knobs(b)}_trainable"] = True
@@ -148,7 +161,8 @@ def _bias(unbiased: bool) -> str:
 
 
 def _align_trainable(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
-    frozen = [e for e in (a, b) if knobs(e) != "torch" and not s[f"{knobs(e)}_trainable"]]
+    keras_like = [e for e in (a, b) if knobs(e) in ("keras", "keras2")]
+    frozen = [e for e in keras_like if not s[f"{knobs(e)}_trainable"]]
     if not frozen or (len(frozen) == 2):
         return None
     engine = frozen[0]
@@ -159,12 +173,26 @@ def _align_trainable(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
 
 
 def _align_port(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
-    if "keras" not in (a, b) or s["keras_init"] != "torch_swapped":
+    if "keras" not in (knobs(a), knobs(b)) or s["keras_init"] != "torch_swapped":
         return None
     return (
         "porting: Keras 3 got PyTorch's running mean as its moving variance and the running "
         "variance as its moving mean",
         {"keras_init": "torch"},
+    )
+
+
+def _align_fast_variance(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    """A kernel path, not a rule: Flax's use_fast_variance (Keras on PyTorch has no switch)."""
+    if fast_variance(s, a) == fast_variance(s, b) or "flax" not in (a, b):
+        return None
+    fast, other = (a, b) if fast_variance(s, a) else (b, a)
+    if fast != "flax":
+        return None
+    return (
+        f"kernel path: {LABELS[fast]} takes the batch variance as E[x²] − E[x]² "
+        f"(use_fast_variance), {LABELS[other]} in two passes",
+        {"flax_use_fast_variance": False},
     )
 
 
@@ -175,6 +203,7 @@ ALIGNMENTS: tuple[tuple[str, Callable[[Scenario, str, str], tuple[str, Changes] 
     ("variance estimator", _align_variance),
     ("trainable", _align_trainable),
     ("port", _align_port),
+    ("fast variance", _align_fast_variance),
 )
 """The knobs, in the order they are aligned."""
 
@@ -218,7 +247,7 @@ def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
 
 def _running_statistics_matter(s: Scenario, pair: tuple[str, str]) -> bool:
     """Does an engine normalize with running statistics that its own training steps fed?"""
-    own = [e for e in pair if not (e == "keras" and s["keras_init"] != "fresh")]
+    own = [e for e in pair if not (knobs(e) == "keras" and s["keras_init"] != "fresh")]
     return s["steps"] > 0 and any(not uses_batch_statistics(s, e) for e in own)
 
 

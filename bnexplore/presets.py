@@ -210,6 +210,58 @@ PRESETS: dict[str, Preset] = {
                 "keras_eps": 1e-5,
             },
         ),
+        Preset(
+            "keras-backends",
+            "One Keras layer, three backends: TensorFlow, JAX, PyTorch",
+            "The same keras.layers.BatchNormalization in training mode on batches with mean "
+            "1000 and std 1, on Keras 3's TensorFlow, JAX and PyTorch backends: same rules, "
+            "different kernels. JAX's two-pass variance stays close to the exact result, "
+            "TensorFlow's float32 moments less so, and the PyTorch backend's E[x²] − E[x]² in "
+            "float32 cancels every digit of the variance: its output is garbage. Compare each "
+            "with its reference.",
+            {
+                "input": "normal",
+                "mean": 1000.0,
+                "keras_training": "true",
+                "engines": ("keras", "keras_jax", "keras_torch"),
+            },
+        ),
+        Preset(
+            "flax-vs-torch",
+            "Flax against PyTorch: same first answer, different memory",
+            "A fresh flax.nnx.BatchNorm normalizes with the batch, like a new PyTorch module: "
+            "on the seed both return 0 (and with these random batches both normalize alike in "
+            "training). After three training steps, both infer from their running statistics: "
+            "Flax's momentum 0.99 keeps 99 % of the old value, PyTorch's 0.1 keeps 90 %, and "
+            "PyTorch feeds the unbiased variance. Flax momentum m equals PyTorch 1 − m.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 1.0,
+                "std": 2.0,
+                "steps": 3,
+                "torch_mode": "eval",
+                "flax_use_running_average": True,
+                "engines": ("torch", "flax"),
+            },
+        ),
+        Preset(
+            "fast-variance",
+            "E[x²] − E[x]²: the fast variance against the two-pass one",
+            "Training mode on batches with mean 100 and std 1. Flax (use_fast_variance, its "
+            "default) and Keras on PyTorch compute the batch variance as E[x²] − E[x]² in "
+            "float32, which cancels when the mean dwarfs the spread; Keras on JAX takes two "
+            "passes. Flax's epsilon is set to Keras's 1e-3, so only the kernels differ. Set "
+            "flax_use_fast_variance=false and Flax joins the two-pass side.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 100.0,
+                "keras_training": "true",
+                "flax_eps": 1e-3,
+                "engines": ("keras_jax", "keras_torch", "flax"),
+            },
+        ),
     )
 }
 

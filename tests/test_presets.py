@@ -193,3 +193,37 @@ def test_cpu_vs_gpu_says_why_the_cuda_side_did_not_run_without_a_gpu(runs) -> No
         assert engines["torch_gpu"]["available"] is False
         assert "no CUDA device" in engines["torch_gpu"]["reason"]
         assert "did not run" in runs["cpu-vs-gpu"]["divergence"][0]["reason"]
+
+
+def _reference_errors(doc: dict) -> dict[str, float]:
+    return {name: ref["vs_engine"]["max_abs"] for name, ref in doc["reference"].items()}
+
+
+def test_keras_backends_same_rules_three_kernels(runs) -> None:
+    errors = _reference_errors(runs["keras-backends"])
+    assert errors["keras_jax"] < errors["keras"] < errors["keras_torch"], errors
+    assert errors["keras_torch"] > 0.1, errors  # the fast variance lost every digit
+    explained = runs["keras-backends"]["explain"]
+    assert [s["knob"] for s in explained] == ["what remains"]  # no rule differs
+    assert "kernels" in explained[0]["cause"]
+
+
+def test_flax_vs_torch_agree_on_the_seed_and_part_by_momentum_after_training(runs) -> None:
+    seed = bnexplore.run("?engines=torch,flax")
+    assert seed["divergence"][0]["allclose"] is True
+    assert engines(seed)["flax"]["output"]["max"] == 0.0
+    doc = runs["flax-vs-torch"]
+    assert doc["divergence"][0]["max_abs"] > 1.0
+    first = doc["explain"][0]
+    assert first["knob"] == "momentum" and first["gap_after"] < 0.01 * first["gap_before"]
+    assert "unbiased" in doc["explain"][-1]["cause"]
+
+
+def test_fast_variance_cancels_in_flax_and_keras_on_pytorch_not_in_two_passes(runs) -> None:
+    doc = runs["fast-variance"]
+    errors = _reference_errors(doc)
+    # two passes keep the float32 mean's rounding (times the gain |mean|/std = 100): ~1e-5
+    assert errors["keras_jax"] < 1e-4 and errors["keras_jax"] < errors["flax"] / 100, errors
+    assert errors["keras_jax"] < errors["keras_torch"] / 100, errors
+    two_pass = bnexplore.run("?preset=fast-variance&flax_use_fast_variance=false", reference=True)
+    assert _reference_errors(two_pass)["flax"] < errors["flax"] / 100
