@@ -1,8 +1,10 @@
 """Reproducer scripts: a scenario as one standalone Python file.
 
-The file needs only numpy, torch, tensorflow/keras (and tf_keras for Keras 2).
-It rebuilds the scenario's exact batches and layers, runs every engine of the
-scenario, and prints the same output statistics as ``bnexplore.run`` as JSON:
+The file needs only numpy and the scenario's frameworks. Keras 3 on JAX or
+PyTorch and Flax run in child processes of the script, each with KERAS_BACKEND
+set before Keras is imported. It rebuilds the scenario's exact batches and
+layers, runs every engine of the scenario, and prints the same output
+statistics as ``bnexplore.run`` as JSON:
 ``{"link": …, "engines": {name: {"output": {mean, std, min, max, nonfinite},
 "running_mean": […], "running_var": […]} | {"error": str}}}``.
 """
@@ -17,7 +19,7 @@ from bnexplore.scenario import Scenario
 
 _HEADER = '''"""bnexplore reproducer for {link}
 
-Standalone: needs numpy, torch and tensorflow (Keras 3){keras2_note}.
+Standalone: needs numpy{needs}.
 Run with `python this_file.py`; it prints each engine's measured output
 statistics and running statistics as JSON.
 """
@@ -25,10 +27,17 @@ statistics and running statistics as JSON.
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Keras 3 on JAX or PyTorch, and Flax, run in a child process of this script (a Keras
+# backend is chosen once per process): `python this_file.py keras_jax` runs one alone.
+ENGINE = sys.argv[1] if len(sys.argv) > 1 else None
+BACKENDS = {{"keras_jax": "jax", "keras_torch": "torch", "flax": "jax"}}
+os.environ["KERAS_BACKEND"] = BACKENDS.get(ENGINE, "tensorflow")  # before Keras is imported
+os.environ["JAX_ENABLE_X64"] = "1"  # float64 on JAX is float64
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 S = json.loads({scenario!r})
@@ -207,6 +216,83 @@ except (ValueError, tf.errors.OpError) as exc:
     results["keras2"] = {"error": str(exc)}
 """
 
+_KERAS3_OTHER_BACKEND = """
+
+# --- Keras 3 on JAX or PyTorch, and Flax: one engine per child process ------------------
+def run_other_backend(engine, state):
+    \"\"\"The engine alone, in this process (started as `this_file.py ENGINE`).\"\"\"
+    if engine == "flax":
+        import jax.numpy as jnp
+        from flax import nnx
+
+        dtype = jnp.dtype(S["dtype"])
+        bn = nnx.BatchNorm(SHAPE[1], use_running_average=S["flax_use_running_average"],
+                           axis=-1, momentum=S["flax_momentum"], epsilon=S["flax_eps"],
+                           dtype=dtype, param_dtype=dtype, use_bias=S["flax_use_bias"],
+                           use_scale=S["flax_use_scale"],
+                           use_fast_variance=S["flax_use_fast_variance"], rngs=nnx.Rngs(0))
+        for k, batch in enumerate(batches()):
+            running = False if k < STEPS else S["flax_use_running_average"]
+            output = bn(jnp.asarray(np.moveaxis(batch, 1, -1)), use_running_average=running)
+        return summary(np.moveaxis(np.asarray(output), -1, 1), np.asarray(bn.mean[...]),
+                       np.asarray(bn.var[...]))
+    import keras
+
+    layer = keras.layers.BatchNormalization(
+        axis=-1, momentum=S["keras_momentum"], epsilon=S["keras_eps"],
+        center=S["keras_center"], scale=S["keras_scale"], dtype=S["dtype"])
+    layer.build((SHAPE[0], *SHAPE[2:], SHAPE[1]))
+    if not S["keras_trainable"]:
+        layer.trainable = False
+    ported = state is not None
+    if ported:
+        for keras_name, torch_name in (("gamma", "weight"), ("beta", "bias"),
+                                       ("moving_mean", "running_mean"),
+                                       ("moving_variance", "running_var")):
+            variable = getattr(layer, keras_name, None)
+            if variable is not None:
+                variable.assign(np.asarray(state[torch_name]).astype(variable.dtype))
+    for k, batch in enumerate(batches()):
+        if ported and k < STEPS:
+            continue
+        x = keras.ops.convert_to_tensor(np.moveaxis(batch, 1, -1))
+        training = True if k < STEPS else TRAINING[S["keras_training"]]
+        output = layer(x) if training is None else layer(x, training=training)
+    channels_first = np.moveaxis(keras.ops.convert_to_numpy(output), -1, 1)
+    return summary(channels_first, keras.ops.convert_to_numpy(layer.moving_mean),
+                   keras.ops.convert_to_numpy(layer.moving_variance))
+
+
+TRAINING = {"none": None, "true": True, "false": False}
+if ENGINE is not None:
+    state = json.loads(sys.stdin.read() or "null")
+    try:
+        print(json.dumps(run_other_backend(ENGINE, state)))
+    except Exception as exc:  # the framework's error is the result
+        print(json.dumps({"error": str(exc)}))
+    sys.exit(0)
+"""
+
+_CHILD_RUNS = """
+
+# --- the engines that run in child processes --------------------------------------------
+for engine in [e for e in S["engines"] if e in BACKENDS]:
+    ported = engine != "flax" and S["keras_init"] != "fresh"
+    state = None
+    if ported and torch_state is None:
+        results[engine] = {"error": "keras_init: PyTorch has no state to port"}
+        continue
+    if ported:
+        state = {k: np.asarray(v).tolist() for k, v in torch_state.items()}
+        if S["keras_init"] == "torch_swapped":
+            state["running_mean"], state["running_var"] = (
+                state["running_var"], state["running_mean"])
+    child = subprocess.run([sys.executable, __file__, engine], input=json.dumps(state),
+                           capture_output=True, text=True, check=False)
+    lines = child.stdout.strip().splitlines()
+    results[engine] = json.loads(lines[-1]) if lines else {"error": child.stderr[-2000:]}
+"""
+
 _FOOTER = """
 
 print(json.dumps({"link": S_LINK, "engines": {name: results[name] for name in S["engines"]}},
@@ -225,23 +311,36 @@ _TF_DEVICES = {
 }
 
 
+OTHER_BACKENDS = ("keras_jax", "keras_torch", "flax")
+NEEDS = {
+    "torch": "torch",
+    "torch_gpu": "torch",
+    "keras": "tensorflow (Keras 3)",
+    "keras2": "tf_keras (Keras 2)",
+    "keras_jax": "jax and keras",
+    "keras_torch": "torch and keras",
+    "flax": "jax and flax",
+}
+
+
 def reproducer(scenario: Scenario) -> str:
     """A standalone Python program that reruns the scenario and prints its numbers."""
     engines = scenario["engines"]
-    needs_torch = (
-        "torch" in engines
-        or "torch_gpu" in engines
-        or ("keras" in engines and scenario["keras_init"] != "fresh")
-    )
+    ports = scenario["keras_init"] != "fresh"
+    keras3 = [e for e in engines if e in ("keras", "keras_jax", "keras_torch")]
+    needs_torch = "torch" in engines or "torch_gpu" in engines or (ports and bool(keras3))
+    needs = dict.fromkeys(NEEDS[e] for e in engines)
     parts = [
         _HEADER.format(
             output_summary=inspect.getsource(output_summary),
             link=scenario.link,
             scenario=json.dumps(scenario.to_dict()),
-            keras2_note=", tf_keras (Keras 2)" if "keras2" in engines else "",
+            needs="".join(f", {n}" for n in needs),
         ),
         f"S_LINK = {scenario.link!r}\n",
     ]
+    if any(e in OTHER_BACKENDS for e in engines):
+        parts.append(_KERAS3_OTHER_BACKEND)
     if needs_torch:
         parts.append(_TORCH.format(torch_device=_TORCH_DEVICES[scenario["device"]]))
         if "torch_gpu" in engines:
@@ -254,5 +353,7 @@ def reproducer(scenario: Scenario) -> str:
         parts.append(_KERAS3)
     if "keras2" in engines:
         parts.append(_KERAS2)
+    if any(e in OTHER_BACKENDS for e in engines):
+        parts.append(_CHILD_RUNS)
     parts.append(_FOOTER)
     return "".join(parts)

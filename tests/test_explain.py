@@ -73,6 +73,9 @@ def test_translator_code_compiles_and_says_the_conventions() -> None:
         "?preset=half-precision&dtype=bfloat16",
         "?input=uniform&low=-1&high=3&steps=4&shape=6,5,7&torch_momentum=none&seed=11"
         "&engines=keras,torch,keras2&keras2_fused=false&keras_training=true",
+        "?input=normal&steps=2&shape=8,3,4,4&keras_init=torch"
+        "&engines=torch,keras,keras_jax,keras_torch,flax",
+        "?preset=fast-variance",
     ],
 )
 def test_generated_script_prints_the_apps_numbers(link: str, tmp_path) -> None:
