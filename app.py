@@ -17,7 +17,7 @@ from bnexplore.params import DEFAULTS
 from bnexplore.presets import matching
 from bnexplore.script import reproducer
 from bnexplore.story import VERDICT_WORDS
-from bnexplore.translate import keras_to_torch, torch_to_keras
+from bnexplore.translate import TRANSLATORS, translation_pair
 from bnexplore.view import ViewCache
 from bnexplore.widgets import apply_scenario, sidebar, sweep_controls
 
@@ -264,10 +264,11 @@ with explain_tab:
 
 with code:
     left, right = st.columns(2)
-    left.markdown("##### PyTorch → Keras 3")
-    left.code(torch_to_keras(scenario), language="python", wrap_lines=True)
-    right.markdown("##### Keras 3 → PyTorch")
-    right.code(keras_to_torch(scenario), language="python", wrap_lines=True)
+    first, second = translation_pair(scenario)
+    directions = ((first, second), (second, first))
+    for column, (source, target) in zip((left, right), directions, strict=True):
+        column.markdown(f"##### {source} → {target}")
+        column.code(TRANSLATORS[source, target](scenario), language="python", wrap_lines=True)
     agreed, causes = aligned(scenario)
     if causes:
         st.button(

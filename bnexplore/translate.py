@@ -1,10 +1,13 @@
-"""The translator: one framework's BatchNorm configuration as the other's, in code.
+"""The translator: one framework's BatchNorm configuration as another's, in code.
 
-PyTorch → Keras: momentum 1 − m, the same eps, axis=-1 on channels-last input,
-training=True for .train() and training=False for .eval(). Keras → PyTorch:
-momentum 1 − μ, the same eps, channels-first input, .train() only where Keras
-really trains (training=True on a trainable layer), .eval() otherwise —
-``requires_grad_(False)`` is not the translation of ``trainable=False``.
+Four conventions: PyTorch, Keras (3 on any backend, and 2), Flax. PyTorch → Keras:
+momentum 1 − m, the same eps, axis=-1 on channels-last input, training=True for
+.train() and training=False for .eval(). Keras → PyTorch: momentum 1 − μ, the
+same eps, channels-first input, .train() only where Keras really trains
+(training=True on a trainable layer), .eval() otherwise — ``requires_grad_(False)``
+is not the translation of ``trainable=False``. Flax shares Keras's momentum
+convention and PyTorch's eps default; ``use_running_average`` is the opposite of
+PyTorch's training mode.
 """
 
 from __future__ import annotations
@@ -108,3 +111,139 @@ def keras_to_torch(s: Scenario) -> str:
             "variance, Keras 3's the biased one."
         )
     return "\n".join(lines)
+
+
+def _flax_layer(s: Scenario, eps: float, momentum: float, bias: bool, scale: bool) -> str:
+    return (
+        f"bn = nnx.BatchNorm({s.channels}, momentum={momentum!r}, epsilon={eps!r}, "
+        f"use_bias={bias}, use_scale={scale}, rngs=nnx.Rngs(0))"
+    )
+
+
+_TWO_PASS = "use_fast_variance=False"
+
+
+def torch_to_flax(s: Scenario) -> str:
+    """The scenario's PyTorch module, and the Flax nnx layer that computes the same."""
+    m = s["torch_momentum"]
+    batch = uses_batch_statistics(s, "torch")
+    lines = [
+        "# PyTorch, as in this scenario (x is channels-first)",
+        _torch_module(s, s["torch_eps"], m, s["torch_affine"]),
+        f"bn.train({batch})" if s["torch_track_running_stats"] else "# no running statistics",
+        "y = bn(x)",
+        "",
+        "# Flax nnx, the same computation (channels-last input)",
+        _flax_layer(
+            s,
+            s["torch_eps"],
+            0.9 if m is None else _complement(m),
+            s["torch_affine"],
+            s["torch_affine"],
+        ).replace("rngs=", f"{_TWO_PASS}, rngs="),
+        f"y = bn(jnp.moveaxis(x, 1, -1), use_running_average={not batch})",
+        "# Still different: Flax feeds the biased batch variance into its running var,",
+        "# PyTorch the unbiased one (× n/(n − 1)). Ported state: weight→scale, bias→bias,",
+        "# running_mean→mean, running_var→var.",
+    ]
+    return "\n".join(lines)
+
+
+def flax_to_torch(s: Scenario) -> str:
+    """The scenario's Flax nnx layer, and the PyTorch module that computes the same."""
+    batch = uses_batch_statistics(s, "flax")
+    lines = [
+        "# Flax nnx, as in this scenario (x is channels-last)",
+        _flax_layer(
+            s, s["flax_eps"], s["flax_momentum"], s["flax_use_bias"], s["flax_use_scale"]
+        ).replace("rngs=", f"use_fast_variance={s['flax_use_fast_variance']}, rngs="),
+        f"y = bn(x, use_running_average={not batch})",
+        "",
+        "# PyTorch, the same computation (channels-first input)",
+        _torch_module(
+            s,
+            s["flax_eps"],
+            _complement(s["flax_momentum"]),
+            s["flax_use_bias"] or s["flax_use_scale"],
+        ),
+        f"bn.train({batch})",
+        f"y = bn({_CHANNELS_FIRST[len(s.shape)]})",
+    ]
+    if s["flax_use_fast_variance"] and batch:
+        lines.append("# Flax's use_fast_variance=True takes E[x²] − E[x]²: set it False to match.")
+    return "\n".join(lines)
+
+
+def keras_to_flax(s: Scenario) -> str:
+    """The scenario's Keras 3 layer, and the Flax nnx layer that computes the same."""
+    training = s["keras_training"]
+    call = "layer(x)" if training == "none" else f"layer(x, training={training.title()})"
+    batch = uses_batch_statistics(s, "keras")
+    return "\n".join(
+        [
+            "# Keras 3, as in this scenario (x is channels-last, as in Flax)",
+            _keras_layer(s["keras_eps"], s["keras_momentum"], s["keras_center"], s["keras_scale"]),
+            f"layer.trainable = {s['keras_trainable']}",
+            f"y = {call}",
+            "",
+            "# Flax nnx, the same computation: the same momentum convention",
+            _flax_layer(
+                s, s["keras_eps"], s["keras_momentum"], s["keras_center"], s["keras_scale"]
+            ).replace("rngs=", f"{_TWO_PASS}, rngs="),
+            f"y = bn(x, use_running_average={not batch})"
+            + ("" if batch else "  # Keras infers here"),
+        ]
+    )
+
+
+def flax_to_keras(s: Scenario) -> str:
+    """The scenario's Flax nnx layer, and the Keras 3 layer that computes the same."""
+    batch = uses_batch_statistics(s, "flax")
+    return "\n".join(
+        [
+            "# Flax nnx, as in this scenario (x is channels-last, as in Keras)",
+            _flax_layer(
+                s, s["flax_eps"], s["flax_momentum"], s["flax_use_bias"], s["flax_use_scale"]
+            ),
+            f"y = bn(x, use_running_average={not batch})",
+            "",
+            "# Keras 3, the same computation: the same momentum convention",
+            _keras_layer(
+                s["flax_eps"], s["flax_momentum"], s["flax_use_bias"], s["flax_use_scale"]
+            ),
+            f"y = layer(x, training={batch})"
+            + ("  # a direct layer(x) would infer" if batch else ""),
+        ]
+    )
+
+
+CONVENTIONS = {
+    "torch": "PyTorch",
+    "torch_gpu": "PyTorch",
+    "keras": "Keras 3",
+    "keras_jax": "Keras 3",
+    "keras_torch": "Keras 3",
+    "keras2": "Keras 3",
+    "flax": "Flax",
+}
+"""Engine → whose conventions it follows (Keras 2's are Keras 3's, its fused path aside)."""
+
+TRANSLATORS = {
+    ("PyTorch", "Keras 3"): torch_to_keras,
+    ("Keras 3", "PyTorch"): keras_to_torch,
+    ("PyTorch", "Flax"): torch_to_flax,
+    ("Flax", "PyTorch"): flax_to_torch,
+    ("Keras 3", "Flax"): keras_to_flax,
+    ("Flax", "Keras 3"): flax_to_keras,
+}
+"""(from, to) → the translator, for every pair of conventions."""
+
+
+def translation_pair(s: Scenario) -> tuple[str, str]:
+    """The two conventions the Code tab translates between: the scenario's first two that
+    differ, or PyTorch and Keras 3 where its engines share one."""
+    conventions = list(dict.fromkeys(CONVENTIONS[e] for e in s["engines"]))
+    if len(conventions) >= 2:
+        return conventions[0], conventions[1]
+    other = "Keras 3" if conventions[0] != "Keras 3" else "PyTorch"
+    return conventions[0], other

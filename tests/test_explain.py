@@ -127,3 +127,24 @@ def test_keras2_fused_feeds_unbiased_variance_non_fused_biased(seed: int) -> Non
         np.testing.assert_allclose(
             result.running_var, 0.5 + 0.5 * var_b * factor, rtol=RTOL, atol=ATOL
         )
+
+
+@pytest.mark.parametrize("link", ["?engines=torch,flax", "?engines=keras_jax,flax&steps=2"])
+def test_translator_covers_every_pair_of_conventions(link: str) -> None:
+    from bnexplore.translate import TRANSLATORS, translation_pair
+
+    scenario = parse_link(link)[0]
+    assert {pair for pair in TRANSLATORS} == {
+        (a, b)
+        for a in ("PyTorch", "Keras 3", "Flax")
+        for b in ("PyTorch", "Keras 3", "Flax")
+        if a != b
+    }
+    for (source, target), translate in TRANSLATORS.items():
+        code = translate(scenario)
+        compile(code, f"{source}->{target}", "exec")
+        assert source.split()[0] in code and target.split()[0] in code
+    first, second = translation_pair(scenario)
+    assert "Flax" in (first, second)
+    flax_to_torch = TRANSLATORS["Flax", "PyTorch"](scenario)
+    assert "momentum=0.01" in flax_to_torch and "eps=1e-05" in flax_to_torch
