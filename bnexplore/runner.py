@@ -11,7 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import memory
+from bnexplore import memory, store
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
@@ -180,6 +180,14 @@ def compare(
         )
         refused = {name: EngineResult(name, available=False, reason=why) for name in names}
         return Comparison(scenario, (*notices, why), refused, {})
+    try:
+        state = initial_state(scenario)
+        if scenario["input"] == "file":
+            store.batches(scenario["file"])
+    except store.FileProblem as problem:
+        why = f"refused: {problem}"
+        refused = {name: EngineResult(name, available=False, reason=why) for name in names}
+        return Comparison(scenario, (*notices, why), refused, {})
     done: dict[str, EngineResult] = {}
     lanes: dict[str, Session] = {}
     for name in names:
@@ -202,6 +210,15 @@ def compare(
         else:
             lanes[source] = started
 
+    if state is not None:
+        for name, lane in list(lanes.items()):
+            try:
+                lane.port(state)
+            except Exception as exc:  # a framework refusing the state is its result
+                log.info("%s refused the state of %s", name, scenario.link, exc_info=True)
+                done[name] = lane.failed(exc)
+                del lanes[name]
+
     steps = scenario["steps"]
     for k, batch in enumerate(batches(scenario)):
         if porting and k == steps:
@@ -219,6 +236,22 @@ def compare(
     results = {name: done[name] for name in names}
     references = {name: done[f"{name}_reference"] for name in names if f"{name}_reference" in done}
     return Comparison(scenario, tuple(notices), results, references)
+
+
+def initial_state(scenario: Scenario) -> State | None:
+    """init=state: the chosen layer's state from the store, float64 arrays in PyTorch's
+    names (None for a fresh start). Resolved here, so a session only ever gets arrays.
+    Raises store.FileProblem when the file or layer cannot be used."""
+    if scenario["init"] != "state":
+        return None
+    layer = store.find_layer(scenario["state"], scenario["layer"])
+    if layer.problem:
+        raise store.FileProblem(f"layer {layer.label}: {layer.problem}")
+    if layer.channels != scenario.channels:
+        raise store.FileProblem(
+            f"layer {layer.label} has {layer.channels} channels, the batch {scenario.channels}"
+        )
+    return {key: np.array(value, dtype=np.float64) for key, value in layer.state.items()}
 
 
 def _port(scenario: Scenario, lanes: dict, done: dict, source: str) -> None:

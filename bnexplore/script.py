@@ -9,9 +9,11 @@ scenario, and prints the same output statistics as ``bnexplore.run`` as JSON:
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 
+from bnexplore import store
 from bnexplore.metrics import output_summary
 from bnexplore.scenario import Scenario
 
@@ -34,6 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 S = json.loads({scenario!r})
 SHAPE = tuple(S["shape"])
 STEPS = S["steps"]
+START = {start_state}
+"""init=state: the uploaded layer's γ, β and running statistics (PyTorch's names), or None."""
 
 
 def numpy_dtype(name):
@@ -47,6 +51,11 @@ def numpy_dtype(name):
 def batches():
     """Batch k = 0 … steps from ONE numpy.random.default_rng(seed), float64, then cast."""
     dtype = numpy_dtype(S["dtype"])
+    if S["input"] == "file":  # the uploaded batches: batch_k for pass k, the last beyond
+        stored = stored_batches()
+        for k in range(STEPS + 1):
+            yield stored[min(k, len(stored) - 1)].astype(np.float64).astype(dtype)
+        return
     if S["input"] in ("ones", "constant"):
         value = 1.0 if S["input"] == "ones" else S["value"]
         batch = np.full(SHAPE, value, dtype=np.float64).astype(dtype)
@@ -103,6 +112,10 @@ def run_torch(device):
                              track_running_stats=S["torch_track_running_stats"],
                              device=device, dtype=TORCH_DTYPES[S["dtype"]])
     bn.requires_grad_(S["torch_requires_grad"])
+    if START is not None:  # load_state_dict keeps what the module has (affine, tracked)
+        own = bn.state_dict()
+        bn.load_state_dict({{k: torch.tensor(v, dtype=torch.float64)
+                            for k, v in START.items() if k in own}}, strict=False)
     state = None
     try:
         with torch.no_grad():
@@ -152,13 +165,16 @@ def run_keras(layer, prefix, initial_state=None):
     with tf.device(TF_DEVICE):
         layer.build((SHAPE[0], *SHAPE[2:], SHAPE[1]))
         layer.trainable = S[prefix + "_trainable"]
-        if initial_state is not None:
+        for state in (START, initial_state):  # the uploaded layer, then a port over it
+            if state is None:
+                continue
             for keras_name, torch_name in (("gamma", "weight"), ("beta", "bias"),
                                            ("moving_mean", "running_mean"),
                                            ("moving_variance", "running_var")):
                 variable = getattr(layer, keras_name, None)
                 if variable is not None:
-                    variable.assign(initial_state[torch_name].astype(variable.dtype))
+                    value = tf.constant(np.asarray(state[torch_name], np.float64))
+                    variable.assign(tf.cast(value, variable.dtype))
         for k, batch in enumerate(batches()):
             if initial_state is not None and k < STEPS:
                 continue
@@ -225,8 +241,59 @@ _TF_DEVICES = {
 }
 
 
+EMBED_LIMIT = 8 * 1024**2
+"""Batch files up to this size travel inside the script (base64); larger ones beside it."""
+
+_STORED_BATCHES = """
+
+def stored_batches():
+    \"\"\"The batch file {digest}: batch_0, batch_1, … of an .npz, or one .npy.\"\"\"
+    import base64
+    import io
+
+    data = {source}
+    loaded = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return [loaded]
+    count = 0
+    while f"batch_{{count}}" in loaded.files:
+        count += 1
+    return [loaded[f"batch_{{k}}"] for k in range(count)]
+"""
+
+
+def _start_state(scenario: Scenario) -> str:
+    """init=state: the layer's four vectors as a literal (float repr is exact)."""
+    from bnexplore.runner import initial_state
+
+    try:
+        state = initial_state(scenario)
+    except store.FileProblem:
+        state = None
+    if state is None:
+        return "None"
+    return repr({key: [float(v) for v in values] for key, values in state.items()})
+
+
+def _stored_batches(scenario: Scenario) -> str:
+    if scenario["input"] != "file":
+        return ""
+    path = store.path_of(scenario["file"])
+    size = path.stat().st_size if path.exists() else EMBED_LIMIT + 1
+    if size <= EMBED_LIMIT:
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        source = f"base64.b64decode({encoded!r})"
+    else:
+        source = f"os.environ.get('BNEXPLORE_BATCH_FILE', {scenario['file'] + '.npz'!r})"
+    return _STORED_BATCHES.format(digest=scenario["file"], source=source)
+
+
 def reproducer(scenario: Scenario) -> str:
-    """A standalone Python program that reruns the scenario and prints its numbers."""
+    """A standalone Python program that reruns the scenario and prints its numbers.
+
+    An uploaded layer (init=state) travels as a literal; an uploaded batch file up to
+    8 MiB as base64, a larger one is read from ``BNEXPLORE_BATCH_FILE``.
+    """
     engines = scenario["engines"]
     needs_torch = (
         "torch" in engines
@@ -239,7 +306,9 @@ def reproducer(scenario: Scenario) -> str:
             link=scenario.link,
             scenario=json.dumps(scenario.to_dict()),
             keras2_note=", tf_keras (Keras 2)" if "keras2" in engines else "",
+            start_state=_start_state(scenario),
         ),
+        _stored_batches(scenario),
         f"S_LINK = {scenario.link!r}\n",
     ]
     if needs_torch:

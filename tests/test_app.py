@@ -160,3 +160,27 @@ def test_a_20_point_sweep_from_a_link_runs_and_charts_every_point() -> None:
     assert at.query_params["sweep"] == "keras_momentum"
     charts = at.get("vega_lite_chart")
     assert any("as keras_momentum varies" in json.dumps(c.proto.spec) for c in charts)
+
+
+def test_a_state_link_shows_the_files_layers_in_the_sidebar_and_charts_the_chosen_one(
+    tmp_path, monkeypatch
+) -> None:
+    import numpy as np
+
+    from bnexplore.store import store_file
+
+    monkeypatch.setenv("BNEXPLORE_STORE", str(tmp_path / "store"))
+    variance = np.array([1e-6, 0.5, 2.0, 1e-4])
+    arrays = {"stem.bn.running_mean": np.zeros(3), "stem.bn.running_var": np.ones(3)}
+    arrays |= {"head.bn.running_mean": np.zeros(4), "head.bn.running_var": variance}
+    np.savez(tmp_path / "model.npz", **arrays)
+    digest = store_file(tmp_path / "model.npz")
+    at = open_link(f"?state={digest[:16]}&layer=head.bn&init=state&shape=4,4,3&input=normal")
+    assert not at.warning, [w.value for w in at.warning]
+    (table,) = [m.value for m in at.sidebar.markdown if m.value.startswith("| layer")]
+    assert "| `stem.bn` | 3 |" in table and "| `head.bn` | 4 |" in table
+    assert at.sidebar.selectbox(key="w_layer").value == "head.bn"
+    assert at.query_params["state"] == digest  # the address bar writes all 64 characters
+    spec = json.dumps([c.proto.spec for c in at.get("vega_lite_chart")])
+    assert "Layer head.bn: running variance per channel" in spec
+    assert "2 of 4 channels" in spec  # 1e-6 and 1e-4: where eps decides

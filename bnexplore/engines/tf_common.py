@@ -112,12 +112,14 @@ class KerasSession(Session):
         self.output = None
 
     def port(self, state: State) -> None:
-        """Copy a PyTorch state into the layer, weight by weight."""
+        """Copy a PyTorch state into the layer, weight by weight (a layer without γ or β,
+        scale or center off, keeps none)."""
         with tf.device(self.device):
             for keras_name, torch_name in PORT_ORDER:
                 variable = getattr(self.layer, keras_name, None)
                 if variable is not None:
-                    variable.assign(state[torch_name].astype(variable.dtype))
+                    value = tf.constant(np.asarray(state[torch_name], np.float64))
+                    variable.assign(tf.cast(value, variable.dtype))
 
     def step(self, k: int, batch: np.ndarray) -> None:
         if self.ported and k < self.steps:
