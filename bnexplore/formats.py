@@ -134,6 +134,16 @@ def sniff(f: BinaryIO) -> str:
     )
 
 
+def _framework(module: str, what: str):
+    """A reader's library, imported when first needed; missing, it is a FileProblem."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise FileProblem(f"reading {what} needs {module}, which is missing here ({exc})") from None
+
+
 # --- BatchNorm states --------------------------------------------------------------------
 
 
@@ -174,7 +184,7 @@ def _torch_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
     """A PyTorch file through torch.load(weights_only=True): tensors only, never code."""
     import pickle
 
-    import torch
+    torch = _framework("torch", "a PyTorch file")
 
     try:
         loaded = torch.load(f, map_location="cpu", weights_only=True)
@@ -207,34 +217,41 @@ def _flatten(value, prefix: str, into: dict[str, np.ndarray], torch) -> None:
 
 
 def _safetensors_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
+    load = _framework("safetensors.numpy", "a .safetensors file").load
 
+    data = f.read()
     try:
-        return load(f.read())
+        arrays = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     except Exception as exc:  # noqa: BLE001 - SafetensorError, or a dtype NumPy lacks
         raise FileProblem(f"a truncated or malformed .safetensors file ({exc})") from None
+    # file order is the order of the tensors' bytes (the loader's dict has none)
+    where = {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return {k: arrays[k] for k in sorted(arrays, key=lambda k: where.get(k, 0))}
 
 
 def _npz_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
+    """The BatchNorm-named arrays of an .npz; every member's header is read first, so an
+    object array anywhere is refused and no large array is ever decompressed."""
     try:
+        with zipfile.ZipFile(f) as archive:
+            names = [n.removesuffix(".npy") for n in archive.namelist()]
+            for name in names:
+                with archive.open(name + ".npy") as member:
+                    _array_header(member, repr(name))
+        f.seek(0)
         with np.load(f, allow_pickle=False) as npz:
-            return {name: _npz_member(npz, name) for name in npz.files}
+            return {name: npz[name] for name in names if _state_name(name)}
     except FileProblem:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise FileProblem(f"a truncated or malformed .npz file ({exc})") from None
 
 
-def _npz_member(npz, name: str) -> np.ndarray:
-    try:
-        return npz[name]
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise FileProblem(
-                f"{name!r} is an object array: reading it needs a pickle, which is "
-                "refused. Save plain numeric arrays"
-            ) from None
-        raise
+def _state_name(name: str) -> bool:
+    """Whether a name ends like one of a BatchNorm's vectors (P.running_var, P.gamma, …)."""
+    last = name.rsplit(".", 1)[-1]
+    return last in {*TORCH_NAMES.values(), *KERAS_NAMES.values()}
 
 
 def _named_layers(arrays: Mapping[str, np.ndarray]) -> tuple[Layer, ...]:
@@ -290,6 +307,7 @@ def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
     """A .keras file: the config's BatchNormalization layers, their weights via h5py."""
     try:
         with zipfile.ZipFile(f) as archive:
+            _check_unpacked_size(archive)
             config = json.loads(archive.read("config.json"))
             weights = archive.read("model.weights.h5")
     except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError) as exc:
@@ -304,8 +322,8 @@ def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
         switches = (opts["scale"], opts["center"])
         present = [k for k, on in zip(STATE_NAMES[:2], switches, strict=True) if on]
         order = [*present, "running_mean", "running_var"]
-        vectors = groups[name]
-        if len(vectors) != len(order):
+        vectors = [array for _, array in groups[name]]
+        if len(vectors) != len(order) or any(v is None for v in vectors):
             layers.append(
                 Layer(name, 0, problem=f"{len(vectors)} variables where {len(order)} were expected")
             )
@@ -313,6 +331,18 @@ def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
         found = dict.fromkeys(STATE_NAMES) | dict(zip(order, vectors, strict=True))
         layers.append(_layer(name, found))
     return tuple(layers)
+
+
+MAX_UNPACKED = 1 << 30
+"""Most bytes a .keras file may unpack to (a zip bomb is refused before it is read)."""
+
+
+def _check_unpacked_size(archive: zipfile.ZipFile) -> None:
+    unpacked = sum(info.file_size for info in archive.infolist())
+    if unpacked > MAX_UNPACKED:
+        raise FileProblem(
+            f"a .keras file that unpacks to {unpacked:,} bytes, over {MAX_UNPACKED:,}: refused"
+        )
 
 
 def _find_batchnorms(config, into: dict[str, dict]) -> None:
@@ -335,11 +365,11 @@ def _find_batchnorms(config, into: dict[str, dict]) -> None:
             _find_batchnorms(value, into)
 
 
-def _vars_groups(f: BinaryIO) -> dict[str, list[np.ndarray]]:
-    """Keras 3 weights: every ``…/vars`` group's datasets 0, 1, …, by its ``name`` attribute."""
-    import h5py
-
-    groups: dict[str, list[np.ndarray]] = {}
+def _vars_groups(f: BinaryIO) -> dict[str, list[tuple[tuple[int, ...], np.ndarray | None]]]:
+    """Keras 3 weights: every ``…/vars`` group's datasets 0, 1, … by its ``name``
+    attribute, as (shape, array); only vectors of at most MAX_STATE_VALUES are read."""
+    h5py = _framework("h5py", "a Keras weights file")
+    groups: dict[str, list] = {}
     try:
         with h5py.File(f, "r") as h5:
 
@@ -351,10 +381,16 @@ def _vars_groups(f: BinaryIO) -> dict[str, list[np.ndarray]]:
                 name = item.attrs.get("name", path.rsplit("/", 2)[0])
                 name = name.decode() if isinstance(name, bytes) else str(name)
                 keys = sorted(item.keys(), key=lambda k: int(k) if k.isdigit() else 1 << 30)
-                groups.setdefault(name, [np.asarray(item[k][()]) for k in keys])
+                found = []
+                for key in keys:
+                    data = item[key]
+                    shape = tuple(getattr(data, "shape", None) or ())
+                    small = len(shape) == 1 and shape[0] <= MAX_STATE_VALUES
+                    found.append((shape, np.asarray(data[()]) if small else None))
+                groups.setdefault(name, found)
 
             h5.visititems(visit)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FileProblem(f"a truncated or malformed HDF5 weights file ({exc})") from None
     return groups
 
@@ -365,8 +401,8 @@ def _bare_weights_layers(f: BinaryIO) -> tuple[Layer, ...]:
         raise FileProblem("an HDF5 file without Keras 3 layer weights (layers/…/vars)")
     odd = [
         name
-        for name, vectors in groups.items()
-        if len(vectors) != 4 or len({v.shape for v in vectors}) != 1 or vectors[0].ndim != 1
+        for name, found in groups.items()
+        if len(found) != 4 or len({shape for shape, _ in found}) != 1 or found[0][1] is None
     ]
     if odd:
         raise FileProblem(
@@ -374,7 +410,10 @@ def _bare_weights_layers(f: BinaryIO) -> tuple[Layer, ...]:
             "not four vectors (γ, β, mean, variance): without the model's config there is no "
             "telling which layers are BatchNorm. Upload the .keras file (model.save('m.keras'))"
         )
-    return tuple(_layer(name, dict(zip(STATE_NAMES, v, strict=True))) for name, v in groups.items())
+    return tuple(
+        _layer(name, dict(zip(STATE_NAMES, [a for _, a in found], strict=True)))
+        for name, found in groups.items()
+    )
 
 
 # --- input batches -------------------------------------------------------------------------
@@ -408,7 +447,12 @@ def batch_info(f: BinaryIO) -> BatchInfo:
     return BatchInfo(len(headers), shape, max(dtypes, key=lambda d: np.dtype(d).itemsize))
 
 
-def _npy_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], str]:
+MAX_STATE_VALUES = 1 << 24
+"""Most values one BatchNorm vector may hold (larger is a malformed file, not a layer)."""
+
+
+def _array_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an .npy header; an object array is refused (it needs a pickle)."""
     fmt = np.lib.format
     try:
         version = fmt.read_magic(f)
@@ -419,7 +463,16 @@ def _npy_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], str]:
     except (ValueError, OSError, EOFError) as exc:
         raise FileProblem(f"{what}: a truncated or malformed array header ({exc})") from None
     if dtype.hasobject:
-        raise FileProblem(f"{what} is an object array: reading it needs a pickle, which is refused")
+        raise FileProblem(
+            f"{what} is an object array: reading it needs a pickle, which is refused. "
+            "Save plain numeric arrays"
+        )
+    return tuple(int(d) for d in shape), dtype
+
+
+def _npy_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], str]:
+    """A batch's shape and dtype: real numbers, channels-first, within the value cap."""
+    shape, dtype = _array_header(f, what)
     if dtype.kind not in "biuf":
         raise FileProblem(f"{what} holds {dtype}, not real numbers")
     if not MIN_DIMS <= len(shape) <= MAX_DIMS or min(shape, default=0) < 1:
@@ -429,7 +482,7 @@ def _npy_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], str]:
         )
     if math.prod(shape) > MAX_ELEMENTS:
         raise FileProblem(f"{what} holds {math.prod(shape):,} values, over {MAX_ELEMENTS:,}")
-    return tuple(int(d) for d in shape), dtype.str
+    return shape, dtype.str
 
 
 def read_batches(f: BinaryIO) -> tuple[np.ndarray, ...]:

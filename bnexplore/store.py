@@ -104,6 +104,7 @@ def store_bytes(data: bytes) -> str:
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
+                os.chmod(temporary, 0o644)  # the app's server may run as another user
                 os.replace(temporary, target)
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
@@ -178,18 +179,37 @@ def describe(f) -> tuple[tuple[Layer, ...], BatchInfo | None]:
     return layers, info
 
 
-@lru_cache(maxsize=16)
 def layers(digest: str) -> tuple[Layer, ...]:
-    """The BatchNorm layers of a stored file (cached: a digest's content never changes)."""
-    with _open(digest) as f:
-        return read_layers(f)
+    """The BatchNorm layers of a stored file; raises FileProblem."""
+    return _answer(_read(digest, read_layers))
 
 
-@lru_cache(maxsize=16)
 def batches_info(digest: str) -> BatchInfo:
-    """Count, shape and dtype of a stored batch file, from its headers."""
-    with _open(digest) as f:
-        return batch_info(f)
+    """Count, shape and dtype of a stored batch file, from its headers; raises FileProblem."""
+    return _answer(_read(digest, batch_info))
+
+
+def _answer(found):
+    if isinstance(found, FileProblem):
+        raise FileProblem(str(found))  # a fresh one: a cached exception's traceback would grow
+    return found
+
+
+def _read(digest: str, reader):
+    """A reader's answer for a stored file, or its FileProblem: both cached, as a digest's
+    content never changes (a file missing now is not cached: it may be uploaded again)."""
+    if not path_of(digest).is_file():
+        return FileProblem("no longer on this server: upload the file")
+    return _read_cached(digest, reader)
+
+
+@lru_cache(maxsize=32)
+def _read_cached(digest: str, reader):
+    try:
+        with _open(digest) as f:
+            return reader(f)
+    except FileProblem as problem:
+        return problem
 
 
 @lru_cache(maxsize=2)

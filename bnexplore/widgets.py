@@ -177,7 +177,8 @@ def _render_layers(param: Param) -> None:
         return  # the link codec's notice says why
     rows = ["| layer | channels | |", "|---|---:|---|"]
     for layer in found:
-        rows.append(f"| `{layer.label}` | {layer.channels} | {layer.problem or ''} |")
+        name = layer.label.replace("`", "'").replace("|", "\\|")  # a name from a file
+        rows.append(f"| `{name}` | {layer.channels} | {layer.problem or ''} |")
     st.markdown("\n".join(rows))
     names = [layer.name for layer in found]
     if len(names) < 2:

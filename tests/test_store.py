@@ -505,3 +505,28 @@ def test_describe_reads_bytes_without_a_name(files) -> None:
     path, _ = save_model("safetensors", files, seed=14)
     layers, batch_info = store.describe(io.BytesIO(path.read_bytes()))
     assert [layer.channels for layer in layers] == [5, 7] and batch_info is None
+
+
+def test_run_link_in_the_cli_uses_the_store(files, capsys) -> None:
+    state = trained_state(3, seed=15)
+    np.savez(files / "bn.npz", **{f"bn.{k}": v for k, v in state.items()})
+    digest, _ = store_with_cli(files / "bn.npz", capsys)
+    assert (
+        main(["run", "--link", f"?state={digest[:20]}&init=state&shape=4,3&torch_mode=eval"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert f"state={digest}&init=state" in out and "notice:" not in out
+
+
+def test_the_memory_guard_counts_a_batch_files_arrays(files, monkeypatch) -> None:
+    np.save(files / "x.npy", np.ones((64, 8, 16, 16)))  # 1 MiB in float64
+    digest = bnexplore.store_file(files / "x.npy")
+    scenario, _ = parse_link(f"?input=file&file={digest}")
+    from bnexplore import memory
+
+    drawn = memory.estimate(parse_link("?shape=64,8,16,16&input=ones")[0], False)
+    assert memory.estimate(scenario, False) - drawn == 1024**2  # the stored float64 array
+    monkeypatch.setenv("BNEXPLORE_MEMORY_LIMIT", "1MiB")
+    doc = bnexplore.run(f"?input=file&file={digest}")
+    assert all(not e["available"] for e in doc["engines"].values())
+    assert "BNEXPLORE_MEMORY_LIMIT" in doc["notices"][-1]
