@@ -236,11 +236,17 @@ def layer_variance_chart(stats: pd.DataFrame, eps: dict[str, float], name: str) 
     between the engines) are drawn in red: there, eps decides the output.
     """
     matters = int(stats["eps_matters"].sum()) if len(stats) else 0
+    where = np.where(stats["eps_matters"], "eps decides", "eps negligible")
     points = (
-        alt.Chart(stats)
-        .mark_circle(size=36, opacity=0.9)
+        alt.Chart(stats.assign(where=where))
+        .mark_circle(size=60, opacity=0.9)
         .encode(
-            x=alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
+            x=alt.X(
+                "channel:Q",
+                title="channel",
+                axis=alt.Axis(tickMinStep=1),
+                scale=alt.Scale(domain=[-0.5, max(len(stats), 1) - 0.5], nice=False),
+            ),
             y=alt.Y(
                 "shown_var:Q",
                 title="running variance (log)",
@@ -248,9 +254,11 @@ def layer_variance_chart(stats: pd.DataFrame, eps: dict[str, float], name: str) 
                 axis=alt.Axis(format="~g"),
             ),
             color=alt.Color(
-                "eps_matters:N",
-                scale=alt.Scale(domain=[True, False], range=["#C62828", "#777777"]),
-                legend=alt.Legend(title="eps matters", orient="top"),
+                "where:N",
+                scale=alt.Scale(
+                    domain=["eps decides", "eps negligible"], range=["#C62828", "#777777"]
+                ),
+                legend=alt.Legend(title=None, orient="top"),
             ),
             tooltip=[
                 alt.Tooltip("channel:Q"),

@@ -162,21 +162,23 @@ def describe(f) -> tuple[tuple[Layer, ...], BatchInfo | None]:
 
     Raises FileProblem when it holds neither, naming both problems.
     """
-    try:
-        layers = read_layers(f)
-        layer_problem = None
-    except FileProblem as exc:
-        layers, layer_problem = (), str(exc)
-    try:
-        info = batch_info(f)
-        batch_problem = None
-    except FileProblem as exc:
-        info, batch_problem = None, str(exc)
-    if not layers and info is None:
+    found, layer_problem = _guarded(read_layers, f)
+    info, batch_problem = _guarded(batch_info, f)
+    if not found and info is None:
         if sniff(f) == "npz" and layer_problem != batch_problem:
             raise FileProblem(f"{layer_problem}; as batches: {batch_problem}")
         raise FileProblem(layer_problem if sniff(f) != "npy" else batch_problem)
-    return layers, info
+    return found or (), info
+
+
+def _guarded(reader, f):
+    """(answer, None) or (None, the problem in words): a stranger's file never raises past here."""
+    try:
+        return reader(f), None
+    except FileProblem as problem:
+        return None, str(problem)
+    except Exception as exc:  # noqa: BLE001 - any failure of a parser is the file's problem
+        return None, f"a malformed file ({type(exc).__name__}: {exc})"
 
 
 def layers(digest: str) -> tuple[Layer, ...]:
@@ -210,6 +212,8 @@ def _read_cached(digest: str, reader):
             return reader(f)
     except FileProblem as problem:
         return problem
+    except Exception as exc:  # noqa: BLE001 - a stranger's file: any failure is its problem
+        return FileProblem(f"a malformed file ({type(exc).__name__}: {exc})")
 
 
 @lru_cache(maxsize=2)

@@ -97,7 +97,8 @@ def _problem_key(key: str) -> str:
 def _uploaded(key: str) -> None:
     """A file was dropped on an uploader: keep it in the store, point the link at it.
 
-    A state file starts every engine from its first layer (init=state), with the
+    A state file starts every engine from its first layer (init=state), PyTorch in
+    eval mode (a trained layer's use; Keras's direct call already infers), with the
     batch's channel count set to the layer's; a batch file becomes the input.
     Removing the file from the uploader stops using it.
     """
@@ -118,7 +119,7 @@ def _uploaded(key: str) -> None:
         return
     values[key] = digest
     if key == "state":
-        changes = {"layer": first.name or None, "init": "state"}
+        changes = {"layer": first.name or None, "init": "state", "torch_mode": "eval"}
         if values["input"] != "file":
             changes["shape"] = (values_shape(values)[0], first.channels, *values_shape(values)[2:])
     else:
@@ -163,9 +164,14 @@ def _render_upload(param: Param) -> None:
     digest = values[param.key]
     if digest is None:
         return
-    left, right = st.columns([3, 1])
-    left.caption(f"`{param.key}={uploads.short(digest)}` on this server")
-    right.button("Forget", key=f"forget_{param.key}", on_click=_forget, args=(param.key,))
+    st.caption(f"`{param.key}={uploads.short(digest)}` on this server")
+    st.button(
+        "Forget this file",
+        key=f"forget_{param.key}",
+        on_click=_forget,
+        args=(param.key,),
+        help="Run without it; the file stays on the server for links that name it.",
+    )
 
 
 def _render_layers(param: Param) -> None:
@@ -175,10 +181,12 @@ def _render_layers(param: Param) -> None:
         found = uploads.layers(values["state"])
     except uploads.FileProblem:
         return  # the link codec's notice says why
-    rows = ["| layer | channels | |", "|---|---:|---|"]
+    problems = any(layer.problem for layer in found)
+    rows = ["| layer | channels |" + " problem |" * problems, "|---|---:|" + "---|" * problems]
     for layer in found:
         name = layer.label.replace("`", "'").replace("|", "\\|")  # a name from a file
-        rows.append(f"| `{name}` | {layer.channels} | {layer.problem or ''} |")
+        problem = f" {layer.problem or ''} |" * problems
+        rows.append(f"| `{name}` | {layer.channels} |{problem}")
     st.markdown("\n".join(rows))
     names = [layer.name for layer in found]
     if len(names) < 2:

@@ -472,6 +472,7 @@ def test_uploading_a_state_dict_links_its_digest_and_charts_its_layer(
     params = query(page.url)
     assert params["state"] == [digest] and params["init"] == ["state"], page.url
     assert params["layer"] == ["1"] and params["shape"] == ["4,5,3,3"], page.url
+    assert params["torch_mode"] == ["eval"], page.url
     assert (store_dir / digest).is_file()
     table = page.locator("[data-testid='stSidebar'] table").first.inner_text()
     assert "1\t5" in table and "3\t7" in table, table

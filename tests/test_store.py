@@ -313,11 +313,18 @@ class RunsCode:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
 def test_a_pt_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(
-    files, tmp_path, capsys, store_dir
+    how, files, tmp_path, capsys, store_dir
 ) -> None:
     marker = tmp_path / "PWNED"
-    torch.save({"weight": torch.ones(3), "payload": RunsCode(marker)}, files / "evil.pt")
+    payload = {"weight": torch.ones(3), "payload": RunsCode(marker)}
+    if how == "torch.save":  # a zip holding data.pkl
+        torch.save(payload, files / "evil.pt")
+    else:  # a bare pickle stream, as PyTorch's legacy format starts
+        import pickle
+
+        (files / "evil.pt").write_bytes(pickle.dumps(payload, protocol=2))
     assert not marker.exists()
     assert main(["store", str(files / "evil.pt")]) == 1
     err = capsys.readouterr().err
