@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from bnexplore import store
 from bnexplore.params import (
     BY_KEY,
     DEFAULTS,
@@ -29,7 +30,7 @@ from bnexplore.params import (
     Param,
 )
 from bnexplore.presets import PRESETS
-from bnexplore.store import MIN_PREFIX, NotStored, resolve, short
+from bnexplore.store import MIN_PREFIX, short
 
 MAX_VALUE_CHARS = 200
 """Longer values are not parsed at all: no parameter needs more."""
@@ -223,8 +224,8 @@ def _parse_digest(text: str) -> str:
             f"{_show(text)} is not a digest: {MIN_PREFIX} to 64 hex characters of a SHA-256"
         )
     try:
-        return resolve(lowered)
-    except NotStored as missing:
+        return store.resolve(lowered)
+    except store.NotStored as missing:
         raise BadValue(str(missing)) from None
 
 
@@ -355,8 +356,6 @@ def _check_files(
     Reads only the files' headers and BatchNorm vectors (cached by digest); a file
     that cannot be read is a notice, and the scenario falls back as for any bad value.
     """
-    from bnexplore import store
-
     if values["input"] == "file":
         why = "needs a batch file (file=…)"
         if values["file"] is not None:

@@ -54,7 +54,12 @@ def root() -> Path:
     given = os.environ.get("BNEXPLORE_STORE", "").strip()
     if given:
         return Path(given).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if not cache:
+        try:
+            cache = Path.home() / ".cache"
+        except RuntimeError:  # no home directory to be found: the system's temporary folder
+            cache = Path(tempfile.gettempdir())
     return Path(cache) / "bnexplore" / "store"
 
 

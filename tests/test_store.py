@@ -537,3 +537,21 @@ def test_the_memory_guard_counts_a_batch_files_arrays(files, monkeypatch) -> Non
     doc = bnexplore.run(f"?input=file&file={digest}")
     assert all(not e["available"] for e in doc["engines"].values())
     assert "BNEXPLORE_MEMORY_LIMIT" in doc["notices"][-1]
+
+
+def test_with_init_state_training_steps_run_from_the_loaded_statistics(files) -> None:
+    """Unlike keras_init's port, init=state keeps every engine's own training steps."""
+    state = trained_state(4, seed=16)
+    np.savez(files / "bn.npz", **{f"bn.{k}": v for k, v in state.items()})
+    digest = bnexplore.store_file(files / "bn.npz")
+    link = f"?state={digest}&init=state&shape=8,4,3&input=normal&steps=1&torch_mode=eval"
+    scenario, notices = parse_link(link)
+    assert notices == []
+    comparison = compare(scenario)
+    first = next(batches(scenario)).astype(np.float64)
+    batch_mean = first.mean(axis=(0, 2))
+    rtol, atol = TOLERANCES["float32"]
+    for name, kept in (("torch", 0.9), ("keras", 0.99)):  # torch m = 0.1, Keras μ = 0.99
+        want = kept * state["running_mean"] + (1 - kept) * batch_mean
+        np.testing.assert_allclose(comparison.results[name].running_mean, want, rtol, atol)
+        assert comparison.reference_gap(name).allclose, name
