@@ -26,7 +26,7 @@ from bnexplore.charts import layer_statistics, layer_variance_chart
 from bnexplore.cli import main
 from bnexplore.formats import FileProblem
 from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import compare
+from bnexplore.runner import Comparison, compare
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
 
@@ -102,7 +102,7 @@ def assert_follows_formula(output, x, state, eps, dtype, what) -> None:
 
 def check_every_engine_starts_from(
     link: str, state: dict[str, np.ndarray], engines=("torch", "keras")
-) -> None:
+) -> Comparison:
     """PyTorch eval and Keras inference each follow the formula with their own eps."""
     scenario, notices = parse_link(link + "&torch_mode=eval&engines=" + ",".join(engines))
     assert notices == [] and scenario["init"] == "state", notices
