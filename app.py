@@ -18,7 +18,7 @@ from bnexplore.presets import matching
 from bnexplore.script import reproducer
 from bnexplore.story import VERDICT_WORDS
 from bnexplore.translate import TRANSLATORS, translation_pair
-from bnexplore.view import ViewCache
+from bnexplore.view import ViewCache, layer_view
 from bnexplore.widgets import apply_scenario, sidebar, sweep_controls
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
@@ -101,8 +101,8 @@ def download_chart(chart, name: str) -> None:
         )
 
 
-overview, outputs, running, sweep_tab, explain_tab, code = st.tabs(
-    ["Overview", "Outputs", "Running statistics", "Sweep", "Explain", "Code"]
+overview, outputs, running, your_layer, sweep_tab, explain_tab, code = st.tabs(
+    ["Overview", "Outputs", "Running statistics", "Your layer", "Sweep", "Explain", "Code"]
 )
 with overview:
     rows = [
@@ -209,6 +209,28 @@ with running:
                 )
     else:
         st.info("No running statistics in this scenario.")
+
+with your_layer:
+    stored = layer_view(scenario)
+    if stored is None:
+        st.info(
+            "Upload a BatchNorm state in the sidebar (Your layer): a PyTorch state_dict, "
+            ".safetensors, .keras or .npz. Its trained statistics then start every engine "
+            "(init=state), and the link names the file by its SHA-256 for teammates on "
+            "this server."
+        )
+    else:
+        show(
+            charts.layer_variance_chart(stored.statistics, stored.eps, stored.layer.label),
+            "layer_running_variance",
+        )
+        if stored.layer.problem:
+            st.error(f"This layer cannot start a run: {stored.layer.problem}.")
+        starts = "every engine starts from it" if scenario["init"] == "state" else "init=fresh"
+        st.caption(
+            f"{stored.layer.label}: {stored.layer.channels} channels; {starts}. "
+            f"File `{scenario['state']}`."
+        )
 
 with sweep_tab:
     sweep_controls()

@@ -6,6 +6,9 @@ in order, in float64, then cast to the scenario's dtype:
 - ``normal``: ``rng.standard_normal(shape) * std + mean``
 - ``uniform``: ``rng.uniform(low, high, shape)``
 - ``ones`` and ``constant``: ``value`` everywhere (ones: 1); nothing is drawn.
+- ``file``: the stored file's arrays (bnexplore.store): an ``.npy`` for every pass,
+  an ``.npz``'s ``batch_k`` for pass k (its last for any pass beyond), widened to
+  float64, then cast. The scenario's shape is the file's (the link codec sees to it).
 
 Batches are channels-first (N, C, …), PyTorch's layout.
 """
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from bnexplore import store
 from bnexplore.scenario import Scenario
 
 
@@ -45,6 +49,17 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
         batch = np.full(shape, value, dtype=dtype)
         for _ in range(count):
             yield batch
+        return
+    if kind == "file":
+        # the stored arrays, each cast once (to float64 first, like drawn batches)
+        stored = store.batches(scenario["file"])
+        cast: dict[int, np.ndarray] = {}
+        for k in range(count):
+            index = min(k, len(stored) - 1)
+            if index not in cast:
+                with np.errstate(over="ignore"):
+                    cast[index] = stored[index].astype(np.float64).astype(dtype)
+            yield cast[index]
         return
     rng = np.random.default_rng(scenario["seed"])
     for _ in range(count):

@@ -1,4 +1,5 @@
-"""Command line: ``python -m bnexplore run [--preset NAME] [--link LINK] [--json]``."""
+"""Command line: ``python -m bnexplore run [--preset NAME] [--link LINK] [--json]``;
+``python -m bnexplore store FILE`` keeps a file in the store and prints its link key."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import logging
 import sys
 from urllib.parse import quote
+
+import numpy as np
 
 from bnexplore.docs import link_reference
 from bnexplore.engines import LABELS
@@ -111,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     bench_cmd.add_argument("--no-browser", action="store_true", help="skip the browser timing")
     bench_cmd.add_argument("--json", action="store_true", help="print the JSON document")
     commands.add_parser("docs", help="print the README's link reference table")
+    store_cmd = commands.add_parser(
+        "store", help="keep a file in the store; print its state= (or file=) link key"
+    )
+    store_cmd.add_argument("file", help=".pt/.pth, .safetensors, .keras, .weights.h5, .npz, .npy")
     args = parser.parse_args(argv)
     if args.command == "docs":
         print(link_reference())
         return 0
+    if args.command == "store":
+        return _store(args.file)
     if args.command == "script":
         scenario, notices = parse_link(link_of(args.preset, args.link))
         for notice in notices:
@@ -160,6 +169,29 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"{d['a']}–{d['b']} max|Δ| {_num(d['max_abs'])}" for d in point["divergence"]
         )
         print(f"{doc['param']} = {point['value']:<12g} {gaps}")
+    return 0
+
+
+def _store(path: str) -> int:
+    """``state=<digest>`` first (``file=`` for a batch file alone), then what the file holds."""
+    from bnexplore import store
+
+    try:
+        digest = store.store_file(path)
+        with open(store.path_of(digest), "rb") as f:
+            layers, batches = store.describe(f)
+    except (store.FileProblem, OSError) as problem:
+        print(f"bnexplore store: {path}: {problem}", file=sys.stderr)
+        return 1
+    print(f"{'state' if layers else 'file'}={digest}")
+    for layer in layers:
+        problem = f"  ({layer.problem})" if layer.problem else ""
+        print(f"layer {layer.label}: {layer.channels} channels{problem}")
+    if batches is not None:
+        if layers:
+            print(f"file={digest}")
+        shape = ",".join(map(str, batches.shape))
+        print(f"batches: {batches.count} of shape {shape}, {np.dtype(batches.dtype).name}")
     return 0
 
 

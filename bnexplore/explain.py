@@ -216,6 +216,8 @@ def aligned(scenario: Scenario) -> tuple[Scenario, list[str]]:
     """The scenario with every alignable knob of its first pair aligned, and the causes."""
     pair = tuple(scenario["engines"][:2])
     s, causes = scenario, []
+    if len(pair) < 2:  # one engine: nothing to align it with
+        return s, causes
     for _, align in ALIGNMENTS:
         step = align(s, *pair)
         if step:

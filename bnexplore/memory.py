@@ -3,7 +3,8 @@
 Host bytes over the caller and the engines' worker processes, with E values per
 batch of itemsize s (float64 batches are drawn, then cast):
 
-    batch      8E (ones, constant) or 16E (random: draw and scale), + sE cast,
+    batch      8E (ones, constant) or 16E (random: draw and scale), + sE cast;
+               a batch file: its arrays as stored, 8E widening, sE per distinct pass;
                + sE for the shared-memory file the workers read it from
     each engine, its output shipped back: sE in a shared-memory file, sE read here
     PyTorch    sE  (its output; the input is the shared batch itself)
@@ -39,13 +40,19 @@ _UNITS = {
 }
 
 
-def limit() -> int:
-    """The limit in bytes: BNEXPLORE_MEMORY_LIMIT, or 2 GiB (also when it is unreadable)."""
-    text = os.environ.get("BNEXPLORE_MEMORY_LIMIT", "").strip().lower()
+def size_from_env(name: str, default: int) -> int:
+    """A size in bytes from an environment variable (bytes, or a number with KiB, MiB,
+    GiB, kB, MB or GB), or ``default`` when it is unset or unreadable."""
+    text = os.environ.get(name, "").strip().lower()
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", text)
     if not match:
-        return DEFAULT_LIMIT
+        return default
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def limit() -> int:
+    """The limit in bytes: BNEXPLORE_MEMORY_LIMIT, or 2 GiB (also when it is unreadable)."""
+    return size_from_env("BNEXPLORE_MEMORY_LIMIT", DEFAULT_LIMIT)
 
 
 def estimate(scenario: Scenario, reference: bool) -> int:
@@ -55,6 +62,8 @@ def estimate(scenario: Scenario, reference: bool) -> int:
     engines = scenario["engines"]
     drawn = 8 if scenario["input"] in ("ones", "constant") else 16
     batch = drawn * values + 2 * itemsize * values
+    if scenario["input"] == "file":
+        batch = _file_batches(scenario, values, itemsize) + itemsize * values
 
     def per_engine(engine: str) -> int:
         own = 1 if knobs(engine) == "torch" else 4
@@ -69,6 +78,18 @@ def estimate(scenario: Scenario, reference: bool) -> int:
     references = 16 * values * len(engines) if reference else 0
     history = 16 * scenario.channels * (scenario["steps"] + 1) * len(engines) * (1 + reference)
     return batch + frameworks + references + history
+
+
+def _file_batches(scenario: Scenario, values: int, itemsize: int) -> int:
+    """A batch file: its arrays as stored, a float64 widening, and each pass's cast kept."""
+    from bnexplore import store
+
+    try:
+        info = store.batches_info(scenario["file"])
+    except store.FileProblem:  # the run refuses it with the reason
+        return 0
+    kept = min(info.count, scenario["steps"] + 1)
+    return info.nbytes + 8 * values + kept * itemsize * values
 
 
 def words(size: int) -> str:

@@ -19,7 +19,7 @@ MAX_ELEMENTS = 50_000_000
 MAX_DIMS = 5
 MIN_DIMS = 2
 
-Kind = Literal["shape", "choice", "choices", "int", "float", "bool", "momentum"]
+Kind = Literal["shape", "choice", "choices", "int", "float", "bool", "momentum", "digest", "name"]
 
 ENGINE_NAMES = ("torch", "keras", "keras2", "torch_gpu", "keras_jax", "keras_torch", "flax")
 """Engines a scenario may compare; bnexplore.engines.ENGINES says how each is run."""
@@ -46,6 +46,7 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 GROUPS: dict[str, str] = {
     "input": "Input batch",
+    "layer": "Your layer",
     "run": "Run",
     "torch": "PyTorch module",
     "keras": "Keras 3 layer",
@@ -94,6 +95,13 @@ class Param:
             )
         if self.kind == "momentum":
             return f"a number in [{self.low:g}, {self.high:g}] or none"
+        if self.kind == "digest":
+            return (
+                "the SHA-256 of a file in this server's store: 64 hex characters, or a "
+                "unique prefix of at least 16; none"
+            )
+        if self.kind == "name":
+            return "a name in the file, up to 200 characters"
         if self.low is None and self.high is None:
             return "any finite number"
         low = f"({_fmt(self.low)}" if self.low_open else f"[{_fmt(self.low)}"
@@ -148,7 +156,18 @@ PARAMS: tuple[Param, ...] = (
         "Values",
         "What the batches hold. Random kinds draw every batch from one "
         "numpy.random.default_rng(seed), in step order.",
-        choices=("ones", "constant", "normal", "uniform"),
+        choices=("ones", "constant", "normal", "uniform", "file"),
+    ),
+    Param(
+        "file",
+        "digest",
+        None,
+        "input",
+        "Batch file",
+        "An uploaded .npy (one batch, used for every pass) or .npz (batch_0, batch_1, … "
+        "for the passes in order, the last one for any pass beyond), channels-first; the "
+        "shape follows it. Cast to dtype through float64.",
+        only_for=("file",),
     ),
     Param(
         "value",
@@ -201,6 +220,36 @@ PARAMS: tuple[Param, ...] = (
         "dtype",
         "Batches are made in float64, then cast; every layer is built in this dtype.",
         choices=DTYPES,
+    ),
+    # --- your layer ------------------------------------------------------------------
+    Param(
+        "state",
+        "digest",
+        None,
+        "layer",
+        "Your layer",
+        "An uploaded file holding one or more BatchNorm states: a PyTorch state_dict "
+        "(.pt/.pth, read with torch.load(weights_only=True)), .safetensors, .keras, "
+        ".weights.h5 or .npz.",
+    ),
+    Param(
+        "layer",
+        "name",
+        None,
+        "layer",
+        "Layer",
+        "Which BatchNorm of the file, by its name there. none: the first in file order.",
+    ),
+    Param(
+        "init",
+        "choice",
+        "fresh",
+        "layer",
+        "Every engine starts from",
+        "fresh: a new layer. state: the file's γ, β, running mean and running variance, "
+        "in every engine and reference (PyTorch through load_state_dict, Keras through "
+        "its four variables); training steps then run from there.",
+        choices=("fresh", "state"),
     ),
     # --- run -----------------------------------------------------------------------
     Param(

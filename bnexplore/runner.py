@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import memory, workers
+from bnexplore import memory, store, workers
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
@@ -182,6 +182,14 @@ def compare(
         )
         refused = {name: EngineResult(name, available=False, reason=why) for name in names}
         return Comparison(scenario, (*notices, why), refused, {})
+    try:
+        state = initial_state(scenario)
+        if scenario["input"] == "file":
+            store.batches(scenario["file"])
+    except store.FileProblem as problem:
+        why = f"refused: {problem}"
+        refused = {name: EngineResult(name, available=False, reason=why) for name in names}
+        return Comparison(scenario, (*notices, why), refused, {})
     porting = any(knobs(n) == "keras" for n in names) and scenario["keras_init"] != "fresh"
     engine_of_lane = {name: name for name in names}
     if porting and "torch" not in names:
@@ -201,6 +209,8 @@ def compare(
             for name in names:
                 if name in lanes or done[name].available:
                     lanes[f"{name}_reference"] = REFERENCES[name](scenario)
+        if state is not None:
+            _start_from(state, scenario, lanes, done)
         if not _run_passes(scenario, lanes, done, porting, report, deadline):
             notices.append(str(workers.TimeLimitReached()) + "; what had not finished stopped")
     finally:
@@ -263,6 +273,33 @@ def _run_passes(
         for lane in lanes.values():  # stopped, or left by an interruption: nothing finishes them
             lane.drop()
     return True
+
+
+def initial_state(scenario: Scenario) -> State | None:
+    """init=state: the chosen layer's state from the store, float64 arrays in PyTorch's
+    names (None for a fresh start). Resolved here, so a session only ever gets arrays.
+    Raises store.FileProblem when the file or layer cannot be used."""
+    if scenario["init"] != "state":
+        return None
+    layer = store.find_layer(scenario["state"], scenario["layer"])
+    if layer.problem:
+        raise store.FileProblem(f"layer {layer.label}: {layer.problem}")
+    if layer.channels != scenario.channels:
+        raise store.FileProblem(
+            f"layer {layer.label} has {layer.channels} channels, the batch {scenario.channels}"
+        )
+    return {key: np.array(value, dtype=np.float64) for key, value in layer.state.items()}
+
+
+def _start_from(state: State, scenario: Scenario, lanes: dict, done: dict) -> None:
+    """init=state: every lane (worker sessions and references) loads the state before pass 0."""
+    for name, lane in list(lanes.items()):
+        try:
+            lane.port(state)
+        except Exception as exc:  # noqa: BLE001 - a framework refusing the state is its result
+            log.info("%s refused the state of %s", name, scenario.link, exc_info=True)
+            done[name] = lane.failed(exc)
+            del lanes[name]
 
 
 def _port(scenario: Scenario, lanes: dict, done: dict, source: str) -> None:

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from bnexplore import store
 from bnexplore.params import (
     BY_KEY,
     DEFAULTS,
@@ -29,6 +30,7 @@ from bnexplore.params import (
     Param,
 )
 from bnexplore.presets import PRESETS
+from bnexplore.store import MIN_PREFIX, short
 
 MAX_VALUE_CHARS = 200
 """Longer values are not parsed at all: no parameter needs more."""
@@ -105,7 +107,7 @@ def format_value(param: Param, value: Any) -> str:
         return ",".join(str(d) for d in value)
     if param.kind == "bool":
         return "true" if value else "false"
-    if param.kind == "momentum" and value is None:
+    if value is None and param.kind in ("momentum", "digest", "name"):
         return "none"
     if param.kind == "float" or param.kind == "momentum":
         return repr(float(value))
@@ -140,8 +142,14 @@ def parse_value(param: Param, raw: str) -> tuple[Any, str | None]:
         if lowered in _FALSE:
             return False, None
         raise BadValue(f"{_show(text)} is not true or false")
-    if param.kind == "momentum" and text.lower() == "none":
+    if param.kind in ("momentum", "digest", "name") and text.lower() == "none":
         return None, None
+    if param.kind == "digest":
+        return _parse_digest(text), None
+    if param.kind == "name":
+        if not text.isprintable():
+            raise BadValue(f"{_show(text)} holds characters a layer name cannot")
+        return text, None
     if param.kind == "int":
         return _clamp(param, _parse_int(text))
     return _clamp(param, _parse_float(text))
@@ -208,6 +216,19 @@ def _parse_choices(param: Param, text: str) -> tuple[tuple[str, ...], str | None
     return tuple(picked), None
 
 
+def _parse_digest(text: str) -> str:
+    """A stored file's full digest from a link's hex prefix (a look at the store's listing)."""
+    lowered = text.lower()
+    if not re.fullmatch(f"[0-9a-f]{{{MIN_PREFIX},64}}", lowered):
+        raise BadValue(
+            f"{_show(text)} is not a digest: {MIN_PREFIX} to 64 hex characters of a SHA-256"
+        )
+    try:
+        return store.resolve(lowered)
+    except store.NotStored as missing:
+        raise BadValue(str(missing)) from None
+
+
 def _parse_shape(text: str) -> tuple[int, ...]:
     pieces = [p for p in re.split(r"[,x×\s]+", text.strip("()[] ")) if p]
     dims: list[int] = []
@@ -270,6 +291,7 @@ def from_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[Scenario, list[str]]:
             notices.append(
                 f"preset: {_show(preset_name)} is not a preset ({', '.join(PRESETS)}); ignored"
             )
+    base = dict(values)
 
     for key, text in raw.items():
         param = BY_KEY.get(key)
@@ -279,13 +301,17 @@ def from_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[Scenario, list[str]]:
         try:
             value, notice = parse_value(param, text)
         except BadValue as bad:
-            notices.append(f"{key}: {bad}; using {format_value(param, values[key])}")
+            if values[key] is None and param.kind in ("digest", "name"):
+                notices.append(f"{key}: {bad}; ignored")
+            else:
+                notices.append(f"{key}: {bad}; using {format_value(param, values[key])}")
             continue
         values[key] = value
         if notice:
             notices.append(notice)
 
     _check_consistency(values, raw, notices)
+    _check_files(values, raw, base, notices)
     return Scenario(values), notices
 
 
@@ -319,6 +345,80 @@ def _check_consistency(values: dict[str, Any], raw: Mapping[str, str], notices: 
         f"{values['high']:g}; using low {DEFAULTS['low']:g}, high {DEFAULTS['high']:g}"
     )
     values["low"], values["high"] = DEFAULTS["low"], DEFAULTS["high"]
+
+
+def _check_files(
+    values: dict[str, Any], raw: Mapping[str, str], base: Mapping[str, Any], notices: list[str]
+) -> None:
+    """Rules that need the stored files: the batch file sets the shape; the state file
+    must hold the layer asked for, usable and with the batch's channel count.
+
+    Reads only the files' headers and BatchNorm vectors (cached by digest); a file
+    that cannot be read is a notice, and the scenario falls back as for any bad value.
+    """
+    if values["input"] == "file":
+        why = "needs a batch file (file=…)"
+        if values["file"] is not None:
+            try:
+                info = store.batches_info(values["file"])
+                why = None
+            except store.FileProblem as problem:
+                notices.append(f"file: {short(values['file'])}: {problem}; ignored")
+                values["file"] = None
+        if why:
+            notices.append(f"input: file {why}; using {base['input']}")
+            values["input"] = base["input"]
+        elif info.shape != tuple(values["shape"]):
+            if "shape" in raw:
+                notices.append(
+                    f"shape: follows the batch file, {','.join(map(str, info.shape))}; "
+                    f"{','.join(map(str, values['shape']))} ignored"
+                )
+            values["shape"] = info.shape
+
+    layer = None
+    if values["state"] is not None:
+        try:
+            found = store.layers(values["state"])
+        except store.FileProblem as problem:
+            notices.append(f"state: {short(values['state'])}: {problem}; ignored")
+            values["state"] = None
+    if values["state"] is None:
+        if values["layer"] is not None:
+            notices.append("layer: needs a state file (state=…); ignored")
+            values["layer"] = None
+    else:
+        names = [f.name for f in found]
+        first = found[0].name or None  # a bare module's layer has no name to write
+        if values["layer"] is not None and values["layer"] not in names:
+            notices.append(
+                f"layer: {_show(values['layer'])} is not a BatchNorm in the file "
+                f"({', '.join(map(repr, names[:8]))}); using {found[0].label}"
+            )
+            values["layer"] = first if len(found) > 1 else None
+        elif values["layer"] is None and len(found) > 1:
+            notices.append(
+                f"layer: not given; using {found[0].label}, the first of {len(found)} in the "
+                f"file (also {', '.join(f.label for f in found[1:8])})"
+            )
+            values["layer"] = first
+        layer = found[names.index(values["layer"])] if values["layer"] is not None else found[0]
+
+    if values["init"] != "state":
+        return
+    why = None
+    if layer is None:
+        why = "needs a state file (state=…)"
+    elif layer.problem:
+        why = f"layer {layer.label}: {layer.problem}"
+    elif layer.channels != values["shape"][1]:
+        why = (
+            f"layer {layer.label} has {layer.channels} channels, the batch "
+            f"{values['shape'][1]} (shape {','.join(map(str, values['shape']))})"
+        )
+    if why:
+        notices.append(f"init: state {why}; using fresh")
+        values["init"] = "fresh"
 
 
 def scenario_from_values(values: Mapping[str, Any]) -> tuple[Scenario, list[str]]:

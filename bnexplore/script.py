@@ -11,9 +11,11 @@ statistics as ``bnexplore.run`` as JSON:
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 
+from bnexplore import store
 from bnexplore.metrics import output_summary
 from bnexplore.scenario import Scenario
 
@@ -43,6 +45,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 S = json.loads({scenario!r})
 SHAPE = tuple(S["shape"])
 STEPS = S["steps"]
+START = {start_state}
+"""init=state: the uploaded layer's γ, β and running statistics (PyTorch's names), or None."""
 
 
 def numpy_dtype(name):
@@ -56,6 +60,11 @@ def numpy_dtype(name):
 def batches():
     """Batch k = 0 … steps from ONE numpy.random.default_rng(seed), float64, then cast."""
     dtype = numpy_dtype(S["dtype"])
+    if S["input"] == "file":  # the uploaded batches: batch_k for pass k, the last beyond
+        stored = stored_batches()
+        for k in range(STEPS + 1):
+            yield stored[min(k, len(stored) - 1)].astype(np.float64).astype(dtype)
+        return
     if S["input"] in ("ones", "constant"):
         value = 1.0 if S["input"] == "ones" else S["value"]
         batch = np.full(SHAPE, value, dtype=np.float64).astype(dtype)
@@ -112,6 +121,10 @@ def run_torch(device):
                              track_running_stats=S["torch_track_running_stats"],
                              device=device, dtype=TORCH_DTYPES[S["dtype"]])
     bn.requires_grad_(S["torch_requires_grad"])
+    if START is not None:  # load_state_dict keeps what the module has (affine, tracked)
+        own = bn.state_dict()
+        bn.load_state_dict({{k: torch.tensor(v, dtype=torch.float64)
+                            for k, v in START.items() if k in own}}, strict=False)
     state = None
     try:
         with torch.no_grad():
@@ -161,13 +174,16 @@ def run_keras(layer, prefix, initial_state=None):
     with tf.device(TF_DEVICE):
         layer.build((SHAPE[0], *SHAPE[2:], SHAPE[1]))
         layer.trainable = S[prefix + "_trainable"]
-        if initial_state is not None:
+        for state in (START, initial_state):  # the uploaded layer, then a port over it
+            if state is None:
+                continue
             for keras_name, torch_name in (("gamma", "weight"), ("beta", "bias"),
                                            ("moving_mean", "running_mean"),
                                            ("moving_variance", "running_var")):
                 variable = getattr(layer, keras_name, None)
                 if variable is not None:
-                    variable.assign(initial_state[torch_name].astype(variable.dtype))
+                    value = tf.constant(np.asarray(state[torch_name], np.float64))
+                    variable.assign(tf.cast(value, variable.dtype))
         for k, batch in enumerate(batches()):
             if initial_state is not None and k < STEPS:
                 continue
@@ -231,6 +247,12 @@ def run_other_backend(engine, state):
                            dtype=dtype, param_dtype=dtype, use_bias=S["flax_use_bias"],
                            use_scale=S["flax_use_scale"],
                            use_fast_variance=S["flax_use_fast_variance"], rngs=nnx.Rngs(0))
+        if START is not None:
+            for flax_name, torch_name in (("scale", "weight"), ("bias", "bias"),
+                                          ("mean", "running_mean"), ("var", "running_var")):
+                variable = getattr(bn, flax_name, None)
+                if variable is not None:
+                    variable[...] = jnp.asarray(START[torch_name], dtype=variable[...].dtype)
         for k, batch in enumerate(batches()):
             running = False if k < STEPS else S["flax_use_running_average"]
             output = bn(jnp.asarray(np.moveaxis(batch, 1, -1)), use_running_average=running)
@@ -245,13 +267,16 @@ def run_other_backend(engine, state):
     if not S["keras_trainable"]:
         layer.trainable = False
     ported = state is not None
-    if ported:
+    for given in (START, state):  # the uploaded layer, then a port over it
+        if given is None:
+            continue
         for keras_name, torch_name in (("gamma", "weight"), ("beta", "bias"),
                                        ("moving_mean", "running_mean"),
                                        ("moving_variance", "running_var")):
             variable = getattr(layer, keras_name, None)
             if variable is not None:
-                variable.assign(np.asarray(state[torch_name]).astype(variable.dtype))
+                value = keras.ops.convert_to_tensor(np.asarray(given[torch_name], np.float64))
+                variable.assign(keras.ops.cast(value, variable.dtype))
     for k, batch in enumerate(batches()):
         if ported and k < STEPS:
             continue
@@ -321,10 +346,59 @@ NEEDS = {
     "keras_torch": "torch and keras",
     "flax": "jax and flax",
 }
+EMBED_LIMIT = 8 * 1024**2
+"""Batch files up to this size travel inside the script (base64); larger ones beside it."""
+
+_STORED_BATCHES = """
+
+def stored_batches():
+    \"\"\"The batch file {digest}: batch_0, batch_1, … of an .npz, or one .npy.\"\"\"
+    import base64
+    import io
+
+    data = {source}
+    loaded = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return [loaded]
+    count = 0
+    while f"batch_{{count}}" in loaded.files:
+        count += 1
+    return [loaded[f"batch_{{k}}"] for k in range(count)]
+"""
+
+
+def _start_state(scenario: Scenario) -> str:
+    """init=state: the layer's four vectors as a literal (float repr is exact)."""
+    from bnexplore.runner import initial_state
+
+    try:
+        state = initial_state(scenario)
+    except store.FileProblem:
+        state = None
+    if state is None:
+        return "None"
+    return repr({key: [float(v) for v in values] for key, values in state.items()})
+
+
+def _stored_batches(scenario: Scenario) -> str:
+    if scenario["input"] != "file":
+        return ""
+    path = store.path_of(scenario["file"])
+    size = path.stat().st_size if path.exists() else EMBED_LIMIT + 1
+    if size <= EMBED_LIMIT:
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        source = f"base64.b64decode({encoded!r})"
+    else:
+        source = f"os.environ.get('BNEXPLORE_BATCH_FILE', {scenario['file'] + '.npz'!r})"
+    return _STORED_BATCHES.format(digest=scenario["file"], source=source)
 
 
 def reproducer(scenario: Scenario) -> str:
-    """A standalone Python program that reruns the scenario and prints its numbers."""
+    """A standalone Python program that reruns the scenario and prints its numbers.
+
+    An uploaded layer (init=state) travels as a literal; an uploaded batch file up to
+    8 MiB as base64, a larger one is read from ``BNEXPLORE_BATCH_FILE``.
+    """
     engines = scenario["engines"]
     ports = scenario["keras_init"] != "fresh"
     keras3 = [e for e in engines if e in ("keras", "keras_jax", "keras_torch")]
@@ -336,7 +410,9 @@ def reproducer(scenario: Scenario) -> str:
             link=scenario.link,
             scenario=json.dumps(scenario.to_dict()),
             needs="".join(f", {n}" for n in needs),
+            start_state=_start_state(scenario),
         ),
+        _stored_batches(scenario),
         f"S_LINK = {scenario.link!r}\n",
     ]
     if any(e in OTHER_BACKENDS for e in engines):

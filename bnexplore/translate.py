@@ -45,6 +45,12 @@ def _keras_layer(eps: float, momentum: float, center: bool, scale: bool) -> str:
     )
 
 
+_KERAS_PORT = (
+    "layer.set_weights([sd['weight'], sd['bias'], sd['running_mean'], sd['running_var']])"
+    "  # your layer (init=state); gamma/beta only where scale/center"
+)
+
+
 def _complement(m: float) -> float:
     return round(1.0 - m, 12)
 
@@ -68,6 +74,9 @@ def torch_to_keras(s: Scenario) -> str:
         ),
         f"y = layer({_CHANNELS_LAST[len(s.shape)]}, training={batch})",
     ]
+    if s["init"] == "state":
+        lines[2:2] = ["bn.load_state_dict(sd)  # sd: your layer's state_dict (init=state)"]
+        lines[-1:-1] = [_KERAS_PORT]
     if m is None:
         lines.insert(
             -1,
@@ -103,6 +112,9 @@ def keras_to_torch(s: Scenario) -> str:
         f"bn.train({batch})" + ("" if batch else "  # Keras infers here: that is .eval()"),
         f"y = bn({_CHANNELS_FIRST[len(s.shape)]})",
     ]
+    if s["init"] == "state":
+        lines[2:2] = [_KERAS_PORT]
+        lines[-2:-2] = ["bn.load_state_dict(sd)  # the same four vectors"]
     if not s["keras_trainable"]:
         lines.append("# trainable=False is .eval() in PyTorch, not requires_grad_(False)")
     if feeds_unbiased_variance(s, "torch") and batch:

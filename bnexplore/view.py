@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bnexplore import charts, sweep
+from bnexplore import charts, store, sweep
+from bnexplore.engines import LABELS
 from bnexplore.explain import explain, summary
+from bnexplore.formats import Layer
+from bnexplore.params import knobs
 from bnexplore.runner import Comparison, Report, compare, strict_json
 from bnexplore.scenario import Scenario
 from bnexplore.story import headline, verdict
@@ -64,6 +67,30 @@ def build_view(comparison: Comparison, report: Report | None = None) -> View:
         heatmap=charts.gap_heatmap(comparison),
         explain=charts.explain_steps(steps),
     )
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """The stored layer a scenario names, and what its chart draws."""
+
+    layer: Layer
+    eps: dict[str, float]
+    """Engine label → its eps in this scenario."""
+    statistics: pd.DataFrame
+
+
+def layer_view(scenario: Scenario) -> LayerView | None:
+    """The scenario's stored layer (state= and layer=), or None without a usable one."""
+    if scenario["state"] is None:
+        return None
+    try:
+        layer = store.find_layer(scenario["state"], scenario["layer"])
+    except store.FileProblem:
+        return None
+    if not layer.state:
+        return None
+    eps = {LABELS[e]: scenario[f"{knobs(e)}_eps"] for e in scenario["engines"]}
+    return LayerView(layer, eps, charts.layer_statistics(dict(layer.state), eps))
 
 
 class ViewCache:

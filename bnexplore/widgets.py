@@ -19,8 +19,9 @@ from typing import Any
 
 import streamlit as st
 
+from bnexplore import store as uploads
 from bnexplore.engines import LABELS
-from bnexplore.params import DEFAULTS, GROUPS, PARAMS, Param, engine_of, knobs
+from bnexplore.params import BY_KEY, DEFAULTS, GROUPS, PARAMS, Param, engine_of, knobs
 from bnexplore.presets import PRESETS, matching
 from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
 from bnexplore.sweep import start_range
@@ -29,6 +30,7 @@ SWEEP_GROUP = "sweep"
 
 VALUES = "scenario_values"
 LINK_NOTICES = "link_notices"
+UPLOAD_TYPES = ("pt", "pth", "safetensors", "keras", "h5", "npz", "npy")
 NO_PRESET = "(custom)"
 
 
@@ -52,6 +54,8 @@ def _to_widget(param: Param, value: Any) -> Any:
 def _set_widgets(values: dict[str, Any]) -> None:
     st.session_state[VALUES] = dict(values)
     for p in PARAMS:
+        if p.kind == "digest":  # set by an upload, held in VALUES only
+            continue
         st.session_state[_widget_key(p.key)] = _to_widget(p, values[p.key])
         if p.kind == "momentum":
             st.session_state[_widget_key(p.key) + "_none"] = values[p.key] is None
@@ -81,8 +85,145 @@ def apply_scenario(scenario: Scenario) -> None:
     st.session_state[LINK_NOTICES] = []
 
 
+def _upload_key(key: str) -> str:
+    return "upload_" + key
+
+
+def _problem_key(key: str) -> str:
+    """Where an upload's refusal waits to be shown under its uploader."""
+    return "upload_problem_" + key
+
+
+def _uploaded(key: str) -> None:
+    """A file was dropped on an uploader: keep it in the store, point the link at it.
+
+    A state file starts every engine from its first layer (init=state), PyTorch in
+    eval mode (a trained layer's use; Keras's direct call already infers), with the
+    batch's channel count set to the layer's; a batch file becomes the input.
+    Removing the file from the uploader stops using it.
+    """
+    values = st.session_state[VALUES]
+    upload = st.session_state.get(_upload_key(key))
+    st.session_state.pop(_problem_key(key), None)
+    if upload is None:
+        values[key] = None
+        return
+    try:
+        digest = uploads.store_bytes(upload.getvalue())
+        if key == "state":
+            first = uploads.layers(digest)[0]
+        else:
+            shape = uploads.batches_info(digest).shape
+    except uploads.FileProblem as problem:
+        st.session_state[_problem_key(key)] = f"{upload.name}: {problem}"
+        return
+    values[key] = digest
+    if key == "state":
+        changes = {"layer": first.name or None, "init": "state", "torch_mode": "eval"}
+        if values["input"] != "file":
+            changes["shape"] = (values_shape(values)[0], first.channels, *values_shape(values)[2:])
+    else:
+        changes = {"input": "file", "shape": shape}
+    _set_some(changes)
+
+
+def values_shape(values: dict[str, Any]) -> tuple[int, ...]:
+    """The shape the widgets hold, or the default where the text is not a shape."""
+    scenario, _ = scenario_from_values({"shape": values["shape"]})
+    return scenario.shape
+
+
+def _set_some(changes: dict[str, Any]) -> None:
+    """Set a few values and their widgets (from a callback, before widgets are drawn)."""
+    st.session_state[VALUES].update(changes)
+    for name, value in changes.items():
+        st.session_state[_widget_key(name)] = _to_widget(BY_KEY[name], value)
+
+
+def _forget(key: str) -> None:
+    st.session_state[VALUES][key] = None
+    if key == "state":
+        _set_some({"layer": None, "init": "fresh"})
+
+
+def _render_upload(param: Param) -> None:
+    """An uploader for a digest parameter, and what the stored file holds."""
+    values = st.session_state[VALUES]
+    batch = param.key == "file"
+    st.file_uploader(
+        "Batch file (.npy, .npz)" if batch else param.label,
+        type=["npy", "npz"] if batch else list(UPLOAD_TYPES),
+        key=_upload_key(param.key),
+        help=param.help,
+        on_change=_uploaded,
+        args=(param.key,),
+        max_upload_size=max(1, uploads.file_limit() // 1024**2),
+    )
+    if _problem_key(param.key) in st.session_state:
+        st.error(st.session_state[_problem_key(param.key)])
+    digest = values[param.key]
+    if digest is None:
+        return
+    st.caption(f"`{param.key}={uploads.short(digest)}` on this server")
+    st.button(
+        "Forget this file",
+        key=f"forget_{param.key}",
+        on_click=_forget,
+        args=(param.key,),
+        help="Run without it; the file stays on the server for links that name it.",
+    )
+
+
+def _render_layers(param: Param) -> None:
+    """The file's BatchNorm layers with their channel counts; a picker when there are several."""
+    values = st.session_state[VALUES]
+    try:
+        found = uploads.layers(values["state"])
+    except uploads.FileProblem:
+        return  # the link codec's notice says why
+    problems = any(layer.problem for layer in found)
+    rows = ["| layer | channels |" + " problem |" * problems, "|---|---:|" + "---|" * problems]
+    for layer in found:
+        name = layer.label.replace("`", "'").replace("|", "\\|")  # a name from a file
+        problem = f" {layer.problem or ''} |" * problems
+        rows.append(f"| `{name}` | {layer.channels} |{problem}")
+    st.markdown("\n".join(rows))
+    names = [layer.name for layer in found]
+    if len(names) < 2:
+        return
+    key = _widget_key(param.key)
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = values[param.key] if values[param.key] in names else names[0]
+    labels = {layer.name: f"{layer.label} ({layer.channels} channels)" for layer in found}
+    st.selectbox(
+        param.label,
+        names,
+        key=key,
+        help=param.help,
+        format_func=labels.get,
+        on_change=_layer_picked,
+    )
+    _read_widget(param, values)
+
+
+def _layer_picked() -> None:
+    """Another layer: the batch's channel count follows it (unless the batch is a file)."""
+    values = st.session_state[VALUES]
+    name = st.session_state[_widget_key("layer")]
+    for layer in uploads.layers(values["state"]):
+        if layer.name == name and values["input"] != "file":
+            shape = values_shape(values)
+            _set_some({"shape": (shape[0], layer.channels, *shape[2:])})
+
+
 def _render(param: Param, on_change=None) -> None:
     """One widget; its current value is written to the VALUES store."""
+    if param.kind == "digest":
+        _render_upload(param)
+        return
+    if param.kind == "name":
+        _render_layers(param)
+        return
     key = _widget_key(param.key)
     store = st.session_state[VALUES]
     if key not in st.session_state:
@@ -158,6 +299,8 @@ def _shown(param: Param, store: dict[str, Any], engines: tuple[str, ...]) -> boo
     """Widgets of engines not compared, and input knobs of other kinds, are hidden."""
     if param.only_for and store["input"] not in param.only_for:
         return False
+    if param.kind == "name":
+        return store["state"] is not None
     engine = engine_of(param)
     return engine is None or engine in {knobs(e) for e in engines}
 

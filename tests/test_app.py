@@ -160,3 +160,45 @@ def test_a_20_point_sweep_from_a_link_runs_and_charts_every_point() -> None:
     assert at.query_params["sweep"] == "keras_momentum"
     charts = at.get("vega_lite_chart")
     assert any("as keras_momentum varies" in json.dumps(c.proto.spec) for c in charts)
+
+
+def test_a_state_link_shows_the_files_layers_in_the_sidebar_and_charts_the_chosen_one(
+    tmp_path, monkeypatch
+) -> None:
+    import numpy as np
+
+    from bnexplore.store import store_file
+
+    monkeypatch.setenv("BNEXPLORE_STORE", str(tmp_path / "store"))
+    variance = np.array([1e-6, 0.5, 2.0, 1e-4])
+    arrays = {"stem.bn.running_mean": np.zeros(3), "stem.bn.running_var": np.ones(3)}
+    arrays |= {"head.bn.running_mean": np.zeros(4), "head.bn.running_var": variance}
+    np.savez(tmp_path / "model.npz", **arrays)
+    digest = store_file(tmp_path / "model.npz")
+    at = open_link(f"?state={digest[:16]}&layer=head.bn&init=state&shape=4,4,3&input=normal")
+    assert not at.warning, [w.value for w in at.warning]
+    (table,) = [m.value for m in at.sidebar.markdown if m.value.startswith("| layer")]
+    assert "| `stem.bn` | 3 |" in table and "| `head.bn` | 4 |" in table
+    assert at.sidebar.selectbox(key="w_layer").value == "head.bn"
+    assert at.query_params["state"] == digest  # the address bar writes all 64 characters
+    spec = json.dumps([c.proto.spec for c in at.get("vega_lite_chart")])
+    assert "Layer head.bn: running variance per channel" in spec
+    assert "2 of 4 channels" in spec  # 1e-6 and 1e-4: where eps decides
+
+
+def test_a_batch_file_link_shows_its_uploader_and_runs_the_files_shape(
+    tmp_path, monkeypatch
+) -> None:
+    import numpy as np
+
+    from bnexplore.store import store_file
+
+    monkeypatch.setenv("BNEXPLORE_STORE", str(tmp_path / "store"))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(5, 2, 3)))
+    digest = store_file(tmp_path / "x.npy")
+    at = open_link(f"?input=file&file={digest}")
+    assert not at.warning, [w.value for w in at.warning]
+    assert at.query_params["shape"] == "5,2,3" and at.query_params["file"] == digest
+    assert any(f"file={digest[:16]}" in c.value for c in at.sidebar.caption)
+    table = next(m.value for m in at.markdown if m.value.startswith("| engine"))
+    assert "| PyTorch |" in table and "not run" not in table

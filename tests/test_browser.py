@@ -136,7 +136,13 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def app_url(chromium) -> Iterator[str]:
+def store_dir(tmp_path_factory) -> Path:
+    """The server's store of uploaded files: a folder of this module's own."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def app_url(chromium, store_dir) -> Iterator[str]:
     """``streamlit run app.py`` on a free port; yields its base URL.
 
     Requests ``chromium`` first so that a missing browser skips before the
@@ -160,6 +166,7 @@ def app_url(chromium) -> Iterator[str]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, killed as one
+            env={**os.environ, "BNEXPLORE_STORE": str(store_dir)},
         )
         try:
             deadline = time.monotonic() + SERVER_START_S
@@ -434,3 +441,41 @@ def test_preset_link_shows_pytorch_error(app_url, new_page):
     params = query(page.url)
     assert params.get("shape") == ["1,8"] and params.get("keras_training") == ["true"], page.url
     screenshot(page, "preset_one_sample.png")
+
+
+def test_uploading_a_state_dict_links_its_digest_and_charts_its_layer(
+    app_url, new_page, tmp_path, store_dir
+):
+    import hashlib
+
+    import torch
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, 3),
+        torch.nn.BatchNorm2d(5),
+        torch.nn.Conv2d(5, 7, 3),
+        torch.nn.BatchNorm2d(7),
+    )
+    with torch.no_grad():
+        model[1].running_var.copy_(torch.tensor([1e-6, 1e-5, 0.5, 1.0, 2.0]))
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    page = new_page()
+    open_app(page, app_url + "/?v=1&shape=4,3,3,3&input=normal")
+    uploader = page.locator("[data-testid='stSidebar'] .st-key-upload_state input[type='file']")
+    uploader.set_input_files(str(path))
+    page.wait_for_url(lambda url: "state=" in url, timeout=RERUN_MS)
+    wait_for_app(page)
+
+    params = query(page.url)
+    assert params["state"] == [digest] and params["init"] == ["state"], page.url
+    assert params["layer"] == ["1"] and params["shape"] == ["4,5,3,3"], page.url
+    assert params["torch_mode"] == ["eval"], page.url
+    assert (store_dir / digest).is_file()
+    table = page.locator("[data-testid='stSidebar'] table").first.inner_text()
+    assert "1\t5" in table and "3\t7" in table, table
+    assert page.locator(WARNING).count() == 0, page.locator(WARNING).all_inner_texts()
+    assert show_tab(page, "Your layer", 1) == 1
+    screenshot(page, "your_layer.png")

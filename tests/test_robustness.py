@@ -172,6 +172,10 @@ def _valid_values(key: str) -> list[str]:
         return [first, ",".join(others), f"{first},{first}", "keras, bogus", "KERAS", ",,keras2"]
     if p.kind == "bool":
         return ["true", "false", "1", "0", "ON", "no"]
+    if p.kind == "digest":
+        return ["3f2a" + "0" * 60, "3F2A" + "9" * 12, "abc", "none", "g" * 64]
+    if p.kind == "name":
+        return ["bn1", "features.0.bn", "none", "a\x00b"]
     values = ["0.5", "-3.25", "1e-7", "0", "7"]
     if p.low is not None:
         values += [repr(p.low), repr(p.low - 1)]
@@ -296,8 +300,12 @@ def read(key: str, raw: str) -> tuple[str, Any]:
         if t.lower() in TRUE_WORDS:
             return OK, True
         return (OK, False) if t.lower() in FALSE_WORDS else (BAD, None)
-    if p.kind == "momentum" and t.lower() == "none":
+    if p.kind in ("momentum", "digest", "name") and t.lower() == "none":
         return OK, None
+    if p.kind == "digest":  # hex of 16 to 64 is looked up; this test's store holds nothing
+        return BAD, None
+    if p.kind == "name":
+        return (OK, t) if t.isprintable() else (BAD, None)
     x = _number(t)
     if x is None:
         return BAD, None
@@ -354,6 +362,20 @@ def expect(pairs: list[tuple[str, str]]) -> Expected:
         if status == CLAMPED:
             exp.noticed.add(key)
     v = exp.values
+    # with no stored file: input=file, layer= and init=state fall back, each with a notice
+    if v["input"] == "file":
+        v["input"] = (
+            PRESETS[raw["preset"].strip().lower()].values.get("input", "ones")
+            if ("preset" in raw and raw["preset"].strip().lower() in PRESETS)
+            else DEFAULTS["input"]
+        )
+        exp.noticed.add("input")
+    if v["layer"] is not None:
+        v["layer"] = None
+        exp.noticed.add("layer")
+    if v["init"] == "state":
+        v["init"] = "fresh"
+        exp.noticed.add("init")
     if v["sweep_scale"] == "log" and min(v["sweep_from"], v["sweep_to"]) <= 0:
         v["sweep_scale"] = "linear"
         exp.noticed.add("sweep_scale")

@@ -75,7 +75,10 @@ class Session:
     only begins it where ``settle`` then waits; a framework error raised in
     either is the engine's result, not a crash.
     ``state()`` is the layer's state now (a port's source); ``port(state)``
-    loads one into a layer whose scenario starts from a port.
+    loads one into the layer: NumPy arrays in PyTorch's names, never a path. The
+    runner calls it before pass 0 for ``init=state`` (the stored layer, resolved
+    in the runner's process; training steps then run from it), and before the
+    measured pass for ``keras_init`` (where Keras 3 skips its own training steps).
     """
 
     name: str

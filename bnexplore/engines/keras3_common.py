@@ -50,3 +50,6 @@ class Keras3BackendEngine(KerasFamilyEngine):
 
     def numpy(self, tensor) -> np.ndarray:
         return keras.ops.convert_to_numpy(tensor)
+
+    def assign(self, variable, values: np.ndarray) -> None:
+        variable.assign(keras.ops.cast(keras.ops.convert_to_tensor(values), variable.dtype))

@@ -68,6 +68,10 @@ class KerasFamilyEngine:
         """A tensor as NumPy, sharing its buffer where the backend allows."""
         return np.asarray(tensor)
 
+    def assign(self, variable, values: np.ndarray) -> None:
+        """Set a layer variable to float64 values, cast to the variable's dtype."""
+        raise NotImplementedError
+
     # --- shared ----------------------------------------------------------------------------
     def options(self, scenario: Scenario) -> dict:
         """Constructor arguments beyond the shared ones (Keras 2: fused)."""
@@ -121,12 +125,13 @@ class KerasSession(Session):
         self.output = None
 
     def port(self, state: State) -> None:
-        """Copy a PyTorch state into the layer, weight by weight."""
+        """Copy a PyTorch state into the layer, weight by weight (a layer without γ or β,
+        scale or center off, keeps none)."""
         with self.engine.scope(self.device):
             for keras_name, torch_name in PORT_ORDER:
                 variable = getattr(self.layer, keras_name, None)
                 if variable is not None:
-                    variable.assign(state[torch_name].astype(variable.dtype))
+                    self.engine.assign(variable, np.asarray(state[torch_name], np.float64))
 
     def step(self, k: int, batch: np.ndarray) -> None:
         if self.ported and k < self.steps:

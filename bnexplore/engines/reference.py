@@ -180,6 +180,16 @@ class TorchRules(ReferenceSession):
             self.running_mean = self.running_var = None
         self.tracked = 0
 
+    def port(self, state: State) -> None:
+        """What load_state_dict keeps: weight and bias if affine, the running statistics
+        if tracked, each rounded to the module's dtype."""
+        dtype = self.s["dtype"]
+        if self.s["torch_affine"]:
+            self.gamma, self.beta = _stored(state["weight"], dtype), _stored(state["bias"], dtype)
+        if self.track:
+            self.running_mean = _stored(state["running_mean"], dtype)
+            self.running_var = _stored(state["running_var"], dtype)
+
     def step(self, k: int, batch: np.ndarray) -> None:
         s, n = self.s, self.s.values_per_channel
         if k == s["steps"]:
@@ -233,12 +243,14 @@ class KerasRules(ReferenceSession):
         return scenario["dtype"]
 
     def port(self, state: State) -> None:
-        s, p = self.s, self.prefix
+        """The state as Keras's four variables keep it, rounded to their dtype."""
+        s, p, stored = self.s, self.prefix, self.variable_dtype(self.s)
         if s[f"{p}_scale"]:
-            self.gamma = state["weight"]
+            self.gamma = _stored(state["weight"], stored)
         if s[f"{p}_center"]:
-            self.beta = state["bias"]
-        self.running_mean, self.running_var = state["running_mean"], state["running_var"]
+            self.beta = _stored(state["bias"], stored)
+        self.running_mean = _stored(state["running_mean"], stored)
+        self.running_var = _stored(state["running_var"], stored)
 
     def step(self, k: int, batch: np.ndarray) -> None:
         s, p, n = self.s, self.prefix, self.s.values_per_channel
@@ -302,6 +314,16 @@ class FlaxRules(ReferenceSession):
     def __init__(self, scenario: Scenario) -> None:
         super().__init__("flax_reference", scenario)
         self.fast_variance = scenario["flax_use_fast_variance"]
+
+    def port(self, state: State) -> None:
+        """The state as Flax's scale, bias, mean and var keep it: in the layer's dtype."""
+        s, dtype = self.s, self.s["dtype"]
+        if s["flax_use_scale"]:
+            self.gamma = _stored(state["weight"], dtype)
+        if s["flax_use_bias"]:
+            self.beta = _stored(state["bias"], dtype)
+        self.running_mean = _stored(state["running_mean"], dtype)
+        self.running_var = _stored(state["running_var"], dtype)
 
     def step(self, k: int, batch: np.ndarray) -> None:
         s = self.s

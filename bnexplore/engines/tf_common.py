@@ -47,3 +47,6 @@ class TensorFlowKerasEngine(KerasFamilyEngine):
     def numpy(self, tensor) -> np.ndarray:
         # np.asarray shares an eager tensor's buffer (.numpy() would copy it first)
         return np.asarray(tensor)
+
+    def assign(self, variable, values: np.ndarray) -> None:
+        variable.assign(tf.cast(tf.constant(values), variable.dtype))

@@ -159,6 +159,17 @@ class TorchSession(Session):
         if module.running_mean is not None:
             self.recorded.append(torch.stack([module.running_mean, module.running_var]))
 
+    def port(self, state: State) -> None:
+        """Start from a state (PyTorch's names) through ``load_state_dict``.
+
+        Only the entries the module has are loaded: affine=False has no weight and
+        bias, track_running_stats=False no running statistics; each is cast to the
+        module's dtype and device as load_state_dict copies it.
+        """
+        own = self.module.state_dict()
+        given = {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in state.items()}
+        self.module.load_state_dict({k: v for k, v in given.items() if k in own}, strict=False)
+
     def state(self) -> State | None:
         """weight, bias, running_mean, running_var as float64 (None without running stats)."""
         module = self.module
