@@ -296,7 +296,7 @@ def _start_from(state: State, scenario: Scenario, lanes: dict, done: dict) -> No
     for name, lane in list(lanes.items()):
         try:
             lane.port(state)
-        except Exception as exc:  # noqa: BLE001 - a framework refusing the state is its result
+        except Exception as exc:  # a framework refusing the state is its result
             log.info("%s refused the state of %s", name, scenario.link, exc_info=True)
             done[name] = lane.failed(exc)
             del lanes[name]
