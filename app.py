@@ -7,6 +7,7 @@ reproduces the scenario and its numbers.
 from __future__ import annotations
 
 import json
+import logging
 
 import streamlit as st
 
@@ -25,6 +26,16 @@ st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout
 
 
 @st.cache_resource
+def log_to_stderr() -> None:
+    """bnexplore's own log lines (one per computation, workers lost) beside Streamlit's."""
+    logger = logging.getLogger("bnexplore")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(st.get_option("logger.level").upper())
+
+
+@st.cache_resource
 def views() -> ViewCache:
     """Results by canonical link, shared by every session of this server."""
     return ViewCache(max_entries=64)
@@ -34,6 +45,7 @@ def fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.4g}"
 
 
+log_to_stderr()
 scenario, notices = sidebar()
 
 st.title("BatchNorm: PyTorch vs Keras")
@@ -50,6 +62,9 @@ view = views().view(
 )
 progress.empty()
 doc = view.document
+run_notices = [n for n in doc["notices"] if n not in notices]
+if run_notices:
+    st.warning("\n".join(f"- {n}" for n in run_notices))
 for name, engine in doc["engines"].items():
     if not engine["available"] and "could not be loaded" in (engine["reason"] or ""):
         st.error(f"{LABELS[name]} is missing; the page shows the others. {engine['reason']}")

@@ -129,16 +129,16 @@ def test_preset_picker_applies_the_preset() -> None:
 def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
     monkeypatch,
 ) -> None:
-    import bnexplore.runner
+    import bnexplore.workers
 
     started = []
-    real_start = bnexplore.runner.start
+    real_start = bnexplore.workers.start_sessions
 
-    def counting_start(name, scenario):
-        started.append(name)
-        return real_start(name, scenario)
+    def counting_start(lanes, *args, **kwargs):
+        started.extend(lanes)
+        return real_start(lanes, *args, **kwargs)
 
-    monkeypatch.setattr(bnexplore.runner, "start", counting_start)
+    monkeypatch.setattr(bnexplore.workers, "start_sessions", counting_start)
     link = "?shape=5,7,3&input=uniform&seed=424242&steps=2"
     open_link(link)
     first = len(started)
