@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -43,6 +43,18 @@ class View:
     step_gaps: pd.DataFrame
     heatmap: pd.DataFrame
     explain: pd.DataFrame
+    specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
+    """Vega-Lite specs of this view's charts, by name: each validated once, then reused by
+    every rerun and every session (see chart_spec)."""
+
+
+def chart_spec(memo: dict[str, dict], name: str, build: Callable[[], object]) -> dict:
+    """The chart's Vega-Lite spec: built and validated by Altair the first time, then from
+    ``memo`` (Altair's JSON-schema validation costs more than drawing)."""
+    spec = memo.get(name)
+    if spec is None:
+        spec = memo[name] = build().to_dict()
+    return spec
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class SweepView:
     log_x: bool
     document: dict
     table: pd.DataFrame
+    specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
 
 def build_view(comparison: Comparison, report: Report | None = None) -> View:
