@@ -12,7 +12,7 @@ from functools import cached_property
 import numpy as np
 
 from bnexplore import memory
-from bnexplore.batches import batches
+from bnexplore.batches import batches, targets
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
 from bnexplore.metrics import Divergence, measure
@@ -203,12 +203,12 @@ def compare(
             lanes[source] = started
 
     steps = scenario["steps"]
-    for k, batch in enumerate(batches(scenario)):
+    for k, (batch, target) in enumerate(zip(batches(scenario), targets(scenario), strict=True)):
         if porting and k == steps:
             _port(scenario, lanes, done, source)
         for name, lane in list(lanes.items()):
             try:
-                lane.step(k, batch)
+                lane.step(k, batch) if target is None else lane.step(k, batch, target)
             except Exception as exc:  # a framework error is its result
                 log.info("%s raised on pass %d of %s", name, k, scenario.link, exc_info=True)
                 done[name] = lane.failed(exc)

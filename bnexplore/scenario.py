@@ -107,7 +107,9 @@ def format_value(param: Param, value: Any) -> str:
         return "true" if value else "false"
     if param.kind == "momentum" and value is None:
         return "none"
-    if param.kind == "float" or param.kind == "momentum":
+    if param.kind == "or_default" and value is None:
+        return "default"
+    if param.kind in ("float", "momentum", "or_default"):
         return repr(float(value))
     return str(value)
 
@@ -141,6 +143,8 @@ def parse_value(param: Param, raw: str) -> tuple[Any, str | None]:
             return False, None
         raise BadValue(f"{_show(text)} is not true or false")
     if param.kind == "momentum" and text.lower() == "none":
+        return None, None
+    if param.kind == "or_default" and text.lower() == "default":
         return None, None
     if param.kind == "int":
         return _clamp(param, _parse_int(text))

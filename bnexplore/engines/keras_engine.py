@@ -36,4 +36,5 @@ class KerasEngine(KerasFamilyEngine):
     version = f"keras {keras.__version__} (TensorFlow {tf.__version__})"
     prefix = "keras"
 
+    optimizers = keras.optimizers
     layer_class = keras.layers.BatchNormalization

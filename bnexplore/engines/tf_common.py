@@ -3,6 +3,13 @@
 Both run the batch channels-last (``axis=-1``). A training pass is
 ``layer(x, training=True)``; the measured pass is ``layer(x)`` (training None)
 or ``layer(x, training=…)`` as the scenario's ``<prefix>_training`` says.
+
+With loss=mse a training pass also computes ``L = mean((y − T)²)``, its gradients
+w.r.t. ``layer.trainable_variables`` (none on a ``trainable=False`` layer, which runs
+inference) and one ``optimizer.apply_gradients``; the measured pass computes L and the
+gradients w.r.t. x and the trainable variables, and applies none. The gradients come
+from ONE method, :meth:`KerasSession.forward_and_gradients` (``tf.GradientTape`` here),
+which a session on another Keras backend overrides.
 """
 
 from __future__ import annotations
@@ -14,7 +21,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from bnexplore.engines import EngineResult, Session, State, history_of
+from bnexplore.engines import (
+    EngineResult,
+    Session,
+    State,
+    history_of,
+    parameter_history_of,
+)
+from bnexplore.params import ADAM_BETAS
 from bnexplore.scenario import Scenario
 
 TRAINING = {"none": None, "true": True, "false": False}
@@ -56,6 +70,25 @@ class KerasFamilyEngine:
 
     layer_class: type
     """The framework's BatchNormalization class."""
+    optimizers: object
+    """The framework's optimizers module (keras.optimizers, tf_keras.optimizers)."""
+
+    def build_optimizer(self, scenario: Scenario):
+        """The scenario's optimizer; a knob left at ``default`` is not passed, so the
+        library's own default applies."""
+        p = self.prefix
+        kind = scenario[f"{p}_optimizer"]
+        kwargs: dict = {}
+        if scenario[f"{p}_lr"] is not None:
+            kwargs["learning_rate"] = scenario[f"{p}_lr"]
+        if scenario[f"{p}_weight_decay"] is not None:
+            kwargs["weight_decay"] = scenario[f"{p}_weight_decay"]
+        if kind == "sgd":
+            return self.optimizers.SGD(momentum=scenario[f"{p}_opt_momentum"], **kwargs)
+        if scenario[f"{p}_adam_eps"] is not None:
+            kwargs["epsilon"] = scenario[f"{p}_adam_eps"]
+        adam = self.optimizers.Adam if kind == "adam" else self.optimizers.AdamW
+        return adam(beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1], **kwargs)
 
     def options(self, scenario: Scenario) -> dict:
         """Constructor arguments beyond the shared ones (Keras 2: fused)."""
@@ -110,6 +143,36 @@ class KerasSession(Session):
         self.steps_seen: list[int] = []
         self.recorded: list = []
         self.output = None
+        self.optimizer = engine.build_optimizer(scenario) if scenario["loss"] != "none" else None
+        self.parameters_seen: list = []  # (γ or None, β or None) per pass with a loss
+        self.gamma = self.beta = None
+        self.loss = self.grad_x = self.grad_gamma = self.grad_beta = None
+
+    def _parameters(self) -> tuple:
+        layer = self.layer
+        return tuple(
+            None if v is None else np.array(v.numpy(), copy=True) for v in (layer.gamma, layer.beta)
+        )
+
+    def call(self, x, training: bool | None):
+        return self.layer(x) if training is None else self.layer(x, training=training)
+
+    def forward_and_gradients(self, x, target, training: bool | None, wrt_x: bool):
+        """(y, L, dL/dx or None, {variable: dL/dvariable}) of one pass, by tf.GradientTape.
+
+        The variables are ``layer.trainable_variables``: none on a frozen layer.
+        """
+        variables = list(self.layer.trainable_variables)
+        with tf.GradientTape() as tape:
+            if wrt_x:
+                tape.watch(x)
+            y = self.call(x, training)
+            loss = tf.reduce_mean(tf.square(y - target))
+        sources = ([x] if wrt_x else []) + variables
+        grads = tape.gradient(loss, sources) if sources else []
+        grad_x = grads[0] if wrt_x else None
+        by_variable = grads[len(sources) - len(variables) :]
+        return y, loss, grad_x, dict(zip(map(id, variables), by_variable, strict=True))
 
     def port(self, state: State) -> None:
         """Copy a PyTorch state into the layer, weight by weight."""
@@ -119,17 +182,45 @@ class KerasSession(Session):
                 if variable is not None:
                     variable.assign(state[torch_name].astype(variable.dtype))
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        if k == self.steps:
+            self.gamma, self.beta = self._parameters()
         if self.ported and k < self.steps:
             return
         layer = self.layer
         training = True if k < self.steps else self.measured_training
         with tf.device(self.device):
             x = tf.convert_to_tensor(np.moveaxis(batch, 1, -1))
-            self.output = layer(x) if training is None else layer(x, training=training)
+            if target is None:
+                self.output = self.call(x, training)
+            else:
+                t = tf.convert_to_tensor(np.moveaxis(target, 1, -1))
+                self._step_with_loss(k, x, t, training)
             moving = (layer.moving_mean, layer.moving_variance)
             self.recorded.append(tf.stack([tf.convert_to_tensor(v) for v in moving]))
         self.steps_seen.append(k)
+        if target is not None:
+            self.parameters_seen.append(self._parameters())
+
+    def _step_with_loss(self, k: int, x, target, training: bool | None) -> None:
+        layer = self.layer
+        measured = k == self.steps
+        y, loss, grad_x, grads = self.forward_and_gradients(x, target, training, wrt_x=measured)
+        self.output = y
+        if not measured:
+            pairs = [(grads[id(v)], v) for v in layer.trainable_variables]
+            pairs = [(g, v) for g, v in pairs if g is not None]
+            if pairs:
+                self.optimizer.apply_gradients(pairs)
+            return
+        self.loss = float(np.asarray(loss, dtype=np.float64))
+        self.grad_x = np.ascontiguousarray(np.moveaxis(np.asarray(grad_x), -1, 1))
+
+        def grad_of(variable):
+            g = grads.get(id(variable)) if variable is not None else None
+            return None if g is None else np.array(g, copy=True)
+
+        self.grad_gamma, self.grad_beta = grad_of(layer.gamma), grad_of(layer.beta)
 
     def finish(self) -> EngineResult:
         layer = self.layer
@@ -143,6 +234,17 @@ class KerasSession(Session):
             running_var=layer.moving_variance.numpy().copy(),
             history=history_of(
                 self.steps_seen, [r[0] for r in self.recorded], [r[1] for r in self.recorded]
+            ),
+            gamma=self.gamma,
+            beta=self.beta,
+            loss=self.loss,
+            grad_x=self.grad_x,
+            grad_gamma=self.grad_gamma,
+            grad_beta=self.grad_beta,
+            parameter_history=parameter_history_of(
+                self.steps_seen if self.parameters_seen else [],
+                [g for g, _ in self.parameters_seen],
+                [b for _, b in self.parameters_seen],
             ),
             **self.where,
         )
