@@ -72,7 +72,7 @@ class EngineResult:
     """dL/dβ of the measured pass; None where the framework computes none."""
     parameter_history: dict[str, np.ndarray] | None = None
     """γ and β after each pass: "step" (k), "gamma" and "beta" (passes × channels,
-    float64; a missing parameter is absent). None with loss=none."""
+    float64; a missing parameter is absent). None with loss=none or neither parameter."""
     unpredictable: dict[str, float] | None = None
     """Reference engines only: parameters whose exact gradient was 0 on a step of an Adam-like
     optimizer, with the bound on how far rounding noise can move them (Σ over steps of
@@ -139,13 +139,11 @@ def parameter_history_of(
     steps: list[int], gammas: list, betas: list
 ) -> dict[str, np.ndarray] | None:
     """Stack per-pass γ and β (None entries: the layer has no such parameter)."""
-    if not steps:
-        return None
-    history: dict[str, np.ndarray] = {"step": np.asarray(steps)}
+    history: dict[str, np.ndarray] = {}
     for name, values in (("gamma", gammas), ("beta", betas)):
         if len(values) and values[0] is not None:
             history[name] = np.stack([np.asarray(v, dtype=np.float64) for v in values])
-    return history
+    return {"step": np.asarray(steps), **history} if steps and history else None
 
 
 def history_of(steps: list[int], means: list, variances: list) -> dict[str, np.ndarray] | None:
