@@ -8,7 +8,10 @@ then cast):
     Keras      4sE (channels-last copy, output, NumPy output, channels-first copy)
     reference  16E (float64 input and output; measured here: about 13E)
 
-plus the per-pass running statistics, 16·C bytes per pass per engine. Metrics
+plus, with a loss (loss=mse): the target, 16E drawn (normal) + sE cast; per framework
+3sE (its gradient w.r.t. x, kept, and the copies the backward makes); per reference
+32E (x̂, dy and dL/dx in float64); plus the per-pass running statistics, 16·C bytes
+per pass per engine. Metrics
 work in fixed chunks and add nothing that grows with E. Measured peaks here
 were 70 % of the estimate (the seed with normal input: 85 MiB for 120 MiB;
 32×256×56×56: 687 MiB for 980 MiB).
@@ -63,7 +66,12 @@ def estimate(scenario: Scenario, reference: bool) -> int:
     frameworks = sum(per_engine[e] for e in engines) + (per_engine["torch"] if porting else 0)
     references = 16 * values * len(engines) if reference else 0
     history = 16 * scenario.channels * (scenario["steps"] + 1) * len(engines) * (1 + reference)
-    return batch + frameworks + references + history
+    training = 0
+    if scenario["loss"] != "none":
+        target = (16 * values if scenario["target"] == "normal" else 0) + itemsize * values
+        gradients = 3 * itemsize * values * len(engines)
+        training = target + gradients + (32 * values * len(engines) if reference else 0)
+    return batch + frameworks + references + history + training
 
 
 def words(size: int) -> str:
