@@ -184,7 +184,7 @@ def run_torch(device):
                     torch_mse(output, target, device).backward()
                     optimizer.step()
             else:  # the measured pass: L and its gradients, no step
-                x = x.detach().clone().requires_grad_(True)
+                x = x.detach().requires_grad_(True)  # a leaf; nothing writes to x
                 for p in bn.parameters():
                     p.grad = None
                 output = bn(x)

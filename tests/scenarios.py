@@ -87,6 +87,8 @@ def random_training_links(count: int, seed: int) -> list[str]:
             "keras2_trainable": ["true", "false"][int(rng.random() < 0.2)],
             "keras_center": ["true", "false"][int(rng.random() < 0.15)],
             "keras_scale": ["true", "false"][int(rng.random() < 0.15)],
+            "keras2_center": ["true", "false"][int(rng.random() < 0.15)],
+            "keras2_scale": ["true", "false"][int(rng.random() < 0.15)],
         }
         for prefix in ("torch", "keras", "keras2"):
             optimizer = ("sgd", "adam", "adamw")[(i + rng.integers(3)) % 3]

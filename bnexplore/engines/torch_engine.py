@@ -223,7 +223,7 @@ class TorchSession(Session):
     def measure_gradients(self, x: torch.Tensor, target: torch.Tensor) -> None:
         """The measured pass: L and dL/dx, dL/dweight, dL/dbias; no step."""
         module = self.module
-        x = x.detach().clone().requires_grad_(True)
+        x = x.detach().requires_grad_(True)  # a leaf; nothing writes to x
         for parameter in module.parameters():
             parameter.grad = None
         y = module(x)
