@@ -238,12 +238,22 @@ def _browser_first_chart() -> dict:
 
 def training_step(repeat: int) -> dict:
     """``bnexplore.run`` of the seed with one real training step (loss=mse) against the
-    same scenario with a forward-only training pass: medians, and their ratio."""
+    same scenario with a forward-only training pass: medians, and their ratio.
+
+    The two are timed in turns (one of each, ``repeat`` times), so that load from other
+    processes falls on both alike."""
     import bnexplore
 
     with_loss, forward_only = TRAINING_STEP
-    loss_s = _median_seconds(lambda: bnexplore.run(with_loss), repeat)
-    baseline_s = _median_seconds(lambda: bnexplore.run(forward_only), repeat)
+    times: dict[str, list[float]] = {with_loss: [], forward_only: []}
+    for link in (with_loss, forward_only):  # warm
+        bnexplore.run(link)
+    for _ in range(repeat):
+        for link in (with_loss, forward_only):
+            start = time.perf_counter()
+            bnexplore.run(link)
+            times[link].append(time.perf_counter() - start)
+    loss_s, baseline_s = (statistics.median(times[link]) for link in TRAINING_STEP)
     return {
         "link": with_loss,
         "baseline_link": forward_only,

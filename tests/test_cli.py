@@ -82,3 +82,7 @@ def test_bench_quick_reports_ratios_against_bare_calls(capsys) -> None:
     assert row["scenario"] == "seed" and row["bare_s"] > 0
     assert row["ratio"] == pytest.approx(row["bnexplore_s"] / row["bare_s"])
     assert result["cached_link_ms"] >= 0 and result["peak_memory_mib"] > 0
+    step = result["training_step"]
+    assert step["link"] == "?preset=seed&steps=1&loss=mse"
+    assert step["baseline_link"] == "?preset=seed&steps=1"
+    assert step["ratio"] == pytest.approx(step["loss_s"] / step["baseline_s"])
