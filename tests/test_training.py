@@ -143,3 +143,18 @@ def test_keras_float64_optimizer_rounds_its_hyperparameters_to_float32(prefix: s
 def test_adam_step_bound_is_about_one_for_the_first_steps() -> None:
     assert adam_step_bound(1) == pytest.approx(1.0)
     assert all(1.0 <= adam_step_bound(t) < 1.01 for t in range(1, 5))
+
+
+def test_torch_adam_on_float16_parameters_divides_by_zero() -> None:
+    """Finding: PyTorch's Adam keeps v in the parameters' dtype. In float16, v = 0.001·g²
+    underflows to 0 for small gradients and ε = 1e-8 rounds to 0, so m/(√v̂ + ε) is m/0:
+    γ and β become ±inf or NaN after one step. Keras adds its ε as a double to √v and stays
+    finite; a larger PyTorch ε (1e-4, representable in float16) does too."""
+    link = "?shape=8,3&input=normal&steps=1&loss=mse&dtype=float16&torch_optimizer=adam"
+    comparison = compare(parse_link(link + "&keras_optimizer=adam&keras_training=true")[0])
+    torch_beta = comparison.results["torch"].beta.astype(np.float64)
+    assert not np.all(np.isfinite(torch_beta))
+    assert np.all(np.isfinite(comparison.results["keras"].beta.astype(np.float64)))
+    assert np.all(np.isfinite(comparison.references["torch"].beta))  # the formula does not
+    safe = compare(parse_link(link + "&torch_adam_eps=1e-4&engines=torch")[0])
+    assert np.all(np.isfinite(safe.results["torch"].beta.astype(np.float64)))
