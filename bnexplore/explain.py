@@ -378,6 +378,8 @@ def _with_aligned(
 def aligned(scenario: Scenario) -> tuple[Scenario, list[str]]:
     """The scenario with every alignable knob of its first pair aligned, and the causes."""
     pair = tuple(scenario["engines"][:2])
+    if len(pair) < 2:
+        return scenario, []
     return _with_aligned(scenario, pair, frozenset(name for name, _ in ALIGNMENTS))
 
 

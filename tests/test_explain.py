@@ -195,3 +195,9 @@ def test_keras2_fused_feeds_unbiased_variance_non_fused_biased(seed: int) -> Non
         np.testing.assert_allclose(
             result.running_var, 0.5 + 0.5 * var_b * factor, rtol=RTOL, atol=ATOL
         )
+
+
+def test_one_engine_has_nothing_to_align_or_explain() -> None:
+    scenario, _ = parse_link("?engines=torch,torch&shape=4,3")  # one engine after dedup
+    assert aligned(scenario) == (scenario, [])
+    assert explain(scenario) == []
