@@ -264,7 +264,8 @@ class ReferenceSession(Session):
         Adam-like on an exact zero gradient: the framework steps on its rounding noise,
         which no formula predicts; from then on the bound on that is accumulated."""
         optimizer = self.optimizer
-        moved = optimizer.step(name, getattr(self, name), grad)
+        with np.errstate(all="ignore"):  # ε = 0 on a zero gradient is 0/0: a result to show
+            moved = optimizer.step(name, getattr(self, name), grad)
         setattr(self, name, _stored(moved, self.parameter_dtype))
         if optimizer.adaptive and (name in self.unpredictable or np.any(grad == 0)):
             self.unpredictable[name] = self.unpredictable.get(name, 0.0) + optimizer.noise_bound(
