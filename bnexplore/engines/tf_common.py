@@ -158,10 +158,12 @@ class KerasSession(Session):
         return self.layer(x) if training is None else self.layer(x, training=training)
 
     def forward_and_gradients(self, x, target, training: bool | None, wrt_x: bool):
-        """(y, L, dL/dx or None, {variable: dL/dvariable}) of one pass, by tf.GradientTape.
+        """(y, L, dL/dx or None, {id(variable): dL/dvariable}) of one pass, by tf.GradientTape.
 
-        The variables are ``layer.trainable_variables``: none on a frozen layer.
-        """
+        The variables are ``layer.trainable_variables``: none on a frozen layer. The one
+        place the Keras family computes gradients: a session on Keras's JAX or PyTorch
+        backend overrides this method and keeps the rest (``apply_gradients`` takes its
+        gradients as they are)."""
         variables = list(self.layer.trainable_variables)
         with tf.GradientTape() as tape:
             if wrt_x:
