@@ -245,18 +245,26 @@ with training:
                     f"{fmt(x['std'])} | {fmt(x['min'])} | {fmt(x['max'])} |"
                 )
         st.markdown("\n".join(rows))
+        labels = {"x": "dL/dx", "gamma": "dL/dγ", "beta": "dL/dβ"}
         for pair in doc["divergence"]:
             if pair.get("reason") or not pair.get("grad"):
                 continue
-            parts = {**pair["grad"], **{f"{k} (state)": v for k, v in pair["state"].items()}}
-            cells = st.columns(len(parts))
-            for cell, (what, d) in zip(cells, parts.items(), strict=True):
-                label = f"dL/d{what}" if "state" not in what else what.replace(" (state)", "")
-                cell.metric(
-                    f"{LABELS[pair['a']]} vs {LABELS[pair['b']]}: {label}",
-                    "—" if d is None else fmt(d["max_abs"]),
-                    help="max |Δ|; — where a side has none",
-                )
+            st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")
+            rows = [
+                "| compared | max \\|Δ\\| | max relative | assert_close |",
+                "|---|---:|---:|---|",
+            ]
+            parts = [(labels[k], d) for k, d in pair["grad"].items()]
+            parts += [(f"{k.replace('_', ' ')} (layer)", d) for k, d in pair["state"].items()]
+            for what, d in parts:
+                if d is None:
+                    rows.append(f"| {what} | — | — | not computed on one side |")
+                else:
+                    verdict = "pass" if d["allclose"] else "**fail**"
+                    rows.append(
+                        f"| {what} | {fmt(d['max_abs'])} | {fmt(d['max_rel'])} | {verdict} |"
+                    )
+            st.markdown("\n".join(rows))
         for name, ref in doc.get("reference", {}).items():
             for parameter, bound in (ref.get("unpredictable") or {}).items():
                 st.info(
