@@ -59,6 +59,9 @@ class RunContext:
     on_wait: Waiting | None = None
     deadline: float | None = None
     """monotonic() time by which every run of this context must end (None: each its own)."""
+    admitted: bool = False
+    """The budget already holds this context's memory (a view: its run, the charts and
+    explain's re-runs under one admission): runs inside do not queue again."""
 
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
@@ -102,6 +105,9 @@ class Budget:
 
         Raises Cancelled if the context's ticket is cancelled while waiting.
         """
+        if context.admitted:
+            yield
+            return
         ticket, key = context.ticket, object()
         with self._cond:
             self._queue.append(ticket)

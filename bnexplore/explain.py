@@ -38,7 +38,7 @@ import numpy as np
 from bnexplore.engines import LABELS
 from bnexplore.engines.reference import FUSED_DTYPES
 from bnexplore.metrics import Divergence
-from bnexplore.params import knobs, resolved
+from bnexplore.params import TORCH_CONVENTION, knobs, resolved
 from bnexplore.runner import compare
 from bnexplore.scenario import Scenario
 
@@ -244,6 +244,8 @@ def trains_parameters(s: Scenario, engine: str) -> bool:
     p = knobs(engine)
     if p == "torch":
         return s["torch_affine"] and s["torch_requires_grad"]
+    if p == "flax":
+        return s["flax_use_scale"] or s["flax_use_bias"]
     return s[f"{p}_trainable"] and (s[f"{p}_scale"] or s[f"{p}_center"])
 
 
@@ -275,7 +277,8 @@ def _align_lr(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
 
 def decay_coupling(s: Scenario, engine: str) -> str:
     """ "L2" (added to the gradient) or "decoupled" (the weight itself decays)."""
-    if knobs(engine) == "torch" and s["torch_optimizer"] != "adamw":
+    p = knobs(engine)
+    if p in TORCH_CONVENTION and s[f"{p}_optimizer"] != "adamw":
         return "L2"
     return "decoupled"
 
@@ -292,10 +295,11 @@ def _align_weight_decay(s: Scenario, a: str, b: str) -> tuple[str, Changes] | No
     )
     changes: Changes = {f"{knobs(b)}_weight_decay": wd_a}
     if coupling_a != coupling_b and wd_a:
-        if s["torch_optimizer"] != "adam":  # PyTorch's SGD has no decoupled decay
+        l2 = knobs(a) if coupling_a == "L2" else knobs(b)
+        if s[f"{l2}_optimizer"] != "adam":  # PyTorch's (and optax's) SGD: no decoupled decay
             return None if wd_a == wd_b else (words, changes)
-        changes["torch_optimizer"] = "adamw"
-        changes["torch_weight_decay"] = wd_a  # explicit: AdamW's default differs
+        changes[f"{l2}_optimizer"] = "adamw"
+        changes[f"{l2}_weight_decay"] = wd_a  # explicit: AdamW's default differs
     return words, changes
 
 

@@ -159,10 +159,10 @@ SWEEPABLE = (
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
-OPTIMIZER_PREFIXES = ("torch", "keras", "keras2")
+OPTIMIZER_PREFIXES = ("torch", "keras", "keras2", "flax")
 """Knob prefixes that get optimizer knobs (<prefix>_optimizer, _lr, …): one entry each."""
 
-FRAMEWORK_LABELS = {"torch": "PyTorch", "keras": "Keras 3", "keras2": "Keras 2"}
+FRAMEWORK_LABELS = {"torch": "PyTorch", "keras": "Keras 3", "keras2": "Keras 2", "flax": "Flax"}
 """A knob prefix in words."""
 
 OPTIMIZER_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
@@ -181,11 +181,21 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
         "adam": {"lr": 1e-3, "weight_decay": 0.0, "adam_eps": 1e-7},
         "adamw": {"lr": 1e-3, "weight_decay": 4e-3, "adam_eps": 1e-7},
     },
+    "flax": {  # optax: no default learning rate (the app's 0.01)
+        "sgd": {"lr": 1e-2, "weight_decay": 0.0, "adam_eps": 1e-8},
+        "adam": {"lr": 1e-2, "weight_decay": 0.0, "adam_eps": 1e-8},
+        "adamw": {"lr": 1e-2, "weight_decay": 1e-4, "adam_eps": 1e-8},
+    },
 }
 """Each library's own defaults (constructor signatures of torch.optim, keras.optimizers,
 tf_keras.optimizers; tests/test_training.py checks them against the libraries). A library
 without a default (optax's learning rate) gets the app's 0.01, said so in the help.
 Keras's weight_decay=None is 0 here; SGD has no epsilon (the value is unused)."""
+
+TORCH_CONVENTION = ("torch", "flax")
+"""Prefixes whose optimizers follow PyTorch's conventions: optax's sgd (trace), adam (ε on
+the bias-corrected √v̂), adamw (p·(1 − lr·wd)), and weight decay added to the gradient
+(add_decayed_weights) for sgd and adam."""
 
 ADAM_BETAS = (0.9, 0.999)
 """β₁, β₂ of every Adam and AdamW: each library's default."""
@@ -207,17 +217,23 @@ def _defaults_words(prefix: str, knob: str) -> str:
 def optimizer_params(prefix: str) -> tuple[Param, ...]:
     """The optimizer knobs of one framework, in the Training group."""
     who = FRAMEWORK_LABELS[prefix]
+    torch_like = prefix in TORCH_CONVENTION
     decay = (
         "L2: added to the gradient (g + wd·p) by SGD and Adam; AdamW decays the weight "
         "(p ← p·(1 − lr·wd))"
-        if prefix == "torch"
+        if torch_like
         else "decoupled in every optimizer: p ← p − p·wd·lr, before the update"
     )
+    if prefix == "flax":
+        decay += " (optax: add_decayed_weights before sgd/adam; adamw)"
     adam = (
         "p −= lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε): ε added to the bias-corrected √v̂"
-        if prefix == "torch"
+        if torch_like
         else "p −= lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε): ε added to √v (epsilon hat)"
     )
+    lr_default = f"default: {who}'s own default ({_defaults_words(prefix, 'lr')})."
+    if prefix == "flax":
+        lr_default = "default: optax has none; the app's 0.01."
     return (
         Param(
             f"{prefix}_optimizer",
@@ -236,7 +252,7 @@ def optimizer_params(prefix: str) -> tuple[Param, ...]:
             None,
             "training",
             f"{who} learning rate",
-            f"default: {who}'s own default ({_defaults_words(prefix, 'lr')}).",
+            lr_default,
             low=0.0,
             step=1e-3,
             needs_loss=True,
@@ -270,7 +286,7 @@ def optimizer_params(prefix: str) -> tuple[Param, ...]:
             "training",
             f"{who} SGD momentum",
             "SGD only: "
-            + ("buf ← μ·buf + g; p −= lr·buf" if prefix == "torch" else "m ← μ·m − lr·g; p += m")
+            + ("buf ← μ·buf + g; p −= lr·buf" if torch_like else "m ← μ·m − lr·g; p += m")
             + ". In [0, 1).",
             low=0.0,
             high=0.999999,

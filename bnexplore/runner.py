@@ -257,6 +257,17 @@ def compare(
     return comparison
 
 
+def admitted_need(scenario: Scenario, reference: bool = True) -> int:
+    """The bytes ``compare`` would hold the budget for: the estimate with the references
+    where they fit the limit, else without; 0 where the run is refused at once."""
+    most = memory.limit()
+    for with_references in (reference, False):
+        need = memory.estimate(scenario, with_references)
+        if need <= most:
+            return need
+    return 0
+
+
 def _admitted(
     scenario: Scenario,
     notices: list[str],

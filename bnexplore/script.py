@@ -412,6 +412,10 @@ def run_other_backend(engine, state):
 
 
 TRAINING = {"none": None, "true": True, "false": False}
+if ENGINE is not None and S["loss"] != "none":
+    print(json.dumps({"error": "this script reproduces the training step (loss=mse) in "
+                               "torch, keras and keras2; run it with bnexplore for " + ENGINE}))
+    sys.exit(0)
 if ENGINE is not None:
     state = json.loads(sys.stdin.read() or "null")
     try:

@@ -7,10 +7,13 @@ the words and the binned chart data, never whole tensors.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from bnexplore.engines import LABELS
 from bnexplore.explain import explain, summary
 from bnexplore.formats import Layer
 from bnexplore.params import knobs
-from bnexplore.runner import Comparison, Report, compare, strict_json
+from bnexplore.runner import Comparison, Report, admitted_need, compare, strict_json
 from bnexplore.scenario import Scenario
 from bnexplore.story import headline, verdict
 
@@ -118,6 +121,13 @@ def layer_view(scenario: Scenario) -> LayerView | None:
     return LayerView(layer, eps, charts.layer_statistics(dict(layer.state), eps))
 
 
+def release_freed_memory() -> None:
+    """Hand memory that a finished run freed back to the system (glibc's malloc_trim):
+    the server's footprint returns to idle between runs. Elsewhere, nothing to do."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class Flight:
     """One computation of one link in a thread of its own, shared by every session that
     waits for it, cancelled when the last of them stops waiting."""
@@ -148,9 +158,12 @@ class Flight:
             with admission.running(self.context):
                 self._result = work(self._report)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            # without its frames: they hold the run's arrays in a cycle with this flight
+            traceback.clear_frames(exc.__traceback__)
             self._error = exc
         finally:
             self._done.set()
+            release_freed_memory()
 
     @property
     def cancelled(self) -> bool:
@@ -227,12 +240,19 @@ class ViewCache:
         """The view of a scenario: from the cache, or run for real (once) and kept."""
 
         def work(progress: Report) -> View:
-            comparison = compare(scenario, report=lambda done, text: progress(0.9 * done, text))
-            # explain's re-runs share one time limit, and the run's ticket
-            limit = time.monotonic() + workers.time_limit()
-            context = dataclasses.replace(admission.current(), deadline=limit)
-            with admission.running(context):
-                return build_view(comparison, progress)
+            # one admission for the whole view: the run, its charts and explain's re-runs,
+            # so the budget holds the memory until the results are let go
+            context = admission.current()
+            with admission.BUDGET.admit(admitted_need(scenario), context):
+                inside = dataclasses.replace(context, admitted=True)
+                with admission.running(inside):
+                    comparison = compare(
+                        scenario, report=lambda done, text: progress(0.9 * done, text)
+                    )
+                # explain's re-runs share one time limit, and the run's ticket
+                limit = time.monotonic() + workers.time_limit()
+                with admission.running(dataclasses.replace(inside, deadline=limit)):
+                    return build_view(comparison, progress)
 
         return self._fly(scenario.run_link, work, report)
 

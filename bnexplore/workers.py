@@ -102,6 +102,10 @@ class Worker:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         env.pop("KERAS_BACKEND", None)  # each engine module sets its own
+        # glibc keeps big freed buffers on its heap once its adaptive mmap threshold has
+        # grown: a fixed one returns each buffer over 1 MiB to the system when freed, so a
+        # worker's footprint stays flat across passes and runs (the budget counts on it)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bnexplore.worker", engine, str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),

@@ -158,3 +158,59 @@ def test_torch_adam_on_float16_parameters_divides_by_zero() -> None:
     assert np.all(np.isfinite(comparison.references["torch"].beta))  # the formula does not
     safe = compare(parse_link(link + "&torch_adam_eps=1e-4&engines=torch")[0])
     assert np.all(np.isfinite(safe.results["torch"].beta.astype(np.float64)))
+
+
+def _on_other_backends(link: str, index: int) -> str:
+    """The same training scenario on Keras 3's JAX and PyTorch backends and on Flax (its
+    optimizer knobs drawn like the others'; the two-pass variance, so that the fast one's
+    error stays out of this test, which tests/test_backends.py bounds)."""
+    rng = np.random.default_rng(index)
+    kept = [p for p in link.split("&") if not p.startswith("engines=")]
+    optimizer = ("sgd", "adam", "adamw")[index % 3]
+    flax = {
+        "engines": "keras_jax,keras_torch,flax",
+        "flax_use_fast_variance": "false",
+        "flax_use_running_average": ["false", "true"][index % 2],
+        "flax_momentum": float(rng.choice([0.99, 0.9, 0.5])),
+        "flax_optimizer": optimizer,
+        "flax_use_scale": ["true", "false"][int(rng.random() < 0.15)],
+    }
+    if rng.random() < 0.5:
+        flax["flax_lr"] = float(rng.choice([0.05, 0.2, 0.001]))
+    if rng.random() < 0.4:
+        flax["flax_weight_decay"] = float(rng.choice([0.0, 0.01, 0.3]))
+    if optimizer == "sgd" and rng.random() < 0.5:
+        flax["flax_opt_momentum"] = 0.9
+    return "&".join(kept + [f"{k}={v}" for k, v in flax.items()])
+
+
+BACKEND_TRAINING_LINKS = [_on_other_backends(link, i) for i, link in enumerate(TRAINING_LINKS[:24])]
+
+
+@pytest.mark.parametrize("link", BACKEND_TRAINING_LINKS)
+def test_keras_on_jax_and_pytorch_and_flax_train_by_their_rules(link: str) -> None:
+    """As above, for the engines in worker processes of other backends. Keras 3 on JAX and
+    PyTorch computes a float64 layer in float32 (tests/test_backends.py), so float32's
+    tolerances judge those; Keras on PyTorch keeps its fast variance, whose error at these
+    shapes is far below them (bounded in tests/test_backends.py)."""
+    from tests.test_backends import compute_dtype
+
+    scenario, notices = parse_link(link)
+    assert notices == []
+    comparison = compare(scenario)
+    for name, result in comparison.results.items():
+        dtype = compute_dtype(name, scenario["dtype"])
+        judged = scenario.replace(dtype=dtype)
+        reference = comparison.references[name]
+        assert result.error is None and reference.error is None, (name, result.error)
+        assert_output_matches_reference(result.output, reference, dtype, f"{name} output")
+        for stat in ("running_mean", "running_var"):
+            assert_running_stat_matches_reference(
+                getattr(result, stat), getattr(reference, stat), judged, name, f"{name} {stat}"
+            )
+        assert_matches_reference(result.loss, reference.loss, dtype, f"{name} loss")
+        for quantity in ("gamma", "beta", "grad_x", "grad_gamma", "grad_beta"):
+            got, want = getattr(result, quantity), getattr(reference, quantity)
+            assert (got is None) == (want is None), (name, quantity)
+            if want is not None:
+                assert_matches_reference(got, want, dtype, f"{name} {quantity}")

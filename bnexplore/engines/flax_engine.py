@@ -15,6 +15,12 @@ computed in at least float32 and the updated running statistics keep that
 promoted dtype (a half-precision layer's statistics become float32 after its
 first training pass). Training passes use the batch statistics; the measured
 pass follows ``flax_use_running_average``.
+
+With loss=mse each training pass takes L = mean((y − T)²), its gradients w.r.t. the
+layer's Params by ``nnx.value_and_grad`` (the batch statistics update as in a plain
+call) and one optax step through ``nnx.Optimizer``; the measured pass computes L and
+the gradients w.r.t. x, scale and bias, and takes no step. optax's conventions are
+PyTorch's (see bnexplore.params.TORCH_CONVENTION); it has no default learning rate.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from bnexplore.engines import EngineResult, Session, State, history_of
+from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
+from bnexplore.params import ADAM_BETAS, resolved
 from bnexplore.scenario import Scenario
 
 NAMES = (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var"))
@@ -47,6 +55,22 @@ def resolve_device(requested: str) -> tuple[jax.Device | None, str]:
     if gpus:
         return gpus[0], "auto: JAX sees a GPU"
     return jax.devices("cpu")[0], "auto: JAX sees no GPU, ran on CPU"
+
+
+def build_optimizer(scenario: Scenario) -> optax.GradientTransformation:
+    """optax's sgd, adam or adamw; weight decay for sgd and adam added to the gradient
+    (add_decayed_weights), as PyTorch does; every knob resolved (optax has no defaults)."""
+    kind = scenario["flax_optimizer"]
+    lr, decay = resolved(scenario, "flax", "lr"), resolved(scenario, "flax", "weight_decay")
+    eps = resolved(scenario, "flax", "adam_eps")
+    b1, b2 = ADAM_BETAS
+    if kind == "adamw":
+        return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+    if kind == "adam":
+        core = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    else:
+        core = optax.sgd(lr, momentum=scenario["flax_opt_momentum"] or None)
+    return optax.chain(optax.add_decayed_weights(decay), core) if decay else core
 
 
 class FlaxEngine:
@@ -87,6 +111,18 @@ class FlaxSession(Session):
         self.measured_running = scenario["flax_use_running_average"]
         self.recorded: list = []
         self.output = None
+        self.optimizer = None
+        if scenario["loss"] != "none":
+            self.optimizer = nnx.Optimizer(layer, build_optimizer(scenario), wrt=nnx.Param)
+        self.parameters_seen: list = []
+        self.gamma = self.beta = None
+        self.loss = self.grad_x = self.grad_gamma = self.grad_beta = None
+
+    def _parameters(self) -> tuple:
+        return tuple(
+            None if v is None else np.array(v[...], copy=True)
+            for v in (self.layer.scale, self.layer.bias)
+        )
 
     def port(self, state: State) -> None:
         """Start from a PyTorch-named state: scale, bias, mean, var."""
@@ -108,13 +144,39 @@ class FlaxSession(Session):
             )
         return out
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
         layer = self.layer
+        if k == self.steps:
+            self.gamma, self.beta = self._parameters()
         running = False if k < self.steps else self.measured_running
         with jax.default_device(self.device):
             x = jnp.asarray(np.moveaxis(batch, 1, -1))
-            self.output = layer(x, use_running_average=running)
+            if target is None:
+                self.output = layer(x, use_running_average=running)
+            else:
+                self._step_with_loss(k, x, jnp.asarray(np.moveaxis(target, 1, -1)), running)
+                self.parameters_seen.append(self._parameters())
             self.recorded.append(jnp.stack([layer.mean[...], layer.var[...]]))
+
+    def _step_with_loss(self, k: int, x, target, running: bool) -> None:
+        def loss_of(model, x):
+            y = model(x, use_running_average=running)
+            return jnp.mean(jnp.square(y - target)), y
+
+        (loss, y), (grads, grad_x) = nnx.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+            self.layer, x
+        )
+        self.output = y
+        if k < self.steps:
+            self.optimizer.update(self.layer, grads)
+            return
+        self.loss = float(np.asarray(loss, dtype=np.float64))
+        self.grad_x = np.ascontiguousarray(np.moveaxis(np.asarray(grad_x), -1, 1))
+        by_name = dict(grads.items())
+        self.grad_gamma, self.grad_beta = (
+            None if name not in by_name else np.array(by_name[name][...], copy=True)
+            for name in ("scale", "bias")
+        )
 
     def finish(self) -> EngineResult:
         layer = self.layer
@@ -130,6 +192,17 @@ class FlaxSession(Session):
             running_var=np.array(layer.var[...]),
             history=history_of(
                 list(range(len(records))), [r[0] for r in records], [r[1] for r in records]
+            ),
+            gamma=self.gamma,
+            beta=self.beta,
+            loss=self.loss,
+            grad_x=self.grad_x,
+            grad_gamma=self.grad_gamma,
+            grad_beta=self.grad_beta,
+            parameter_history=parameter_history_of(
+                list(range(len(self.parameters_seen))),
+                [g for g, _ in self.parameters_seen],
+                [b for _, b in self.parameters_seen],
             ),
             **self.where,
         )

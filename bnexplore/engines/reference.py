@@ -528,12 +528,17 @@ class FlaxRules(ReferenceSession):
     training passes always normalize with the batch; the measured pass uses the
     running statistics only with use_running_average=true. Statistics are
     computed in at least float32, and the updated running statistics keep that
-    dtype (a float16 layer's become float32).
+    dtype (a float16 layer's become float32) — except under a training step (loss=mse),
+    where they stay float32 even in a float64 layer.
     """
 
     def __init__(self, scenario: Scenario) -> None:
         super().__init__("flax_reference", scenario)
         self.fast_variance = scenario["flax_use_fast_variance"]
+        self.has = {"gamma": scenario["flax_use_scale"], "beta": scenario["flax_use_bias"]}
+        self.trains = dict(self.has)  # Flax has no frozen flag: what the layer has, trains
+        if any(self.trains.values()) and scenario["loss"] != "none":
+            self.optimizer = ReferenceOptimizer("torch", scenario, "flax")  # optax's = torch's
 
     def port(self, state: State) -> None:
         """The state as Flax's scale, bias, mean and var keep it: in the layer's dtype."""
@@ -547,10 +552,16 @@ class FlaxRules(ReferenceSession):
 
     def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
         s = self.s
+        if k == s["steps"]:
+            self._snapshot()
         x = batch.astype(np.float64)
         if k < s["steps"] or not s["flax_use_running_average"]:
             momentum = s["flax_momentum"]
-            stored = "float64" if s["dtype"] == "float64" else "float32"
+            # BatchStat variables start as float32; a plain call replaces them with its
+            # (promoted) result, but under nnx.value_and_grad (loss=mse) they are written
+            # into in place and stay float32 (measured: a float64 layer's too)
+            wide = s["dtype"] == "float64" and target is None and s["loss"] == "none"
+            stored = "float64" if wide else "float32"
             mean, var = self._normalize_with_batch(k, x, target, s["flax_eps"])
             self.running_mean = _stored(
                 momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
