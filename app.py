@@ -7,21 +7,32 @@ reproduces the scenario and its numbers.
 from __future__ import annotations
 
 import json
+import logging
 
 import streamlit as st
 
 from bnexplore import charts
 from bnexplore.engines import LABELS
 from bnexplore.explain import aligned
-from bnexplore.params import DEFAULTS
+from bnexplore.params import DEFAULTS, TABS
 from bnexplore.presets import matching
 from bnexplore.script import reproducer
 from bnexplore.story import VERDICT_WORDS
 from bnexplore.translate import TRANSLATORS, translation_pair
-from bnexplore.view import ViewCache, layer_view
-from bnexplore.widgets import apply_scenario, sidebar, sweep_controls
+from bnexplore.view import ViewCache, chart_spec, layer_view
+from bnexplore.widgets import TAB, apply_scenario, sidebar, sweep_controls
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
+
+
+@st.cache_resource
+def log_to_stderr() -> None:
+    """bnexplore's own log lines (one per computation, workers lost) beside Streamlit's."""
+    logger = logging.getLogger("bnexplore")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(st.get_option("logger.level").upper())
 
 
 @st.cache_resource
@@ -34,6 +45,7 @@ def fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.4g}"
 
 
+log_to_stderr()
 scenario, notices = sidebar()
 
 st.title("BatchNorm: PyTorch vs Keras")
@@ -50,6 +62,9 @@ view = views().view(
 )
 progress.empty()
 doc = view.document
+run_notices = [n for n in doc["notices"] if n not in notices]
+if run_notices:
+    st.warning("\n".join(f"- {n}" for n in run_notices))
 for name, engine in doc["engines"].items():
     if not engine["available"] and "could not be loaded" in (engine["reason"] or ""):
         st.error(f"{LABELS[name]} is missing; the page shows the others. {engine['reason']}")
@@ -81,19 +96,21 @@ with st.expander("Share: link and JSON document", expanded=False):
     st.caption(f"The same numbers: `python -m bnexplore run --json --link '{scenario.link}'`")
 
 
-def show(chart, name: str) -> None:
-    """An Altair chart, with PNG and SVG downloads rendered on demand."""
-    st.altair_chart(chart, width="stretch")
+def show(build, name: str, memo: dict | None = None) -> None:
+    """A chart (``build()`` makes the Altair chart), with PNG and SVG downloads rendered on
+    demand. Its spec is validated once per view (``memo``: the view's), then reused."""
+    spec = chart_spec(view.specs if memo is None else memo, name, build)
+    st.vega_lite_chart(spec, width="stretch")
     with st.popover("Download chart", icon=":material/download:"):
-        download_chart(chart, name)
+        download_chart(build, name)
 
 
-def download_chart(chart, name: str) -> None:
+def download_chart(build, name: str) -> None:
     formats = (("PNG", charts.to_png, "image/png"), ("SVG", charts.to_svg, "image/svg+xml"))
     for column, (label, render, mime) in zip(st.columns(2), formats, strict=True):
         column.download_button(
             label,
-            lambda render=render: render(chart),
+            lambda render=render: render(build()),
             file_name=f"{name}.{label.lower()}",
             mime=mime,
             key=f"{label.lower()}_{name}",
@@ -101,10 +118,7 @@ def download_chart(chart, name: str) -> None:
         )
 
 
-overview, outputs, running, your_layer, sweep_tab, explain_tab, code = st.tabs(
-    ["Overview", "Outputs", "Running statistics", "Your layer", "Sweep", "Explain", "Code"]
-)
-with overview:
+def draw_overview() -> None:
     rows = [
         "| engine | output mean | std | min | max | ran on | version |",
         "|---|---:|---:|---:|---:|---|---|",
@@ -165,52 +179,60 @@ with overview:
         )
     st.markdown("\n".join(lines) or "Nothing to check: no engine produced an output.")
 
-with outputs:
+
+def draw_outputs() -> None:
     if len(view.histogram):
-        show(charts.output_distribution_chart(view.histogram), "output_distribution")
+        show(lambda: charts.output_distribution_chart(view.histogram), "output_distribution")
         left, right = st.columns(2)
         with left:
             show(
-                charts.channel_output_chart(view.channel_outputs, "output mean"),
+                lambda: charts.channel_output_chart(view.channel_outputs, "output mean"),
                 "output_mean_per_channel",
             )
         with right:
             show(
-                charts.channel_output_chart(view.channel_outputs, "output std"),
+                lambda: charts.channel_output_chart(view.channel_outputs, "output std"),
                 "output_std_per_channel",
             )
     else:
         st.info("No engine produced an output to draw.")
 
-with running:
+
+def draw_running() -> None:
     if len(view.history):
         left, right = st.columns(2)
         with left:
-            show(charts.history_chart(view.history, "running mean"), "running_mean_over_steps")
+            show(
+                lambda: charts.history_chart(view.history, "running mean"),
+                "running_mean_over_steps",
+            )
         with right:
             show(
-                charts.history_chart(view.history, "running variance"),
+                lambda: charts.history_chart(view.history, "running variance"),
                 "running_variance_over_steps",
             )
         if len(view.step_gaps) and (view.step_gaps["gap"] > 0).any():
             left, right = st.columns(2)
             with left:
-                show(charts.step_gap_chart(view.step_gaps), "gap_per_step")
+                show(lambda: charts.step_gap_chart(view.step_gaps), "gap_per_step")
             with right:
-                show(charts.gap_heatmap_chart(view.heatmap), "gap_heatmap")
+                show(lambda: charts.gap_heatmap_chart(view.heatmap), "gap_heatmap")
         left, right = st.columns(2)
         for column, statistic in zip(
             (left, right), ("running mean", "running variance"), strict=True
         ):
             with column:
                 show(
-                    charts.running_statistics_chart(view.running, statistic),
+                    lambda statistic=statistic: charts.running_statistics_chart(
+                        view.running, statistic
+                    ),
                     statistic.replace(" ", "_") + "_per_channel",
                 )
     else:
         st.info("No running statistics in this scenario.")
 
-with your_layer:
+
+def draw_layer() -> None:
     stored = layer_view(scenario)
     if stored is None:
         st.info(
@@ -221,8 +243,9 @@ with your_layer:
         )
     else:
         show(
-            charts.layer_variance_chart(stored.statistics, stored.eps, stored.layer.label),
+            lambda: charts.layer_variance_chart(stored.statistics, stored.eps, stored.layer.label),
             "layer_running_variance",
+            memo={},
         )
         if stored.layer.problem:
             st.error(f"This layer cannot start a run: {stored.layer.problem}.")
@@ -232,7 +255,8 @@ with your_layer:
             f"File `{scenario['state']}`."
         )
 
-with sweep_tab:
+
+def draw_sweep() -> None:
     sweep_controls()
     if scenario["sweep"] == "none":
         st.info(
@@ -246,7 +270,7 @@ with sweep_tab:
             report=lambda done, text: sweep_progress.progress(min(done, 1.0), text=text),
         )
         sweep_progress.empty()
-        show(charts.sweep_chart(swept.table, swept.key, swept.log_x), "sweep")
+        show(lambda: charts.sweep_chart(swept.table, swept.key, swept.log_x), "sweep", swept.specs)
         st.dataframe(
             swept.table,
             column_config={
@@ -263,13 +287,14 @@ with sweep_tab:
             mime="application/json",
         )
 
-with explain_tab:
+
+def draw_explain() -> None:
     if len(view.explain):
         st.markdown(
             "Each knob that differs between the first two engines is aligned in turn, and the "
             "pair is re-run for real. Every step is a link."
         )
-        show(charts.waterfall_chart(view.explain), "explain_waterfall")
+        show(lambda: charts.waterfall_chart(view.explain), "explain_waterfall")
         for step in doc["explain"]:
             if step["gap_after"] is None:
                 st.markdown(
@@ -284,7 +309,8 @@ with explain_tab:
     else:
         st.success("Nothing to explain: the first two engines agree, or only one ran.")
 
-with code:
+
+def draw_code() -> None:
     left, right = st.columns(2)
     first, second = translation_pair(scenario)
     directions = ((first, second), (second, first))
@@ -307,3 +333,19 @@ with code:
     )
     with st.expander("The script"):
         st.code(script, language="python")
+
+
+# --- the tabs: only the open one runs; its slug is the link's ``tab`` ---------------------
+DRAW = {
+    "overview": draw_overview,
+    "outputs": draw_outputs,
+    "running": draw_running,
+    "layer": draw_layer,
+    "sweep": draw_sweep,
+    "explain": draw_explain,
+    "code": draw_code,
+}
+for slug, tab in zip(TABS, st.tabs(list(TABS.values()), key=TAB, on_change="rerun"), strict=True):
+    with tab:
+        if tab.open:
+            DRAW[slug]()

@@ -13,6 +13,7 @@ chromium and Playwright exist); and the peak memory of this process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,15 +165,9 @@ FIRST_CHART_DRAWN_JS = """() => Array.from(
 """True once a visible chart has drawn marks (Streamlit draws Vega as SVG or canvas)."""
 
 
-def _browser_first_chart() -> dict:
-    """``streamlit run app.py`` to the first chart drawn in headless Chromium."""
-    chromium = CHROMIUM
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        return {"skipped": "Playwright is not installed"}
-    if not Path(chromium).exists():
-        return {"skipped": "Debian's chromium is not installed"}
+@contextlib.contextmanager
+def served_app(env: dict[str, str] | None = None) -> Iterator[tuple[str, float]]:
+    """``streamlit run app.py`` on a free port: (base URL, perf_counter at its start)."""
     import socket
 
     with socket.socket() as probe:
@@ -195,36 +190,148 @@ def _browser_first_chart() -> dict:
             "none",
         ],
         cwd=root,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=chromium,
-                headless=True,
-                args=CHROMIUM_ARGS,
-            )
-            page = browser.new_page()
-            deadline = time.time() + 180
-            while True:
-                try:
-                    page.goto(f"http://127.0.0.1:{port}/?v=1", timeout=5000)
-                    break
-                except Exception:  # the server is still starting
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.2)
-            # the Overview tab has no chart: the first one drawn is the Outputs tab's
-            page.get_by_role("tab", name="Outputs").click(timeout=180_000)
-            page.wait_for_function(FIRST_CHART_DRAWN_JS, timeout=180_000)
-            seconds = time.perf_counter() - start
-            browser.close()
+        yield f"http://127.0.0.1:{port}", start
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _browser_skip() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed"
+    if not Path(CHROMIUM).exists():
+        return "Debian's chromium is not installed"
+    return None
+
+
+def _goto_when_up(page, url: str, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            page.goto(url, timeout=5000)
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _browser_first_chart() -> dict:
+    """``streamlit run app.py`` to the first chart drawn in headless Chromium."""
+    skipped = _browser_skip()
+    if skipped:
+        return {"skipped": skipped}
+    from playwright.sync_api import sync_playwright
+
+    with served_app() as (url, start), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        _goto_when_up(page, f"{url}/?v=1")
+        # the Overview tab has no chart: the first one drawn is the Outputs tab's
+        page.get_by_role("tab", name="Outputs").click(timeout=180_000)
+        page.wait_for_function(FIRST_CHART_DRAWN_JS, timeout=180_000)
+        seconds = time.perf_counter() - start
+        browser.close()
     return {"streamlit_run_to_first_chart_s": seconds}
+
+
+SETTLED_JS = """() => {
+    const app = document.querySelector("[data-testid='stApp']");
+    if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
+    if (document.querySelector("[data-stale='true'], [data-testid='stSkeleton']")) return false;
+    if (document.querySelector("[data-testid='stException']")) return true;
+    return document.querySelector("[data-testid='stMain'] h3") !== null
+        && document.querySelector("[role='tabpanel']:not([hidden])") !== null;
+}"""
+"""The page is settled: the script idle, nothing stale, the headline and the open tab drawn."""
+
+DESK_LINKS = (
+    ("seed", "/?v=1"),
+    ("32×64×28×28, normal, 3 steps", "/?v=1&shape=32,64,28,28&input=normal&steps=3"),
+)
+WIDGET_CHANGES = 10
+
+
+def _settle(page, timeout_ms: float = 180_000) -> None:
+    page.wait_for_function(SETTLED_JS, timeout=timeout_ms, polling=20)
+
+
+def browser_desk(report: Callable[[str], None] = lambda text: None) -> dict:
+    """The desk as a user feels it, in headless Chromium against a fresh server.
+
+    For each link: ``streamlit run`` to its settled headline (cold start, the first
+    link only), then 10 changes of Keras's epsilon in the sidebar, each timed from the
+    key press to the settled page, then the first changed link revisited in a fresh
+    page (its view cached by the server).
+    """
+    skipped = _browser_skip()
+    if skipped:
+        return {"skipped": skipped}
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    with served_app() as (url, start), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        cold = None
+        for name, link in DESK_LINKS:
+            report(f"bench: browser desk, {name}")
+            page = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
+            _goto_when_up(page, url + link)
+            _settle(page)
+            cold = cold if cold is not None else time.perf_counter() - start
+            eps = page.locator(".st-key-w_keras_eps input")
+            changes, revisit_link = [], None
+            for i in range(WIDGET_CHANGES):
+                value = f"{1e-3 + (i + 1) * 1e-4:.4g}"
+                eps.fill(value)
+                began = time.perf_counter()
+                eps.press("Enter")
+                page.wait_for_url(lambda u, v=value: f"keras_eps={v}" in u, timeout=60_000)
+                _settle(page)
+                changes.append(time.perf_counter() - began)
+                revisit_link = revisit_link or page.url
+            fresh = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
+            began = time.perf_counter()
+            fresh.goto(revisit_link)
+            _settle(fresh)
+            revisit = time.perf_counter() - began
+            rows.append(
+                {
+                    "link": link,
+                    "name": name,
+                    "widget_change_s": changes,
+                    "p50_s": float(np.percentile(changes, 50)),
+                    "p90_s": float(np.percentile(changes, 90)),
+                    "revisit_s": revisit,
+                }
+            )
+        browser.close()
+    return {"cold_start_to_headline_s": cold, "links": rows}
+
+
+def desk_table(desk: dict) -> str:
+    """The browser desk as the README shows it (markdown)."""
+    if "skipped" in desk:
+        return f"browser desk: skipped ({desk['skipped']})"
+    lines = [
+        "| link | widget change p50 | p90 | revisited link |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in desk["links"]:
+        lines.append(
+            f"| {row['name']} | {row['p50_s'] * 1000:.0f} ms | {row['p90_s'] * 1000:.0f} ms | "
+            f"{row['revisit_s'] * 1000:.0f} ms |"
+        )
+    lines += ["", f"- `streamlit run app.py` → headline: {desk['cold_start_to_headline_s']:.1f} s"]
+    return "\n".join(lines)
 
 
 def bench(

@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_cmd.add_argument("--repeat", type=int, default=5, help="warm runs per scenario")
     bench_cmd.add_argument("--quick", action="store_true", help="the seed only, once")
     bench_cmd.add_argument("--no-browser", action="store_true", help="skip the browser timing")
+    bench_cmd.add_argument(
+        "--browser",
+        action="store_true",
+        help="only the desk in Chromium: widget changes (p50, p90), a revisit, the cold start",
+    )
     bench_cmd.add_argument("--json", action="store_true", help="print the JSON document")
     commands.add_parser("docs", help="print the README's link reference table")
     store_cmd = commands.add_parser(
@@ -196,7 +201,12 @@ def _store(path: str) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from bnexplore.bench import bench, table
+    from bnexplore.bench import bench, browser_desk, desk_table, table
+
+    if args.browser:
+        desk = browser_desk(report=lambda text: print(text, file=sys.stderr, flush=True))
+        print(json.dumps(desk, indent=2) if args.json else desk_table(desk))
+        return 0
 
     result = bench(
         args.repeat,

@@ -44,6 +44,18 @@ def knobs(engine: str) -> str:
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
+TABS: dict[str, str] = {
+    "overview": "Overview",
+    "outputs": "Outputs",
+    "running": "Running statistics",
+    "layer": "Your layer",
+    "sweep": "Sweep",
+    "explain": "Explain",
+    "code": "Code",
+}
+"""The page's tabs: the link's ``tab`` slug → its label. ``tab`` belongs to the link, not to
+the scenario: it opens the page on that tab and never changes a result."""
+
 GROUPS: dict[str, str] = {
     "input": "Input batch",
     "layer": "Your layer",

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import memory, store, workers
+from bnexplore import admission, memory, store, workers
 from bnexplore.batches import batches
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
@@ -164,7 +164,9 @@ def compare(
     one (from a PyTorch layer run for the purpose if torch is not compared).
     The memory guard runs first: a scenario whose estimate exceeds the limit is
     refused before anything is allocated, or run without its references where
-    those alone would pass it (a notice says so).
+    those alone would pass it (a notice says so). Then the run waits for its share
+    of the process's one budget (bnexplore.admission); its time limit counts from
+    its admission.
     """
     names = scenario["engines"]
     notices = list(notices)
@@ -190,19 +192,40 @@ def compare(
         why = f"refused: {problem}"
         refused = {name: EngineResult(name, available=False, reason=why) for name in names}
         return Comparison(scenario, (*notices, why), refused, {})
+    context = admission.current()
+    with admission.BUDGET.admit(need, context):
+        comparison = _admitted(scenario, notices, reference, report, state, context)
+    return comparison
+
+
+def _admitted(
+    scenario: Scenario,
+    notices: list[str],
+    reference: bool,
+    report: Report | None,
+    state: State | None,
+    context: admission.RunContext,
+) -> Comparison:
+    """The run, once the budget holds its memory: its time limit counts from here."""
+    names = scenario["engines"]
+    deadline = time.monotonic() + workers.time_limit()
+    if context.deadline is not None:
+        deadline = min(deadline, context.deadline)
     porting = any(knobs(n) == "keras" for n in names) and scenario["keras_init"] != "fresh"
     engine_of_lane = {name: name for name in names}
     if porting and "torch" not in names:
         engine_of_lane[PORT_SOURCE] = "torch"
     in_process = workers.workers_per_engine() == 0
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
-    deadline = time.monotonic() + workers.time_limit()
     shared = workers.SharedBatch()
+    ticket = context.ticket
     try:
         if in_process:
             started = {lane: start(e, scenario) for lane, e in engine_of_lane.items()}
         else:
-            started = workers.start_sessions(engine_of_lane, scenario, taken, shared, deadline)
+            started = workers.start_sessions(
+                engine_of_lane, scenario, taken, shared, deadline, ticket
+            )
         done = {lane: s for lane, s in started.items() if isinstance(s, EngineResult)}
         lanes = {lane: s for lane, s in started.items() if not isinstance(s, EngineResult)}
         if reference:  # every engine that could be loaded, even one whose layer refused to build
@@ -211,7 +234,7 @@ def compare(
                     lanes[f"{name}_reference"] = REFERENCES[name](scenario)
         if state is not None:
             _start_from(state, scenario, lanes, done)
-        if not _run_passes(scenario, lanes, done, porting, report, deadline):
+        if not _run_passes(scenario, lanes, done, porting, report, deadline, ticket):
             notices.append(str(workers.TimeLimitReached()) + "; what had not finished stopped")
     finally:
         shared.close()
@@ -228,6 +251,7 @@ def _run_passes(
     porting: bool,
     report: Report | None,
     deadline: float,
+    ticket: admission.Ticket,
 ) -> bool:
     """Step every lane through the same batches in lock step, then finish each.
 
@@ -247,6 +271,7 @@ def _run_passes(
     source = "torch" if "torch" in scenario["engines"] else PORT_SOURCE
     try:
         for k, batch in enumerate(batches(scenario)):
+            ticket.check()  # a cancelled run stops at the next pass
             if lanes and time.monotonic() > deadline:
                 stopped = workers.TimeLimitReached()
                 for name in list(lanes):

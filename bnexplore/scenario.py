@@ -280,6 +280,7 @@ def from_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[Scenario, list[str]]:
         raw[key] = value
 
     _check_version(raw.pop("v", None), notices)
+    raw.pop("tab", None)  # the page's, not the scenario's: the app reads it (widgets.py)
 
     values = dict(DEFAULTS)
     preset_name = raw.pop("preset", None)

@@ -7,13 +7,17 @@ the words and the binned chart data, never whole tensors.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bnexplore import charts, store, sweep
+from bnexplore import admission, charts, store, sweep, workers
 from bnexplore.engines import LABELS
 from bnexplore.explain import explain, summary
 from bnexplore.formats import Layer
@@ -21,6 +25,8 @@ from bnexplore.params import knobs
 from bnexplore.runner import Comparison, Report, compare, strict_json
 from bnexplore.scenario import Scenario
 from bnexplore.story import headline, verdict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,18 @@ class View:
     step_gaps: pd.DataFrame
     heatmap: pd.DataFrame
     explain: pd.DataFrame
+    specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
+    """Vega-Lite specs of this view's charts, by name: each validated once, then reused by
+    every rerun and every session (see chart_spec)."""
+
+
+def chart_spec(memo: dict[str, dict], name: str, build: Callable[[], object]) -> dict:
+    """The chart's Vega-Lite spec: built and validated by Altair the first time, then from
+    ``memo`` (Altair's JSON-schema validation costs more than drawing)."""
+    spec = memo.get(name)
+    if spec is None:
+        spec = memo[name] = build().to_dict()
+    return spec
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,7 @@ class SweepView:
     log_x: bool
     document: dict
     table: pd.DataFrame
+    specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
 
 def build_view(comparison: Comparison, report: Report | None = None) -> View:
@@ -93,15 +112,66 @@ def layer_view(scenario: Scenario) -> LayerView | None:
     return LayerView(layer, eps, charts.layer_statistics(dict(layer.state), eps))
 
 
+class Flight:
+    """One computation of one link in a thread of its own, shared by every session that
+    waits for it, cancelled when the last of them stops waiting."""
+
+    def __init__(self, key: str, work: Callable[[Report], object]) -> None:
+        self.key, self.waiters = key, 0
+        self.context = admission.RunContext(on_wait=self._waiting)
+        self.progress, self.status = 0.0, "Starting the engines…"
+        self._done = threading.Event()
+        self._result: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(work,), name=f"bnexplore {key}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _waiting(self, ahead: int, flying: int) -> None:
+        self.status = admission.waiting_words(ahead, flying)
+
+    def _report(self, done: float, text: str) -> None:
+        self.progress, self.status = done, text
+
+    def _run(self, work: Callable[[Report], object]) -> None:
+        log.info("computing %s", self.key)
+        try:
+            with admission.running(self.context):
+                self._result = work(self._report)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            self._error = exc
+        finally:
+            self._done.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.context.ticket.cancelled
+
+    def wait(self, report: Report | None, poll: float = 0.1) -> object:
+        """The result, reporting progress meanwhile; ``report`` may raise (the session
+        stopped or reran) and the caller then leaves the flight."""
+        while not self._done.wait(poll):
+            if report:
+                report(min(self.progress, 1.0), self.status)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class ViewCache:
     """Views (and sweeps) by link, least recently used dropped first; safe across threads.
 
-    Two sessions asking for the same new link at once both compute it; the
-    frameworks' results are deterministic, so either answer is the answer.
+    A link not in the cache is computed once, in a flight that every session asking for
+    it joins; when the last session leaves (it changed its scenario, reloaded, closed
+    the tab), the flight is cancelled and its memory let go within a pass or two.
     """
 
     def __init__(self, max_entries: int = 32) -> None:
         self._views: OrderedDict[str, View | SweepView] = OrderedDict()
+        self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
         self.max_entries = max_entries
 
@@ -119,33 +189,58 @@ class ViewCache:
             while len(self._views) > self.max_entries:
                 self._views.popitem(last=False)
 
-    def view(
-        self,
-        scenario: Scenario,
-        report: Report | None = None,
-    ) -> View:
-        """The view of a scenario: from the cache, or run for real and kept."""
-        cached = self.get(scenario.run_link)
-        if cached is not None:
-            return cached
-        scaled = (lambda done, text: report(0.9 * done, text)) if report else None
-        view = build_view(compare(scenario, report=scaled), report)
-        self.put(scenario.run_link, view)
-        return view
+    def flights(self) -> int:
+        """Computations under way (for tests and the operator)."""
+        with self._lock:
+            return len(self._flights)
+
+    def _fly(self, key: str, work: Callable[[Report], object], report: Report | None):
+        """The cached value of ``key``, or the shared flight's, waited for."""
+        with self._lock:
+            cached = self._views.get(key)
+            if cached is not None:
+                self._views.move_to_end(key)
+                return cached
+            flight = self._flights.get(key)
+            if flight is None or flight.cancelled:
+                flight = self._flights[key] = Flight(key, work)
+                flight.start()
+            flight.waiters += 1
+        try:
+            value = flight.wait(report)
+        finally:
+            with self._lock:
+                flight.waiters -= 1
+                if flight.waiters == 0 and self._flights.get(key) is flight:
+                    del self._flights[key]
+                    flight.context.ticket.cancel()  # nobody waits: it stops, or it was done
+        self.put(key, value)
+        return value
+
+    def view(self, scenario: Scenario, report: Report | None = None) -> View:
+        """The view of a scenario: from the cache, or run for real (once) and kept."""
+
+        def work(progress: Report) -> View:
+            comparison = compare(scenario, report=lambda done, text: progress(0.9 * done, text))
+            # explain's re-runs share one time limit, and the run's ticket
+            limit = time.monotonic() + workers.time_limit()
+            context = dataclasses.replace(admission.current(), deadline=limit)
+            with admission.running(context):
+                return build_view(comparison, progress)
+
+        return self._fly(scenario.run_link, work, report)
 
     def sweep(self, scenario: Scenario, report: Report | None = None) -> SweepView:
         """The scenario's sweep (its sweep_* settings): from the cache, or run and kept."""
-        key = "sweep:" + scenario.link
-        cached = self.get(key)
-        if cached is not None:
-            return cached
         param = scenario["sweep"]
-        points = sweep.run_sweep(scenario, param, sweep.values(scenario), report)
-        view = SweepView(
-            key=param,
-            log_x=scenario["sweep_scale"] == "log",
-            document=sweep.sweep_document(scenario, param, points),
-            table=charts.sweep_table(points, param),
-        )
-        self.put(key, view)
-        return view
+
+        def work(progress: Report) -> SweepView:
+            points = sweep.run_sweep(scenario, param, sweep.values(scenario), progress)
+            return SweepView(
+                key=param,
+                log_x=scenario["sweep_scale"] == "log",
+                document=sweep.sweep_document(scenario, param, points),
+                table=charts.sweep_table(points, param),
+            )
+
+        return self._fly("sweep:" + scenario.link, work, report)

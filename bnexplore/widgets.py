@@ -21,7 +21,7 @@ import streamlit as st
 
 from bnexplore import store as uploads
 from bnexplore.engines import LABELS
-from bnexplore.params import BY_KEY, DEFAULTS, GROUPS, PARAMS, Param, engine_of, knobs
+from bnexplore.params import BY_KEY, DEFAULTS, GROUPS, PARAMS, TABS, Param, engine_of, knobs
 from bnexplore.presets import PRESETS, matching
 from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
 from bnexplore.sweep import start_range
@@ -29,6 +29,8 @@ from bnexplore.sweep import start_range
 SWEEP_GROUP = "sweep"
 
 VALUES = "scenario_values"
+TAB = "w_tab"
+"""The tabs' widget key: its value is the open tab's label."""
 LINK_NOTICES = "link_notices"
 UPLOAD_TYPES = ("pt", "pth", "safetensors", "keras", "h5", "npz", "npy")
 NO_PRESET = "(custom)"
@@ -66,7 +68,29 @@ def _load_link() -> None:
     pairs = [(k, v) for k in st.query_params for v in st.query_params.get_all(k)]
     scenario, notices = from_pairs(pairs)
     _set_widgets(dict(scenario.values))
+    tab = st.query_params.get("tab", "overview")
+    slug = tab.strip().lower()
+    if slug not in TABS:
+        notices.append(
+            f"tab: {tab[:40]!r} is not a tab of this page ({', '.join(TABS)}); opened overview"
+        )
+        slug = "overview"
+    st.session_state[TAB] = TABS[slug]
     st.session_state[LINK_NOTICES] = notices
+
+
+def open_tab() -> str:
+    """The slug of the tab the page shows (the link's ``tab``)."""
+    label = st.session_state.get(TAB, TABS["overview"])
+    return next((slug for slug, name in TABS.items() if name == label), "overview")
+
+
+def _link_params(scenario: Scenario) -> dict[str, str]:
+    """The address bar: the scenario's canonical link, and the open tab unless Overview."""
+    params = scenario.link_params()
+    if open_tab() != "overview":
+        params["tab"] = open_tab()
+    return params
 
 
 def _apply_preset() -> None:
@@ -352,6 +376,11 @@ def sidebar() -> tuple[Scenario, list[str]]:
                 _render(p)
 
     scenario, notices = scenario_from_values(store)
-    if st.query_params.to_dict() != scenario.link_params():
-        st.query_params.from_dict(scenario.link_params())
+    sync_address_bar(scenario)
     return scenario, [*st.session_state[LINK_NOTICES], *notices]
+
+
+def sync_address_bar(scenario: Scenario) -> None:
+    """Write the link of what the page shows into the address bar, if it differs."""
+    if st.query_params.to_dict() != _link_params(scenario):
+        st.query_params.from_dict(_link_params(scenario))

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnexplore.admission import Ticket
 from bnexplore.engines import LABELS, EngineResult, Session, State
 from bnexplore.scenario import Scenario
 from bnexplore.shipping import new_file, unship
@@ -45,6 +46,10 @@ from bnexplore.shipping import new_file, unship
 log = logging.getLogger(__name__)
 
 DEFAULT_TIME_LIMIT = 120.0
+POLL_S = 0.2
+"""How often a wait for a worker looks at its run's ticket."""
+CANCEL_GRACE_S = 1.0
+"""How long a cancelled run's worker may take to finish its pass before it is stopped."""
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -123,20 +128,35 @@ class Worker:
         except OSError:
             self._lose(_death(self._exit_code()))
 
-    def reply(self, sid: int, deadline: float) -> tuple:
-        """The next answer for session ``sid`` (answers for others are kept for them)."""
+    def reply(self, sid: int, deadline: float, ticket: Ticket | None = None) -> tuple:
+        """The next answer for session ``sid`` (answers for others are kept for them).
+
+        Past the deadline the worker is stopped. If the run is cancelled meanwhile, the
+        worker gets a second to answer, then is stopped (it runs nothing else: a worker
+        serves one run at a time), and Cancelled is raised.
+        """
+        cancelled_at = None
         while sid not in self._stash:
             if self.lost:
                 raise WorkerLost(self.lost)
+            if ticket is not None and ticket.cancelled and cancelled_at is None:
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
+                self.stop()
+                self.lost = f"worker for {self.engine} (pid {self.pid}) stopped: run cancelled"
+                ticket.check()
             remaining = deadline - time.monotonic()
             try:
-                ready = self.conn.poll(max(remaining, 0.0))  # an answer already here counts
-                if not ready:
+                # an answer already here counts, however late
+                ready = self.conn.poll(min(max(remaining, 0.0), POLL_S))
+                if not ready and remaining <= 0:
                     self.stop()
                     self._lose(
                         f"did not answer within the time limit of {time_limit():g} s "
                         "(BNEXPLORE_TIME_LIMIT); it was stopped"
                     )
+                if not ready:
+                    continue
                 message = self.conn.recv()
             except (EOFError, OSError):
                 self._lose(_death(self._exit_code()))
@@ -276,9 +296,17 @@ class WorkerSession(Session):
     runner can let every worker work on a pass at once.
     """
 
-    def __init__(self, name: str, engine: str, worker: Worker, batch: SharedBatch, deadline):
+    def __init__(
+        self,
+        name: str,
+        engine: str,
+        worker: Worker,
+        batch: SharedBatch,
+        deadline: float,
+        ticket: Ticket | None = None,
+    ):
         self.name, self.engine, self.worker, self.batch = name, engine, worker, batch
-        self.deadline = deadline
+        self.deadline, self.ticket = deadline, ticket
         self.sid = next(_session_ids)
         self.where: dict = {}
         self._pending = False
@@ -287,7 +315,7 @@ class WorkerSession(Session):
         self.worker.send(("start", self.sid, dict(scenario.values)))
 
     def settle_start(self) -> Session | EngineResult:
-        answer = self.worker.reply(self.sid, self.deadline)
+        answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] == "result":
             return self._named(unship(answer[2]))
         self.where = answer[2]
@@ -306,17 +334,17 @@ class WorkerSession(Session):
         if not self._pending:
             return
         self._pending = False
-        answer = self.worker.reply(self.sid, self.deadline)
+        answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] == "result":
             raise StepFailed(self._named(unship(answer[2])))
 
     def state(self) -> State | None:
         self.worker.send(("state", self.sid))
-        return self.worker.reply(self.sid, self.deadline)[2]
+        return self.worker.reply(self.sid, self.deadline, self.ticket)[2]
 
     def port(self, state: State) -> None:
         self.worker.send(("port", self.sid, state))
-        answer = self.worker.reply(self.sid, self.deadline)
+        answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] == "result":
             raise StepFailed(self._named(unship(answer[2])))
 
@@ -324,7 +352,7 @@ class WorkerSession(Session):
         self.worker.send(("finish", self.sid))
 
     def finish(self) -> EngineResult:
-        answer = self.worker.reply(self.sid, self.deadline)
+        answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] != "result":
             raise WorkerLost(f"worker for {self.engine}: unexpected answer {answer[0]!r}")
         return self._named(unship(answer[2]))
@@ -358,11 +386,12 @@ def start_sessions(
     workers: dict[str, Worker],
     batch: SharedBatch,
     deadline: float,
+    ticket: Ticket | None = None,
 ) -> dict[str, Session | EngineResult]:
     """Start each lane (lane name → engine) in its engine's worker, all at once."""
     sessions = {}
     for lane, engine in lanes.items():
-        session = WorkerSession(lane, engine, workers[engine], batch, deadline)
+        session = WorkerSession(lane, engine, workers[engine], batch, deadline, ticket)
         try:
             session.begin_start(scenario)
         except WorkerLost as lost:

@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from bnexplore.params import TABS
 from bnexplore.presets import PRESETS
 from bnexplore.scenario import parse_link
 
@@ -67,8 +68,23 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
     assert "| PyTorch |" in table and "| Keras 3 |" in table
     assert [m.label for m in opened.metric][:2] == ["max |Δ|", "mean |Δ|"]
     # outputs: distribution + 2 per channel; running: 2 over steps, |Δ| per step, heatmap,
-    # 2 per channel; explain: waterfall
-    assert len(opened.get("vega_lite_chart")) == 10
+    # 2 per channel; explain: waterfall. Only the open tab draws.
+    drawn = {}
+    for slug, label in TABS.items():
+        opened.session_state["w_tab"] = label
+        opened.run()
+        drawn[slug] = len(opened.get("vega_lite_chart"))
+    opened.session_state["w_tab"] = TABS["overview"]
+    opened.run()
+    assert drawn == {
+        "overview": 0,
+        "outputs": 3,
+        "running": 6,
+        "layer": 0,
+        "sweep": 0,
+        "explain": 1,
+        "code": 0,
+    }
     assert opened.subheader[0].value.startswith("max |Δ|")
     assert "of the gap:" in opened.markdown[0].value  # explain's top cause, on top
 
@@ -99,7 +115,7 @@ def test_framework_error_is_shown_as_a_result() -> None:
 
 
 def test_make_them_agree_applies_the_translation_to_the_link() -> None:
-    at = open_link("?shape=8,4,3&input=normal&steps=2")
+    at = open_link("?shape=8,4,3&input=normal&steps=2&tab=code")
     agree = next(b for b in at.button if b.label == "Make them agree")
     agree.click().run()
     assert not at.exception
@@ -129,16 +145,16 @@ def test_preset_picker_applies_the_preset() -> None:
 def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
     monkeypatch,
 ) -> None:
-    import bnexplore.runner
+    import bnexplore.workers
 
     started = []
-    real_start = bnexplore.runner.start
+    real_start = bnexplore.workers.start_sessions
 
-    def counting_start(name, scenario):
-        started.append(name)
-        return real_start(name, scenario)
+    def counting_start(lanes, *args, **kwargs):
+        started.extend(lanes)
+        return real_start(lanes, *args, **kwargs)
 
-    monkeypatch.setattr(bnexplore.runner, "start", counting_start)
+    monkeypatch.setattr(bnexplore.workers, "start_sessions", counting_start)
     link = "?shape=5,7,3&input=uniform&seed=424242&steps=2"
     open_link(link)
     first = len(started)
@@ -151,7 +167,7 @@ def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
 def test_a_20_point_sweep_from_a_link_runs_and_charts_every_point() -> None:
     at = open_link(
         "?shape=16,4,3,3&input=normal&steps=2&sweep=keras_momentum&sweep_from=0.5"
-        "&sweep_to=0.999&sweep_points=20"
+        "&sweep_to=0.999&sweep_points=20&tab=sweep"
     )
     (table,) = at.dataframe
     assert len(table.value) == 20  # one row per point for the one pair
@@ -175,7 +191,9 @@ def test_a_state_link_shows_the_files_layers_in_the_sidebar_and_charts_the_chose
     arrays |= {"head.bn.running_mean": np.zeros(4), "head.bn.running_var": variance}
     np.savez(tmp_path / "model.npz", **arrays)
     digest = store_file(tmp_path / "model.npz")
-    at = open_link(f"?state={digest[:16]}&layer=head.bn&init=state&shape=4,4,3&input=normal")
+    at = open_link(
+        f"?state={digest[:16]}&layer=head.bn&init=state&shape=4,4,3&input=normal&tab=layer"
+    )
     assert not at.warning, [w.value for w in at.warning]
     (table,) = [m.value for m in at.sidebar.markdown if m.value.startswith("| layer")]
     assert "| `stem.bn` | 3 |" in table and "| `head.bn` | 4 |" in table
@@ -202,3 +220,23 @@ def test_a_batch_file_link_shows_its_uploader_and_runs_the_files_shape(
     assert any(f"file={digest[:16]}" in c.value for c in at.sidebar.caption)
     table = next(m.value for m in at.markdown if m.value.startswith("| engine"))
     assert "| PyTorch |" in table and "not run" not in table
+
+
+def test_the_tab_is_part_of_the_link_and_not_of_the_scenario() -> None:
+    at = open_link("?shape=4,3&steps=1&tab=explain")
+    assert at.query_params["tab"] == "explain"
+    assert at.session_state["w_tab"] == "Explain"
+    assert "tab" not in at.session_state["scenario_values"]
+    at.session_state["w_tab"] = "Outputs"
+    at.run()
+    assert at.query_params["tab"] == "outputs"
+    assert len(at.get("vega_lite_chart")) == 3
+    at.session_state["w_tab"] = "Overview"
+    at.run()
+    assert "tab" not in at.query_params  # Overview is the default: the link stays clean
+
+
+def test_an_unknown_tab_opens_overview_with_a_notice() -> None:
+    at = open_link("?shape=4,3&tab=nope")
+    assert any("tab: 'nope' is not a tab of this page" in w.value for w in at.warning)
+    assert at.session_state["w_tab"] == "Overview" and "tab" not in at.query_params

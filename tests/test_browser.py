@@ -378,6 +378,31 @@ def test_address_bar_follows_widgets_and_reproduces_the_page(app_url, new_page):
     assert shown_numbers(again) == numbers
 
 
+def test_the_open_tab_is_in_the_link_and_a_shared_link_opens_on_it(app_url, new_page):
+    from playwright.sync_api import expect
+
+    page = new_page()
+    open_app(page, app_url + LINK)
+    assert "tab" not in query(page.url)  # Overview, the default
+    show_tab(page, "Explain", fewest_charts=1)
+    page.wait_for_url(lambda url: "tab=explain" in url, timeout=RERUN_MS)
+    wait_for_app(page)
+    link = page.url
+    assert query(link)["tab"] == ["explain"] and query(link)["steps"] == ["2"], link
+
+    again = new_page()  # a teammate opens the shared address
+    open_app(again, link)
+    explain = again.get_by_role("tab", name="Explain", exact=True)
+    expect(explain).to_have_attribute("aria-selected", "true")
+    assert query(again.url)["tab"] == ["explain"]
+    # the Explain panel itself is drawn: its waterfall chart
+    again.wait_for_function(
+        f"() => {{ const [n, drawn] = ({PANEL_CHARTS_JS})(); return n >= 1 && drawn; }}",
+        timeout=RERUN_MS,
+    )
+    again.screenshot(path=str(ARTIFACTS / "shared_link_opens_on_explain.png"))
+
+
 def test_every_tab_draws_its_charts(app_url, new_page):
     page = new_page()
     open_app(page, app_url + LINK)
