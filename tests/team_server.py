@@ -106,16 +106,40 @@ def tree_resident_bytes(root: int) -> int:
     return sum(resident_bytes(pid) for pid in tree_pids(root))
 
 
+def _label(pid: int, root: int) -> str:
+    """'server', 'worker torch', … : who the process is, for a failure message."""
+    if pid == root:
+        return "server"
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    if "bnexplore.worker" in words:
+        return f"worker {words[words.index('bnexplore.worker') + 1]} (pid {pid})"
+    return f"{Path(words[0]).name} (pid {pid})"
+
+
+def tree_breakdown(root: int) -> dict[str, int]:
+    """Resident bytes of each process of the tree, by who it is."""
+    return {_label(pid, root): resident_bytes(pid) for pid in tree_pids(root)}
+
+
+def breakdown_words(breakdown: dict[str, int]) -> str:
+    return ", ".join(f"{who} {mib(size)}" for who, size in breakdown.items())
+
+
 class TreeMemory:
     """Tree resident memory sampled every ``every`` s in a thread, for at most ``for_s`` s.
 
-    ``with TreeMemory(pid) as mem: ...``; then ``mem.peak``, ``mem.samples``
-    ((monotonic time, bytes) pairs), and ``mem.now()`` for a fresh reading.
+    ``with TreeMemory(pid) as mem: ...``; then ``mem.peak`` (and who held it:
+    ``mem.peak_breakdown``), ``mem.samples`` ((monotonic time, bytes) pairs), and
+    ``mem.now()`` for a fresh reading.
     """
 
     def __init__(self, root: int, every: float = SAMPLE_EVERY_S, for_s: float = 300.0) -> None:
         self.root, self.every, self.for_s = root, every, for_s
         self.samples: list[tuple[float, int]] = []
+        self.peak_breakdown: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True, name="tree-memory")
 
@@ -130,7 +154,11 @@ class TreeMemory:
     def _sample(self) -> None:
         end = time.monotonic() + self.for_s
         while time.monotonic() < end:
-            self.samples.append((time.monotonic(), tree_resident_bytes(self.root)))
+            breakdown = tree_breakdown(self.root)
+            total = sum(breakdown.values())
+            if total > self.peak:
+                self.peak_breakdown = breakdown
+            self.samples.append((time.monotonic(), total))
             if self._stop.wait(self.every):
                 return
 
@@ -173,6 +201,8 @@ class Server:
     """Tree resident bytes once the warm-up page is done and its workers are up."""
     rest: int = 0
     """Tree resident bytes once a near-limit page is done too (caches and free lists)."""
+    rest_words: str = ""
+    """Who holds ``rest``, process by process."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -409,6 +439,7 @@ class SixSessions:
     shares: list[float]
     idle: int
     peak: int
+    peak_breakdown: dict[str, int]
     budget: int
 
 
@@ -427,6 +458,7 @@ def six_sessions(browser, server: Server, timeout_s: float = 150.0) -> SixSessio
         shares=[share_of_budget(link, server.budget) for link in links],
         idle=server.idle,
         peak=mem.peak,
+        peak_breakdown=mem.peak_breakdown,
         budget=server.budget,
     )
 
@@ -436,6 +468,7 @@ def six_table(result: SixSessions) -> str:
     rows = [
         f"budget {mib(result.budget)} · idle {mib(result.idle)} · peak {mib(result.peak)} "
         f"(idle + {(result.peak - result.idle) / result.budget:.0%} of the budget)",
+        f"at the peak: {breakdown_words(result.peak_breakdown)}",
         "",
         "| page | link's estimate | saw Waiting | completed after |",
         "|---:|---:|:---:|---:|",

@@ -18,6 +18,7 @@ Run: ``python -m pytest tests/test_team_server.py -m browser -s``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ FREED_ALLOWANCE = 0.15
 FREED_WITHIN_S = 5.0
 HOLD_S = 2.0
 """Given back means: at or under the mark, and staying there this long."""
-COMPUTING = "bnexplore: computing "
+COMPUTING = re.compile(r"bnexplore\.view: computing (\S+)")
 """The INFO line the app logs (logger bnexplore.view) once per computation of a link."""
 
 numbers: dict[str, object] = {}
@@ -75,6 +76,7 @@ def server(browser, tmp_path_factory):
         finally:
             ts.close_sessions(primer)
         running.rest = ts.settle_reading(running)
+        running.rest_words = ts.breakdown_words(ts.tree_breakdown(running.pid))
         numbers.update(
             budget_mib=running.budget / ts.MIB,
             idle_mib=running.idle / ts.MIB,
@@ -82,7 +84,7 @@ def server(browser, tmp_path_factory):
         )
         print(
             f"\nbudget {ts.mib(running.budget)}, idle {ts.mib(running.idle)}, "
-            f"rest {ts.mib(running.rest)}"
+            f"rest {ts.mib(running.rest)} ({running.rest_words})"
         )
         yield running
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -126,12 +128,8 @@ def seconds_until_held_at_most(
 def computations(log: str, link: str) -> int:
     """How many times the server logged computing ``link`` (any spelling of it)."""
     wanted = parse_link(link)[0].run_link
-    count = 0
-    for line in log.splitlines():
-        if COMPUTING in line:
-            logged = line.split(COMPUTING, 1)[1].strip().split()[0]
-            count += parse_link(logged)[0].run_link == wanted
-    return count
+    logged = [match.group(1) for match in COMPUTING.finditer(log)]
+    return sum(parse_link(key)[0].run_link == wanted for key in logged)
 
 
 def test_six_near_limit_sessions_wait_their_turn_within_the_budget(browser, server):
@@ -153,7 +151,8 @@ def test_six_near_limit_sessions_wait_their_turn_within_the_budget(browser, serv
         allowed = server.idle + PEAK_ALLOWANCE * server.budget
         assert result.peak <= allowed, (
             f"peak {ts.mib(result.peak)} over idle {ts.mib(server.idle)} + "
-            f"{PEAK_ALLOWANCE} × budget {ts.mib(server.budget)} = {ts.mib(allowed)}"
+            f"{PEAK_ALLOWANCE} × budget {ts.mib(server.budget)} = {ts.mib(allowed)}; "
+            f"at the peak: {ts.breakdown_words(result.peak_breakdown)}"
         )
     finally:
         ts.close_sessions(result.sessions)
@@ -183,7 +182,8 @@ def test_closing_a_session_mid_run_gives_its_memory_back(browser, server):
     assert seconds is not None, (
         f"{FREED_WITHIN_S} s after the close the tree did not keep to rest "
         f"{ts.mib(server.rest)} + {FREED_ALLOWANCE:.0%} of the budget = {ts.mib(target)} "
-        f"for {HOLD_S} s; it holds {ts.mib(now)}"
+        f"for {HOLD_S} s; it holds {ts.mib(now)}: "
+        f"{ts.breakdown_words(ts.tree_breakdown(server.pid))} (at rest: {server.rest_words})"
     )
     # the budget is free again: a small page is not kept waiting
     again = ts.open_sessions(browser, server.url, [ts.SMALL_LINK + "&seed=22"])
@@ -228,5 +228,5 @@ def test_a_second_session_on_the_same_link_shares_the_first_ones_run(browser, se
         ts.close_sessions(sessions)
     log = server.log()
     assert computations(log, link) == 1, "\n".join(
-        line for line in log.splitlines() if COMPUTING in line
+        line for line in log.splitlines() if COMPUTING.search(line)
     )
