@@ -216,8 +216,15 @@ def test_a_scenario_over_the_whole_budget_is_refused_at_once(browser, server):
 
 def test_a_second_session_on_the_same_link_shares_the_first_ones_run(browser, server):
     link = ts.near_limit_link(server.budget, 0.5, seed=41, steps=3)
-    sessions = ts.open_sessions(browser, server.url, [link, link])
+    sessions = ts.open_sessions(browser, server.url, [link])
     try:
+        # the second session comes while the first one's run is under way
+        deadline = time.monotonic() + 30
+        while computations(server.log(), link) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert computations(server.log(), link) == 1, "the first session's run never started"
+        assert not sessions[0].page.evaluate(ts.SETTLED_JS), "the run was over too soon"
+        sessions += ts.open_sessions(browser, server.url, [link])
         ts.follow(sessions, timeout_s=90)
         numbers.update(shared_page_seconds=[s.settled_s for s in sessions])
         for session in sessions:
