@@ -256,6 +256,82 @@ def draw_layer() -> None:
         )
 
 
+def draw_training() -> None:
+    if scenario["loss"] == "none":
+        st.info(
+            "No loss: training passes are forward passes only. Set Loss to mse in the "
+            "sidebar's Training group for a real step: L = mean((y − T)²), backward, and one "
+            "optimizer step on γ and β per training pass."
+        )
+    else:
+        rows = [
+            "| engine | loss L | dL/dx mean | std | min | max |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, engine in doc["engines"].items():
+            grad = engine.get("grad") if engine["available"] else None
+            if grad and grad["x"]:
+                x = grad["x"]
+                rows.append(
+                    f"| {LABELS[name]} | {fmt(engine['loss'])} | {fmt(x['mean'])} | "
+                    f"{fmt(x['std'])} | {fmt(x['min'])} | {fmt(x['max'])} |"
+                )
+        st.markdown("\n".join(rows))
+        labels = {"x": "dL/dx", "gamma": "dL/dγ", "beta": "dL/dβ"}
+        for pair in doc["divergence"]:
+            if pair.get("reason") or not pair.get("grad"):
+                continue
+            st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")
+            rows = [
+                "| compared | max \\|Δ\\| | max relative | assert_close |",
+                "|---|---:|---:|---|",
+            ]
+            parts = [(labels[k], d) for k, d in pair["grad"].items()]
+            parts += [(f"{k.replace('_', ' ')} (layer)", d) for k, d in pair["state"].items()]
+            for what, d in parts:
+                if d is None:
+                    rows.append(f"| {what} | — | — | not computed on one side |")
+                else:
+                    verdict = "pass" if d["allclose"] else "**fail**"
+                    rows.append(
+                        f"| {what} | {fmt(d['max_abs'])} | {fmt(d['max_rel'])} | {verdict} |"
+                    )
+            st.markdown("\n".join(rows))
+        for name, ref in doc.get("reference", {}).items():
+            for parameter, bound in (ref.get("unpredictable") or {}).items():
+                st.info(
+                    f"{LABELS[name]}: {parameter}'s exact gradient was 0 on an Adam step, so "
+                    f"the framework stepped on rounding noise, which no formula predicts; it "
+                    f"can move {parameter} by up to {bound:.3g} (lr per step)."
+                )
+        if len(view.grad_histogram):
+            show(
+                lambda: charts.output_distribution_chart(
+                    view.grad_histogram, "dL/dx", "Gradient w.r.t. x"
+                ),
+                "grad_x_distribution",
+            )
+        statistics = [
+            s for s in charts.PARAMETER_LABELS.values() if s in set(view.parameters["statistic"])
+        ]
+        for left_right in range(0, len(statistics), 2):
+            columns = st.columns(2)
+            for column, statistic in zip(
+                columns, statistics[left_right : left_right + 2], strict=False
+            ):
+                with column:
+                    show(lambda s=statistic: charts.parameter_chart(view.parameters, s), statistic)
+        if len(view.parameter_history):
+            left, right = st.columns(2)
+            for column, statistic in zip((left, right), ("gamma", "beta"), strict=True):
+                if statistic in set(view.parameter_history["statistic"]):
+                    with column:
+                        show(
+                            lambda s=statistic: charts.history_chart(view.parameter_history, s),
+                            f"{statistic}_over_steps",
+                        )
+
+
 def draw_sweep() -> None:
     sweep_controls()
     if scenario["sweep"] == "none":
@@ -291,20 +367,32 @@ def draw_sweep() -> None:
 def draw_explain() -> None:
     if len(view.explain):
         st.markdown(
-            "Each knob that differs between the first two engines is aligned in turn, and the "
-            "pair is re-run for real. Every step is a link."
+            "Every knob that differs between the first two engines is aligned in every "
+            "combination, each run for real; a knob's Shapley value is how much it closes the "
+            "gap (max |Δ| of the outputs), averaged over every order of aligning the knobs. "
+            "Shares add up to at most 100 %; the rest is what remains. Each knob links to the "
+            "scenario with that knob alone aligned."
         )
-        show(lambda: charts.waterfall_chart(view.explain), "explain_waterfall")
+        st.caption(doc["explain"][0]["method"])
+        show(lambda: charts.attribution_chart(view.explain), "explain_shares")
         for step in doc["explain"]:
-            if step["gap_after"] is None:
+            if step["knob"] == "what remains":
+                share = "" if step["share"] is None else f"{step['share']:.0%} of the gap, "
                 st.markdown(
-                    f"- [{step['knob']}]({step['link']}): {fmt(step['gap_before'])} "
-                    f"left — {step['cause']}"
+                    f"- [{step['knob']}]({step['link']}): {share}{fmt(step['gap_before'])} "
+                    f"left with every knob aligned — {step['cause']}"
+                )
+            elif step["widens"] is not None:
+                st.markdown(
+                    f"- [{step['knob']}]({step['link']}): **widens** the gap by "
+                    f"{fmt(step['widens'])} — {step['cause']}"
                 )
             else:
+                share = "—" if step["share"] is None else f"{step['share']:.0%}"
                 st.markdown(
-                    f"- [{step['knob']}]({step['link']}): {fmt(step['gap_before'])} → "
-                    f"{fmt(step['gap_after'])} — {step['cause']}"
+                    f"- [{step['knob']}]({step['link']}): {share} of the gap "
+                    f"(alone: {fmt(step['gap_before'])} → {fmt(step['gap_after'])}) — "
+                    f"{step['cause']}"
                 )
     else:
         st.success("Nothing to explain: the first two engines agree, or only one ran.")
@@ -340,6 +428,7 @@ DRAW = {
     "overview": draw_overview,
     "outputs": draw_outputs,
     "running": draw_running,
+    "training": draw_training,
     "layer": draw_layer,
     "sweep": draw_sweep,
     "explain": draw_explain,

@@ -70,3 +70,26 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
         with np.errstate(over="ignore"):
             batch = batch.astype(dtype, copy=False)
         yield batch
+
+
+def targets(scenario: Scenario) -> Iterator[np.ndarray | None]:
+    """Yield the steps + 1 targets T_k of the loss, in step order (None with loss=none).
+
+    ``zeros``: zeros; ``normal``: ONE ``numpy.random.default_rng(seed + 1)``,
+    ``rng.standard_normal(shape)`` per pass, float64 then cast. Channels-first like the
+    batches; callers must not write into a target.
+    """
+    count = scenario["steps"] + 1
+    if scenario["loss"] == "none":
+        for _ in range(count):
+            yield None
+        return
+    shape, dtype = scenario.shape, numpy_dtype(scenario["dtype"])
+    if scenario["target"] == "zeros":
+        zeros = np.zeros(shape, dtype=dtype)
+        for _ in range(count):
+            yield zeros
+        return
+    rng = np.random.default_rng(scenario["seed"] + 1)
+    for _ in range(count):
+        yield rng.standard_normal(shape).astype(dtype, copy=False)

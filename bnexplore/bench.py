@@ -49,7 +49,16 @@ CHROMIUM_ARGS = [
 ]
 """Headless as root, and no calls out of a machine whose network is closed."""
 
-TARGETS = {"ratio": 1.2, "cached_ms": 50.0, "cold_start_s": 6.0, "sweep_s": 10.0}
+TRAINING_STEP = ("?preset=seed&steps=1&loss=mse", "?preset=seed&steps=1")
+"""A real training step (loss, backward, SGD) against the forward-only one, both bnexplore."""
+
+TARGETS = {
+    "ratio": 1.2,
+    "cached_ms": 50.0,
+    "cold_start_s": 6.0,
+    "sweep_s": 10.0,
+    "training_step_ratio": 3.0,
+}
 
 
 def _median_seconds(work: Callable[[], object], repeat: int) -> float:
@@ -334,6 +343,33 @@ def desk_table(desk: dict) -> str:
     return "\n".join(lines)
 
 
+def training_step(repeat: int) -> dict:
+    """``bnexplore.run`` of the seed with one real training step (loss=mse) against the
+    same scenario with a forward-only training pass: medians, and their ratio.
+
+    The two are timed in turns (one of each, ``repeat`` times), so that load from other
+    processes falls on both alike."""
+    import bnexplore
+
+    with_loss, forward_only = TRAINING_STEP
+    times: dict[str, list[float]] = {with_loss: [], forward_only: []}
+    for link in (with_loss, forward_only):  # warm
+        bnexplore.run(link)
+    for _ in range(repeat):
+        for link in (with_loss, forward_only):
+            start = time.perf_counter()
+            bnexplore.run(link)
+            times[link].append(time.perf_counter() - start)
+    loss_s, baseline_s = (statistics.median(times[link]) for link in TRAINING_STEP)
+    return {
+        "link": with_loss,
+        "baseline_link": forward_only,
+        "loss_s": loss_s,
+        "baseline_s": baseline_s,
+        "ratio": loss_s / baseline_s,
+    }
+
+
 def bench(
     repeat: int = 5,
     quick: bool = False,
@@ -379,6 +415,9 @@ def bench(
             }
         )
 
+    report("bench: training step")
+    result_training = training_step(1 if quick else repeat)
+
     report("bench: cached link")
     cache, (scenario, _) = ViewCache(), parse_link("?v=1")
     cache.view(scenario)
@@ -391,6 +430,7 @@ def bench(
         "device": bnexplore.run("?shape=4,3")["engines"]["torch"]["device"],
         "repeat": repeat,
         "scenarios": rows,
+        "training_step": result_training,
         "cached_link_ms": cached_ms,
         "targets": TARGETS,
     }
@@ -420,6 +460,13 @@ def table(result: dict) -> str:
         lines.append(
             f"| {row['scenario']} | {row['bnexplore_s'] * 1000:.0f} ms | "
             f"{row['bare_s'] * 1000:.0f} ms | {row['ratio']:.2f} |"
+        )
+    step = result.get("training_step")
+    if step:
+        lines.append(
+            f"| `{step['link']}` vs `{step['baseline_link']}` | "
+            f"{step['loss_s'] * 1000:.0f} ms | {step['baseline_s'] * 1000:.0f} ms (bnexplore, "
+            f"forward only) | {step['ratio']:.2f} |"
         )
     lines += ["", f"- cached link answered in {result['cached_link_ms']:.2f} ms"]
     cold = result.get("cold_start")

@@ -70,15 +70,17 @@ def _engines_in(data: pd.DataFrame) -> list[str]:
     return [label for label in COLORS if label in present] or list(COLORS)
 
 
-def output_histogram(comparison: Comparison, bins: int = 60) -> pd.DataFrame:
-    """Each engine's measured output binned on one shared axis.
+def output_histogram(
+    comparison: Comparison, bins: int = 60, quantity: str = "output"
+) -> pd.DataFrame:
+    """Each engine's measured output (or ``quantity``, e.g. grad_x) binned on one shared axis.
 
     Columns: engine, start, end, share (fraction of that engine's elements).
     """
     outputs = {
-        LABELS[n]: np.asarray(r.output, dtype=np.float64).ravel()
+        LABELS[n]: np.asarray(getattr(r, quantity), dtype=np.float64).ravel()
         for n, r in comparison.results.items()
-        if r.output is not None
+        if getattr(r, quantity) is not None
     }
     finite = [o[np.isfinite(o)] for o in outputs.values()]
     finite = [o for o in finite if o.size]
@@ -100,11 +102,13 @@ def output_histogram(comparison: Comparison, bins: int = 60) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def output_distribution_chart(histogram: pd.DataFrame) -> alt.LayerChart:
-    """Each engine's output distribution as a step outline over a light fill."""
+def output_distribution_chart(
+    histogram: pd.DataFrame, what: str = "output", title: str = "Measured output"
+) -> alt.LayerChart:
+    """Each engine's output (or ``what``) distribution as a step outline over a light fill."""
     engines = _engines_in(histogram)
     base = alt.Chart(histogram).encode(
-        x=alt.X("start:Q", title="output value"),
+        x=alt.X("start:Q", title=f"{what} value", axis=alt.Axis(format="~g")),
         y=alt.Y("share:Q", title="share of elements", axis=alt.Axis(format="%"), stack=None),
         tooltip=[
             alt.Tooltip("engine:N"),
@@ -123,7 +127,7 @@ def output_distribution_chart(histogram: pd.DataFrame) -> alt.LayerChart:
     return _finish(
         chart,
         300,
-        "Measured output: distribution of values",
+        f"{title}: distribution of values",
         "Where lines coincide, the wider one underneath is the first engine.",
     )
 
@@ -294,44 +298,48 @@ def layer_variance_chart(stats: pd.DataFrame, eps: dict[str, float], name: str) 
 
 
 def explain_steps(steps) -> pd.DataFrame:
-    """Waterfall rows: one per explain step, the gap before and after it."""
+    """One row per explain step: its share of the gap, or how much it widens it.
+
+    ``share`` is the knob's Shapley share (negative for a knob that widens the gap: its
+    Shapley value over the scenario's gap, drawn left of zero).
+    """
     rows = []
     for i, step in enumerate(steps):
-        before = step.gap_before or 0.0
-        after = 0.0 if step.gap_after is None else step.gap_after
+        gap = step.gap_before or 0.0
+        if step.knob == "what remains":
+            kind, share = "what remains", step.share
+        elif step.widens is not None:
+            kind, share = "widens the gap", -step.widens / gap if gap else None
+        else:
+            kind, share = "closes the gap", step.share
         rows.append(
             {
                 "order": i,
-                "knob": f"{i + 1}. {step.knob}",
+                "knob": step.knob,
                 "cause": step.cause,
-                "before": before,
-                "after": after,
-                "closed": before - after,
-                "kind": "left as is"
-                if step.gap_after is None
-                else ("closes the gap" if after <= before else "widens the gap"),
+                "share": share,
+                "kind": kind,
+                "gap_after": step.gap_after,
             }
         )
-    return pd.DataFrame(
-        rows, columns=["order", "knob", "cause", "before", "after", "closed", "kind"]
-    )
+    return pd.DataFrame(rows, columns=["order", "knob", "cause", "share", "kind", "gap_after"])
 
 
-def waterfall_chart(steps: pd.DataFrame) -> alt.Chart:
-    """Floating bars from the gap before each alignment to the gap after it."""
-    kinds = ["closes the gap", "widens the gap", "left as is"]
+def attribution_chart(steps: pd.DataFrame) -> alt.Chart:
+    """Each knob's Shapley share of the gap (widening knobs left of zero), then what remains."""
+    kinds = ["closes the gap", "widens the gap", "what remains"]
     chart = (
-        alt.Chart(steps)
-        .mark_bar(size=38)
+        alt.Chart(steps.dropna(subset=["share"]))
+        .mark_bar(size=22)
         .encode(
-            x=alt.X(
-                "knob:N",
-                title="aligned in turn",
-                sort=alt.SortField("order"),
-                axis=alt.Axis(labelAngle=0, labelLimit=160),
+            y=alt.Y(
+                "knob:N", title=None, sort=alt.SortField("order"), axis=alt.Axis(labelLimit=200)
             ),
-            y=alt.Y("before:Q", title="max |Δ| of the outputs", axis=alt.Axis(format="~g")),
-            y2="after:Q",
+            x=alt.X(
+                "share:Q",
+                title="share of the gap (max |Δ| of the outputs)",
+                axis=alt.Axis(format="%"),
+            ),
             color=alt.Color(
                 "kind:N",
                 title=None,
@@ -340,12 +348,17 @@ def waterfall_chart(steps: pd.DataFrame) -> alt.Chart:
             ),
             tooltip=[
                 alt.Tooltip("cause:N"),
-                alt.Tooltip("before:Q", title="gap before", format=".6g"),
-                alt.Tooltip("after:Q", title="gap after", format=".6g"),
+                alt.Tooltip("share:Q", title="share", format=".1%"),
+                alt.Tooltip("gap_after:Q", title="gap with this knob alone aligned", format=".6g"),
             ],
         )
     )
-    return _finish(chart, 300, "Where the gap goes: max |Δ| as each knob is aligned in turn")
+    return _finish(
+        chart,
+        max(120, 36 * len(steps)),
+        "Where the gap comes from: each knob's Shapley share",
+        "Averaged over every order of aligning the knobs, each order re-run for real.",
+    )
 
 
 # --- per channel, per step, per sweep point ---------------------------------------------
@@ -697,3 +710,85 @@ def to_svg(chart: alt.TopLevelMixin) -> str:
     buffer = io.StringIO()
     chart.save(buffer, format="svg")
     return buffer.getvalue()
+
+
+# --- the training step: parameters and gradients ----------------------------------------
+
+PARAMETER_LABELS = {
+    "gamma": "γ after training",
+    "beta": "β after training",
+    "grad_gamma": "dL/dγ",
+    "grad_beta": "dL/dβ",
+}
+
+
+def parameters(comparison: Comparison) -> pd.DataFrame:
+    """γ and β after the training steps and dL/dγ, dL/dβ of the measured pass, per channel.
+
+    Columns: engine, source ("framework" or "reference"), statistic, channel, value.
+    """
+    rows = []
+    sources = [("framework", comparison.results), ("reference", comparison.references)]
+    for source, results in sources:
+        for name, r in results.items():
+            engine = LABELS[name.removesuffix("_reference")]
+            for quantity, label in PARAMETER_LABELS.items():
+                values = getattr(r, quantity)
+                if values is None:
+                    continue
+                values = np.asarray(values, dtype=np.float64)
+                rows += [
+                    {
+                        "engine": engine,
+                        "source": source,
+                        "statistic": label,
+                        "channel": int(c),
+                        "value": float(values[c]),
+                    }
+                    for c in _sample(len(values), MAX_CHANNELS)
+                ]
+    return pd.DataFrame(rows, columns=["engine", "source", "statistic", "channel", "value"])
+
+
+def parameter_chart(data: pd.DataFrame, statistic: str) -> alt.LayerChart:
+    """One parameter (or its gradient) per channel, one line per engine."""
+    chart = _engine_lines(
+        data[data["statistic"] == statistic],
+        alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
+        alt.Y("value:Q", title=statistic, scale=alt.Scale(zero=False), axis=alt.Axis(format="~g")),
+        [
+            alt.Tooltip("engine:N"),
+            alt.Tooltip("source:N", title="computed by"),
+            alt.Tooltip("channel:Q"),
+            alt.Tooltip("value:Q", format=".7g"),
+        ],
+    ).interactive(bind_y=False)
+    return _finish(chart, 240, f"{statistic} per channel", REFERENCE_NOTE)
+
+
+def parameter_history(comparison: Comparison) -> pd.DataFrame:
+    """γ and β after each pass, averaged over channels, per engine and source (the columns
+    of running_history, so history_chart draws it)."""
+    rows = []
+    sources = [("framework", comparison.results), ("reference", comparison.references)]
+    for source, results in sources:
+        for name, r in results.items():
+            history = r.parameter_history
+            if history is None:
+                continue
+            engine = LABELS[name.removesuffix("_reference")]
+            for quantity in ("gamma", "beta"):
+                if quantity not in history:
+                    continue
+                values = history[quantity].mean(axis=1)
+                rows += [
+                    {
+                        "engine": engine,
+                        "source": source,
+                        "statistic": quantity,
+                        "step": int(history["step"][i]),
+                        "value": float(values[i]),
+                    }
+                    for i in _sample(len(values), MAX_STEPS)
+                ]
+    return pd.DataFrame(rows, columns=["engine", "source", "statistic", "step", "value"])

@@ -53,10 +53,24 @@ def table(doc: dict) -> str:
             lines.append(
                 f"{LABELS.get(name, name)} running_mean {_span(rm)}, running_var {_span(rv)}"
             )
+    for name, e in doc["engines"].items():
+        if e.get("grad"):
+            x = e["grad"]["x"] or {}
+            lines.append(
+                f"{LABELS.get(name, name)} loss {_num(e['loss'])}, dL/dx mean "
+                f"{_num(x.get('mean'))} std {_num(x.get('std'))}, γ {_span(e['gamma'] or [])}, "
+                f"β {_span(e['beta'] or [])}"
+            )
     lines.append("")
-    for step in doc.get("explain", []):
-        after = "—" if step["gap_after"] is None else _num(step["gap_after"])
-        lines.append(f"explain: {_num(step['gap_before'])} → {after}  {step['cause']}")
+    steps = doc.get("explain", [])
+    if steps:
+        lines.append(f"explain ({steps[0]['method']}):")
+    for step in steps:
+        if step["widens"] is not None:
+            part = f"widens by {_num(step['widens'])}"
+        else:
+            part = "—" if step["share"] is None else f"{step['share']:.1%} of the gap"
+        lines.append(f"  {step['knob']}: {part}  {step['cause']}")
     for d in doc["divergence"]:
         pair = f"{d['a']} vs {d['b']}"
         if d.get("reason"):
@@ -68,6 +82,14 @@ def table(doc: dict) -> str:
             f"rmse {_num(d['rmse'])}  max rel {_num(d['max_rel'])}  "
             f"{verdict} (rtol {d['rtol']:g}, atol {d['atol']:g})"
         )
+        parts = {**{f"dL/d{k}": v for k, v in (d.get("grad") or {}).items()}, **d["state"]}
+        shown = [
+            f"{what} {_num(gap['max_abs'])}{'' if gap['allclose'] else ' (NOT allclose)'}"
+            for what, gap in parts.items()
+            if gap is not None and (d.get("grad") or what in ("gamma", "beta"))
+        ]
+        if d.get("grad"):
+            lines.append(f"{pair}: max|Δ| of " + ", ".join(shown))
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ def link_reference() -> str:
             meaning = p.help.replace("|", "\\|")
             if p.only_for:
                 meaning += f" (input = {' or '.join(p.only_for)})"
+            if p.needs_loss:
+                meaning += " (loss = mse)"
             lines.append(f"| `{p.key}` | `{format_value(p, p.default)}` | {allowed} | {meaning} |")
     lines.append(END)
     return "\n".join(lines)

@@ -1,10 +1,17 @@
-"""Attribute the gap between two engines to its causes, by aligning one knob at a time.
+"""Attribute the gap between two engines to its causes: Shapley values over the knobs.
 
-For the first pair (a, b) of a scenario, each cause that differs is aligned in
-turn (b follows a where b has the knob), the pair is re-run for real, and the
-remaining gap — max |Δ| of the measured outputs — is recorded. What is left
-after every knob that can be aligned is named too (the variance estimator, or
-rounding), so the steps add up to the whole gap.
+For the first pair (a, b) of a scenario, each knob that differs can be aligned (b
+follows a where b has the knob). The gap v(S) — max |Δ| of the measured outputs — is
+measured for real for every set S of aligned knobs (runs cached by link), and each
+knob's Shapley value is its marginal effect v(S) − v(S ∪ {knob}) averaged over every
+order of aligning the knobs: order-independent, and the values add up to
+v(∅) − v(all). Exact up to 6 differing knobs (at most 64 runs); above that, estimated
+from 64 random orders drawn with a fixed seed (the output says so).
+
+A knob's share is its positive value over the sum of the positive values, times the
+fraction of the gap that aligning every knob closes: shares lie in [0, 1] and sum to
+at most 1; "what remains" is the rest. A knob with a negative value widens the gap
+and gets no share ("widens": by how much).
 
 Per engine, in the frameworks' own terms:
 
@@ -17,31 +24,54 @@ Per engine, in the frameworks' own terms:
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import factorial
 from typing import Any
+
+import numpy as np
 
 from bnexplore.engines import LABELS
 from bnexplore.engines.reference import FUSED_DTYPES
 from bnexplore.metrics import Divergence
-from bnexplore.params import knobs
+from bnexplore.params import knobs, resolved
 from bnexplore.runner import compare
 from bnexplore.scenario import Scenario
 
 Changes = dict[str, Any]
 
 
+EXACT_UP_TO = 6
+"""Differing knobs up to which Shapley values are exact (2⁶ = 64 runs at most)."""
+SAMPLED_ORDERS, SAMPLING_SEED = 64, 0
+"""Above that: this many random orders of the knobs, from numpy.random.default_rng(0)."""
+
+
 @dataclass(frozen=True)
 class Step:
-    """One cause: the gap before and after aligning it (None: no output to compare)."""
+    """One cause and its part of the gap (None: no output to compare).
+
+    For a knob: ``gap_before`` is the scenario's gap, ``gap_after`` the gap with this knob
+    alone aligned (``link``), ``shapley`` its Shapley value (max |Δ| it closes, averaged
+    over the orders of aligning), ``share`` its share of the gap, or ``widens`` (how much
+    it widens the gap, averaged likewise) with no share. For "what remains":
+    ``gap_before`` is the gap with every knob aligned (``link``), ``gap_after`` None, and
+    ``share`` the rest of the gap.
+    """
 
     knob: str
     cause: str
     gap_before: float | None
     gap_after: float | None
     link: str
-    """The scenario after this step, as a link."""
+    shapley: float | None = None
+    share: float | None = None
+    widens: float | None = None
+    method: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +80,10 @@ class Step:
             "gap_before": self.gap_before,
             "gap_after": self.gap_after,
             "link": self.link,
+            "shapley": self.shapley,
+            "share": self.share,
+            "widens": self.widens,
+            "method": self.method,
         }
 
 
@@ -196,6 +230,115 @@ def _align_fast_variance(s: Scenario, a: str, b: str) -> tuple[str, Changes] | N
     )
 
 
+def _training(s: Scenario) -> bool:
+    return s["loss"] != "none" and s["steps"] > 0
+
+
+def _both_train(s: Scenario, a: str, b: str) -> bool:
+    """Optimizer settings matter only where both sides' optimizers move γ/β."""
+    return _training(s) and trains_parameters(s, a) and trains_parameters(s, b)
+
+
+def trains_parameters(s: Scenario, engine: str) -> bool:
+    """Does the engine's optimizer move γ/β on a training pass?"""
+    p = knobs(engine)
+    if p == "torch":
+        return s["torch_affine"] and s["torch_requires_grad"]
+    return s[f"{p}_trainable"] and (s[f"{p}_scale"] or s[f"{p}_center"])
+
+
+def _optimizer_words(s: Scenario, engine: str) -> str:
+    return f"{LABELS[engine]} {s[f'{knobs(engine)}_optimizer']}"
+
+
+def _align_optimizer(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    if not _both_train(s, a, b):
+        return None
+    kind_a, kind_b = s[f"{knobs(a)}_optimizer"], s[f"{knobs(b)}_optimizer"]
+    if (kind_a == "sgd") == (kind_b == "sgd"):
+        return None
+    words = f"optimizer: {_optimizer_words(s, a)}, {_optimizer_words(s, b)}"
+    return words, {f"{knobs(b)}_optimizer": kind_a}
+
+
+def _align_lr(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    if not _both_train(s, a, b):
+        return None
+    lr_a, lr_b = resolved(s, knobs(a), "lr"), resolved(s, knobs(b), "lr")
+    if lr_a == lr_b:
+        return None
+    return (
+        f"learning rate {lr_a:g} ({LABELS[a]}) vs {lr_b:g} ({LABELS[b]})",
+        {f"{knobs(b)}_lr": lr_a},
+    )
+
+
+def decay_coupling(s: Scenario, engine: str) -> str:
+    """ "L2" (added to the gradient) or "decoupled" (the weight itself decays)."""
+    if knobs(engine) == "torch" and s["torch_optimizer"] != "adamw":
+        return "L2"
+    return "decoupled"
+
+
+def _align_weight_decay(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    if not _both_train(s, a, b):
+        return None
+    wd_a, wd_b = resolved(s, knobs(a), "weight_decay"), resolved(s, knobs(b), "weight_decay")
+    coupling_a, coupling_b = decay_coupling(s, a), decay_coupling(s, b)
+    if wd_a == wd_b and (wd_a == 0 or coupling_a == coupling_b):
+        return None
+    words = (
+        f"weight decay: {wd_a:g} {coupling_a} ({LABELS[a]}) vs {wd_b:g} {coupling_b} ({LABELS[b]})"
+    )
+    changes: Changes = {f"{knobs(b)}_weight_decay": wd_a}
+    if coupling_a != coupling_b and wd_a:
+        if s["torch_optimizer"] != "adam":  # PyTorch's SGD has no decoupled decay
+            return None if wd_a == wd_b else (words, changes)
+        changes["torch_optimizer"] = "adamw"
+        changes["torch_weight_decay"] = wd_a  # explicit: AdamW's default differs
+    return words, changes
+
+
+def _align_adam_eps(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    kinds = (s[f"{knobs(a)}_optimizer"], s[f"{knobs(b)}_optimizer"])
+    if not _both_train(s, a, b) or "sgd" in kinds:
+        return None
+    eps_a, eps_b = resolved(s, knobs(a), "adam_eps"), resolved(s, knobs(b), "adam_eps")
+    if eps_a == eps_b:
+        return None
+    return (
+        f"Adam ε {eps_a:g} ({LABELS[a]}) vs {eps_b:g} ({LABELS[b]})",
+        {f"{knobs(b)}_adam_eps": eps_a},
+    )
+
+
+def _align_sgd_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    kinds = {s[f"{knobs(a)}_optimizer"], s[f"{knobs(b)}_optimizer"]}
+    if not _both_train(s, a, b) or kinds != {"sgd"}:
+        return None
+    m_a, m_b = s[f"{knobs(a)}_opt_momentum"], s[f"{knobs(b)}_opt_momentum"]
+    if m_a == m_b:
+        return None
+    return (
+        f"SGD momentum {m_a:g} ({LABELS[a]}) vs {m_b:g} ({LABELS[b]})",
+        {f"{knobs(b)}_opt_momentum": m_a},
+    )
+
+
+def _align_requires_grad(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    """PyTorch's requires_grad_(False) freezes γ/β while the other side trains them."""
+    if not _training(s) or "torch" not in (knobs(a), knobs(b)):
+        return None
+    torch_side, other = (a, b) if knobs(a) == "torch" else (b, a)
+    if s["torch_requires_grad"] or not s["torch_affine"] or not trains_parameters(s, other):
+        return None
+    return (
+        f"{LABELS[torch_side]} requires_grad_(False): no γ/β update, while "
+        f"{LABELS[other]} trains them",
+        {"torch_requires_grad": True},
+    )
+
+
 ALIGNMENTS: tuple[tuple[str, Callable[[Scenario, str, str], tuple[str, Changes] | None]], ...] = (
     ("mode", _align_mode),
     ("eps", _align_eps),
@@ -204,21 +347,58 @@ ALIGNMENTS: tuple[tuple[str, Callable[[Scenario, str, str], tuple[str, Changes] 
     ("trainable", _align_trainable),
     ("port", _align_port),
     ("fast variance", _align_fast_variance),
+    ("optimizer", _align_optimizer),
+    ("learning rate", _align_lr),
+    ("weight decay", _align_weight_decay),
+    ("Adam ε", _align_adam_eps),
+    ("SGD momentum", _align_sgd_momentum),
+    ("requires_grad", _align_requires_grad),
 )
-"""The knobs, in the order they are aligned."""
+"""The knobs. A set of them is aligned in this order (a knob's alignment may depend on
+an earlier one's), so every set of knobs is one scenario."""
 
 
-def _gap(s: Scenario, pair: tuple[str, str]) -> Divergence:
-    return compare(s.replace(engines=pair), reference=False).divergence[0]
+class GapCache:
+    """A pair's divergence by canonical link, each link run once (thread-safe, bounded)."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._gaps: OrderedDict[str, Divergence] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+
+    def gap(self, s: Scenario, pair: tuple[str, str]) -> Divergence:
+        s = s.replace(engines=pair)
+        with self._lock:
+            known = self._gaps.get(s.run_link)
+            if known is not None:
+                self._gaps.move_to_end(s.run_link)
+                return known
+        measured = compare(s, reference=False).divergence[0]
+        self.put(s, measured)
+        return measured
+
+    def put(self, s: Scenario, gap: Divergence) -> None:
+        with self._lock:
+            self._gaps[s.run_link] = gap
+            self._gaps.move_to_end(s.run_link)
+            while len(self._gaps) > self.max_entries:
+                self._gaps.popitem(last=False)
 
 
-def aligned(scenario: Scenario) -> tuple[Scenario, list[str]]:
-    """The scenario with every alignable knob of its first pair aligned, and the causes."""
-    pair = tuple(scenario["engines"][:2])
+GAPS = GapCache()
+"""Runs shared by every explanation in this process."""
+
+
+def _with_aligned(
+    scenario: Scenario, pair: tuple[str, str], names: frozenset[str]
+) -> tuple[Scenario, list[str]]:
+    """The scenario with the named knobs aligned (in ALIGNMENTS order), and their causes."""
     s, causes = scenario, []
     if len(pair) < 2:  # one engine: nothing to align it with
         return s, causes
-    for _, align in ALIGNMENTS:
+    for name, align in ALIGNMENTS:
+        if name not in names:
+            continue
         step = align(s, *pair)
         if step:
             causes.append(step[0])
@@ -226,24 +406,111 @@ def aligned(scenario: Scenario) -> tuple[Scenario, list[str]]:
     return s, causes
 
 
+def aligned(scenario: Scenario) -> tuple[Scenario, list[str]]:
+    """The scenario with every alignable knob of its first pair aligned, and the causes."""
+    pair = tuple(scenario["engines"][:2])
+    if len(pair) < 2:
+        return scenario, []
+    return _with_aligned(scenario, pair, frozenset(name for name, _ in ALIGNMENTS))
+
+
+def shapley(
+    knob_names: list[str], closed: Callable[[frozenset[str]], float]
+) -> tuple[dict[str, float], str]:
+    """Each knob's Shapley value of ``closed`` (the gap a set of aligned knobs closes),
+    and how it was computed: exactly up to EXACT_UP_TO knobs, else from sampled orders.
+
+    φ_k = Σ_S |S|!·(n − |S| − 1)!/n! · (closed(S ∪ {k}) − closed(S)), S over the sets
+    without k: the marginal effect of k averaged over every order of aligning the knobs.
+    """
+    n = len(knob_names)
+    phi = dict.fromkeys(knob_names, 0.0)
+    if n <= EXACT_UP_TO:
+        for knob in knob_names:
+            others = [k for k in knob_names if k != knob]
+            for size in range(n):
+                weight = factorial(size) * factorial(n - size - 1) / factorial(n)
+                for subset in itertools.combinations(others, size):
+                    before = frozenset(subset)
+                    phi[knob] += weight * (closed(before | {knob}) - closed(before))
+        plural = "s" * (n != 1)
+        return phi, f"exact Shapley values over {n} knob{plural} ({2**n} scenarios run for real)"
+    rng = np.random.default_rng(SAMPLING_SEED)
+    for _ in range(SAMPLED_ORDERS):
+        coalition: frozenset[str] = frozenset()
+        for index in rng.permutation(n):
+            grown = coalition | {knob_names[index]}
+            phi[knob_names[index]] += (closed(grown) - closed(coalition)) / SAMPLED_ORDERS
+            coalition = grown
+    return phi, (
+        f"Shapley values estimated from {SAMPLED_ORDERS} random orders of the {n} knobs "
+        f"(numpy.random.default_rng({SAMPLING_SEED})): more than {EXACT_UP_TO} knobs differ"
+    )
+
+
+class _NoOutput(ValueError):
+    """An aligned scenario in which an engine produced no output: no gap to attribute."""
+
+
 def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
-    """Steps from the scenario's gap to what no knob can align, each re-run for real."""
+    """Each differing knob's Shapley share of the gap, then what remains; all real runs."""
     if len(scenario["engines"]) < 2:
         return []
     pair = tuple(scenario["engines"][:2])
-    gap = before or _gap(scenario, pair)
-    s, steps = scenario, []
-    for knob, align in ALIGNMENTS:
-        step = align(s, *pair)
-        if not step or gap.max_abs == 0:
-            continue
-        words, changes = step
-        s = s.replace(**changes)
-        after = _gap(s, pair)
-        steps.append(Step(knob, words, gap.max_abs, after.max_abs, s.link))
-        gap = after
-    if gap.max_abs and not gap.allclose:
-        steps.append(Step("what remains", _remaining(s, pair), gap.max_abs, None, s.link))
+    if before is not None:
+        GAPS.put(scenario.replace(engines=pair), before)
+    gap = GAPS.gap(scenario, pair).max_abs
+    if gap == 0:
+        return []
+    differing = [name for name, align in ALIGNMENTS if align(scenario, *pair)]
+    runs: dict[frozenset[str], Divergence] = {}
+
+    def run(names: frozenset[str]) -> Divergence:
+        if names not in runs:
+            runs[names] = GAPS.gap(_with_aligned(scenario, pair, names)[0], pair)
+        return runs[names]
+
+    def closed(names: frozenset[str]) -> float:
+        after = run(names).max_abs
+        if gap is None or after is None:
+            raise _NoOutput
+        return gap - after
+
+    everything = frozenset(differing)
+    phi, method = {}, "not computed: an engine has no output"
+    if differing:
+        try:
+            phi, method = shapley(differing, closed)
+        except _NoOutput:
+            phi = {}
+    remaining = run(everything)
+    fraction_closed = max(0.0, closed(everything) / gap) if phi else 0.0
+    positive = sum(v for v in phi.values() if v > 0)
+    steps = []
+    for name in differing:
+        words, _ = dict(ALIGNMENTS)[name](scenario, *pair)
+        alone = frozenset({name})
+        value = phi.get(name)
+        share = widens = None
+        if value is not None and value > 0:
+            share = value / positive * fraction_closed
+        elif value is not None and value < 0:
+            widens = -value
+        elif value is not None:
+            continue  # differs, but moves the gap in no order of aligning: not a cause here
+        link = _with_aligned(scenario, pair, alone)[0].link
+        after = run(alone).max_abs
+        steps.append(Step(name, words, gap, after, link, value, share, widens, method))
+    steps.sort(key=lambda step: -(step.share or 0.0))
+    if remaining.max_abs and not remaining.allclose:
+        final = _with_aligned(scenario, pair, everything)[0]
+        rest = 1.0 - sum(step.share or 0.0 for step in steps) if phi or not differing else None
+        words = _remaining(final, pair)
+        steps.append(
+            Step(
+                "what remains", words, remaining.max_abs, None, final.link, None, rest, None, method
+            )
+        )
     return steps
 
 
@@ -262,18 +529,27 @@ def _remaining(s: Scenario, pair: tuple[str, str]) -> str:
             f"{_bias(feeds_unbiased_variance(s, a))} batch variance into its running variance, "
             f"{LABELS[b]} the {_bias(feeds_unbiased_variance(s, b))}"
         )
+    if _both_train(s, a, b):
+        adam = [s[f"{knobs(e)}_optimizer"] != "sgd" for e in pair]
+        conventions = {knobs(e) == "torch" for e in pair}
+        if all(adam) and len(conventions) == 2:
+            return (
+                "what no knob aligns: where Adam adds ε — PyTorch to the bias-corrected "
+                "√v̂, Keras to √v (ε̂ = ε·√(1 − β₂ᵗ) in PyTorch's terms)"
+            )
+        couplings = {decay_coupling(s, e) for e in pair}
+        if len(couplings) == 2 and resolved(s, knobs(a), "weight_decay"):
+            return (
+                "what no knob aligns: PyTorch's SGD adds weight decay to the gradient (L2); "
+                "Keras decays the weight itself"
+            )
     return "what no knob aligns: the frameworks' own arithmetic (rounding, kernels)"
 
 
 def summary(steps: list[Step]) -> str | None:
-    """One sentence naming the largest cause and its share of the whole gap."""
-    if not steps or not steps[0].gap_before:
+    """One sentence naming the cause with the largest share of the gap."""
+    ranked = [step for step in steps if step.share is not None and step.share > 0]
+    if not ranked:
         return None
-    total = steps[0].gap_before
-
-    def share(step: Step) -> float:
-        after = 0.0 if step.gap_after is None else step.gap_after
-        return (step.gap_before or 0.0) - after
-
-    top = max(steps, key=share)
-    return f"{share(top) / total:.0%} of the gap: {top.cause}"
+    top = max(ranked, key=lambda step: step.share)
+    return f"{top.share:.0%} of the gap: {top.cause}"

@@ -11,8 +11,11 @@ batch of itemsize s (float64 batches are drawn, then cast):
     Keras, Flax  4sE (channels-last copy, output, NumPy output, channels-first copy)
     reference  16E (float64 input and output; measured here: about 13E)
 
-plus the per-pass running statistics, 16·C bytes per pass per engine. Metrics
-work in fixed chunks and add nothing that grows with E.
+plus, with a loss (loss=mse): the target, 16E drawn (normal) + sE cast; per framework
+3sE (its gradient w.r.t. x, kept, and the copies the backward makes) and 2sE to ship
+dL/dx back; the target's shared-memory file sE; per reference
+32E (x̂, dy and dL/dx in float64); plus the per-pass running statistics, 16·C bytes
+per pass per engine. Metrics work in fixed chunks and add nothing that grows with E.
 
 The limit is 2 GiB unless ``BNEXPLORE_MEMORY_LIMIT`` says otherwise (bytes, or
 a number with KiB, MiB or GiB).
@@ -77,7 +80,12 @@ def estimate(scenario: Scenario, reference: bool) -> int:
     frameworks = sum(per_engine(e) for e in engines) + (per_engine("torch") if porting else 0)
     references = 16 * values * len(engines) if reference else 0
     history = 16 * scenario.channels * (scenario["steps"] + 1) * len(engines) * (1 + reference)
-    return batch + frameworks + references + history
+    training = 0
+    if scenario["loss"] != "none":
+        target = (16 * values if scenario["target"] == "normal" else 0) + 2 * itemsize * values
+        gradients = 5 * itemsize * values * len(engines)  # 3sE in the worker, 2sE shipped
+        training = target + gradients + (32 * values * len(engines) if reference else 0)
+    return batch + frameworks + references + history + training
 
 
 def _file_batches(scenario: Scenario, values: int, itemsize: int) -> int:

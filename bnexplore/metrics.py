@@ -166,25 +166,30 @@ class _Gap:
 def measure(
     outputs: dict[str, np.ndarray], pairs: list[tuple[str, str]], dtype: str
 ) -> tuple[dict[str, dict], list[Divergence]]:
-    """Every output's summary and every pair's divergence in one pass over the outputs.
+    """Every array's summary and every pair's divergence in one pass over the arrays.
 
-    Each chunk of each output is widened to float64 once and feeds all figures
-    it takes part in; the first of a pair is the expected side.
+    Each chunk of each array is widened to float64 once and feeds all figures it takes
+    part in; the first of a pair is the expected side. Arrays may differ in size (outputs
+    and gradients w.r.t. x beside per-channel parameters); the two of a pair may not.
     """
     rtol, atol = TOLERANCES[dtype]
     flats = {name: np.ascontiguousarray(out).reshape(-1) for name, out in outputs.items()}
     summaries = {name: _Summary(flat) for name, flat in flats.items()}
-    size = next(iter(flats.values())).size if flats else 0
-    gaps = {pair: _Gap(size, rtol, atol) for pair in pairs}
+    gaps = {pair: _Gap(flats[pair[0]].size, rtol, atol) for pair in pairs}
+    by_size: dict[int, list[str]] = {}
+    for name, flat in flats.items():
+        by_size.setdefault(flat.size, []).append(name)
     with np.errstate(all="ignore"):
-        for start in range(0, size, CHUNK):
-            parts = {
-                name: flat[start : start + CHUNK].astype(np.float64) for name, flat in flats.items()
-            }
-            for name, summary in summaries.items():
-                summary.add(parts[name])
-            for (a, b), gap in gaps.items():
-                gap.add(parts[a], parts[b])
+        for size, names in by_size.items():
+            for start in range(0, size, CHUNK):
+                parts = {
+                    name: flats[name][start : start + CHUNK].astype(np.float64) for name in names
+                }
+                for name in names:
+                    summaries[name].add(parts[name])
+                for (a, b), gap in gaps.items():
+                    if a in parts:
+                        gap.add(parts[a], parts[b])
         return (
             {name: summary.result() for name, summary in summaries.items()},
             [gap.result(a, b) for (a, b), gap in gaps.items()],
@@ -212,6 +217,12 @@ class Divergence:
     reason: str | None = None
     nonfinite: int = 0
     """Elements where either output is NaN or ±inf: counted, never dropped."""
+    grad: dict[str, Divergence | None] | None = None
+    """With a loss: the same figures for dL/dx, dL/dγ and dL/dβ of the measured pass
+    ("x", "gamma", "beta"; None where a side computes no such gradient)."""
+    state: dict[str, Divergence | None] | None = None
+    """The layers' γ and β after the training steps and the running statistics after the
+    measured pass ("gamma", "beta", "running_mean", "running_var"; None where a side has none)."""
 
     @classmethod
     def between(
@@ -234,4 +245,12 @@ class Divergence:
         d = asdict(self)
         if d["reason"] is None:
             del d["reason"]
+        for part in ("grad", "state"):
+            if d[part] is not None:
+                d[part] = {k: v and _without_names(v) for k, v in d[part].items()}
         return d
+
+
+def _without_names(d: dict) -> dict:
+    """A nested divergence: its pair is its parent's, so a and b are left out."""
+    return {k: v for k, v in d.items() if k not in ("a", "b", "grad", "state", "reason")}

@@ -19,7 +19,9 @@ MAX_ELEMENTS = 50_000_000
 MAX_DIMS = 5
 MIN_DIMS = 2
 
-Kind = Literal["shape", "choice", "choices", "int", "float", "bool", "momentum", "digest", "name"]
+Kind = Literal[
+    "shape", "choice", "choices", "int", "float", "bool", "momentum", "digest", "name", "or_default"
+]
 
 ENGINE_NAMES = ("torch", "keras", "keras2", "torch_gpu", "keras_jax", "keras_torch", "flax")
 """Engines a scenario may compare; bnexplore.engines.ENGINES says how each is run."""
@@ -48,6 +50,7 @@ TABS: dict[str, str] = {
     "overview": "Overview",
     "outputs": "Outputs",
     "running": "Running statistics",
+    "training": "Training",
     "layer": "Your layer",
     "sweep": "Sweep",
     "explain": "Explain",
@@ -64,6 +67,7 @@ GROUPS: dict[str, str] = {
     "keras": "Keras 3 layer",
     "keras2": "Keras 2 layer (tf_keras)",
     "flax": "Flax layer (nnx.BatchNorm)",
+    "training": "Training",
     "sweep": "Sweep",
 }
 """Sidebar groups, in the order they are shown."""
@@ -91,6 +95,8 @@ class Param:
     low_open: bool = False
     step: float | None = None
     only_for: tuple[str, ...] = ()
+    needs_loss: bool = False
+    """Matters only with a loss (loss=mse): the widget is hidden otherwise."""
 
     def describe_range(self) -> str:
         """The allowed values, in words, for notices and docs."""
@@ -114,6 +120,8 @@ class Param:
             )
         if self.kind == "name":
             return "a name in the file, up to 200 characters"
+        if self.kind == "or_default":
+            return f"a number ≥ {self.low:g} or default"
         if self.low is None and self.high is None:
             return "any finite number"
         low = f"({_fmt(self.low)}" if self.low_open else f"[{_fmt(self.low)}"
@@ -148,6 +156,157 @@ SWEEPABLE = (
     "flax_momentum",
 )
 """Parameters a sweep can vary; batch_size is the shape's first dim (N)."""
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+OPTIMIZER_PREFIXES = ("torch", "keras", "keras2")
+"""Knob prefixes that get optimizer knobs (<prefix>_optimizer, _lr, …): one entry each."""
+
+FRAMEWORK_LABELS = {"torch": "PyTorch", "keras": "Keras 3", "keras2": "Keras 2"}
+"""A knob prefix in words."""
+
+OPTIMIZER_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
+    "torch": {
+        "sgd": {"lr": 1e-3, "weight_decay": 0.0, "adam_eps": 1e-8},
+        "adam": {"lr": 1e-3, "weight_decay": 0.0, "adam_eps": 1e-8},
+        "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "adam_eps": 1e-8},
+    },
+    "keras": {
+        "sgd": {"lr": 1e-2, "weight_decay": 0.0, "adam_eps": 1e-7},
+        "adam": {"lr": 1e-3, "weight_decay": 0.0, "adam_eps": 1e-7},
+        "adamw": {"lr": 1e-3, "weight_decay": 4e-3, "adam_eps": 1e-7},
+    },
+    "keras2": {
+        "sgd": {"lr": 1e-2, "weight_decay": 0.0, "adam_eps": 1e-7},
+        "adam": {"lr": 1e-3, "weight_decay": 0.0, "adam_eps": 1e-7},
+        "adamw": {"lr": 1e-3, "weight_decay": 4e-3, "adam_eps": 1e-7},
+    },
+}
+"""Each library's own defaults (constructor signatures of torch.optim, keras.optimizers,
+tf_keras.optimizers; tests/test_training.py checks them against the libraries). A library
+without a default (optax's learning rate) gets the app's 0.01, said so in the help.
+Keras's weight_decay=None is 0 here; SGD has no epsilon (the value is unused)."""
+
+ADAM_BETAS = (0.9, 0.999)
+"""β₁, β₂ of every Adam and AdamW: each library's default."""
+
+
+def resolved(scenario_values, prefix: str, knob: str) -> float:
+    """A knob's value for the framework: the number given, or the library's default."""
+    value = scenario_values[f"{prefix}_{knob}"]
+    if value is not None:
+        return float(value)
+    return OPTIMIZER_DEFAULTS[prefix][scenario_values[f"{prefix}_optimizer"]][knob]
+
+
+def _defaults_words(prefix: str, knob: str) -> str:
+    table = OPTIMIZER_DEFAULTS[prefix]
+    return ", ".join(f"{name} {table[name][knob]:g}" for name in OPTIMIZERS)
+
+
+def optimizer_params(prefix: str) -> tuple[Param, ...]:
+    """The optimizer knobs of one framework, in the Training group."""
+    who = FRAMEWORK_LABELS[prefix]
+    decay = (
+        "L2: added to the gradient (g + wd·p) by SGD and Adam; AdamW decays the weight "
+        "(p ← p·(1 − lr·wd))"
+        if prefix == "torch"
+        else "decoupled in every optimizer: p ← p − p·wd·lr, before the update"
+    )
+    adam = (
+        "p −= lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε): ε added to the bias-corrected √v̂"
+        if prefix == "torch"
+        else "p −= lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε): ε added to √v (epsilon hat)"
+    )
+    return (
+        Param(
+            f"{prefix}_optimizer",
+            "choice",
+            "sgd",
+            "training",
+            f"{who} optimizer",
+            f"The optimizer that moves {who}'s γ and β after each training pass's backward "
+            "(β₁, β₂ = 0.9, 0.999). Only what that framework trains moves.",
+            choices=OPTIMIZERS,
+            needs_loss=True,
+        ),
+        Param(
+            f"{prefix}_lr",
+            "or_default",
+            None,
+            "training",
+            f"{who} learning rate",
+            f"default: {who}'s own default ({_defaults_words(prefix, 'lr')}).",
+            low=0.0,
+            step=1e-3,
+            needs_loss=True,
+        ),
+        Param(
+            f"{prefix}_weight_decay",
+            "or_default",
+            None,
+            "training",
+            f"{who} weight decay",
+            f"{decay}. default: {_defaults_words(prefix, 'weight_decay')}.",
+            low=0.0,
+            step=1e-3,
+            needs_loss=True,
+        ),
+        Param(
+            f"{prefix}_adam_eps",
+            "or_default",
+            None,
+            "training",
+            f"{who} Adam ε",
+            f"Adam and AdamW: {adam}. default: {OPTIMIZER_DEFAULTS[prefix]['adam']['adam_eps']:g}.",
+            low=0.0,
+            step=1e-8,
+            needs_loss=True,
+        ),
+        Param(
+            f"{prefix}_opt_momentum",
+            "float",
+            0.0,
+            "training",
+            f"{who} SGD momentum",
+            "SGD only: "
+            + ("buf ← μ·buf + g; p −= lr·buf" if prefix == "torch" else "m ← μ·m − lr·g; p += m")
+            + ". In [0, 1).",
+            low=0.0,
+            high=0.999999,
+            step=0.1,
+            needs_loss=True,
+        ),
+    )
+
+
+TRAINING_PARAMS: tuple[Param, ...] = (
+    Param(
+        "loss",
+        "choice",
+        "none",
+        "training",
+        "Loss",
+        "none: training passes are forward passes only (no backward, no update). mse: each "
+        "training pass computes L = mean((y − T_k)²) over all elements, back-propagates and "
+        "takes one optimizer step on γ/β; the measured pass computes L and its gradients "
+        "w.r.t. x, γ and β, and takes no step.",
+        choices=("none", "mse"),
+    ),
+    Param(
+        "target",
+        "choice",
+        "zeros",
+        "training",
+        "Target T",
+        "zeros, or normal: T_k from numpy.random.default_rng(seed + 1).standard_normal(shape), "
+        "one per pass k = 0 … steps in order, float64 then cast to dtype, channels-first.",
+        choices=("zeros", "normal"),
+        needs_loss=True,
+    ),
+    *(row for prefix in OPTIMIZER_PREFIXES for row in optimizer_params(prefix)),
+)
+
 
 PARAMS: tuple[Param, ...] = (
     # --- input batch ---------------------------------------------------------------
@@ -509,6 +668,8 @@ PARAMS: tuple[Param, ...] = (
         "true: the batch variance as E[x²] − E[x]² in at least float32 (fast, cancels when "
         "|mean| ≫ std); false: the two-pass E[(x − E[x])²].",
     ),
+    # --- training step ---------------------------------------------------------------
+    *TRAINING_PARAMS,
     # --- sweep (shown in the Sweep tab) ---------------------------------------------------
     Param(
         "sweep",

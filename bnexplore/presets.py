@@ -23,6 +23,10 @@ class Preset:
 SMALL = (16, 32, 8, 8)
 """A 4-D shape that runs in milliseconds: 1024 values per channel."""
 
+MATCHED_LAYERS = {"keras_training": "true", "keras_momentum": 0.9, "keras_eps": 1e-5}
+"""Keras 3 translated from PyTorch's defaults: training, momentum 1 − 0.1, eps 1e-5."""
+TRAINING = {"input": "normal", "loss": "mse", "target": "normal", "steps": 3}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -261,6 +265,109 @@ PRESETS: dict[str, Preset] = {
                 "flax_eps": 1e-3,
                 "engines": ("keras_jax", "keras_torch", "flax"),
             },
+        ),
+        Preset(
+            "train-step-then-eval",
+            "A real training step, translated: SGD on both sides, then eval",
+            "Three training steps with a loss (mean squared error against a normal target), "
+            "backward and SGD in both frameworks, everything translated: Keras momentum "
+            "1 − 0.1, eps 1e-5, and PyTorch's SGD given Keras's learning rate 0.01 (PyTorch's "
+            "own default is 0.001). After the steps γ and β agree to float32 rounding: the "
+            "training passes' gradients and updates are the same. Then both infer, and the "
+            "outputs (and the measured pass's loss and gradients) part by what no knob "
+            "translates: PyTorch's running variance took the unbiased batch variance, Keras's "
+            "the biased one (see bessel).",
+            {
+                **TRAINING,
+                **MATCHED_LAYERS,
+                "shape": SMALL,
+                "torch_lr": 0.01,
+                "torch_mode": "eval",
+                "keras_training": "false",
+            },
+        ),
+        Preset(
+            "adam-epsilon",
+            "Adam's ε: its default and where it is added",
+            "Adam on both sides with the same learning rate 0.1, layers translated. PyTorch "
+            "adds ε = 1e-8 to the bias-corrected √v̂; Keras adds ε = 1e-7 to √v, which in "
+            "PyTorch's terms is ε/√(1 − β₂ᵗ) ≈ 3e-6 at the first step. β's gradients here are "
+            "about 1e-3, so Keras's steps on β are a fraction of a percent shorter, and the "
+            "outputs part beyond float32 rounding. Giving Keras ε = 1e-8 closes most of the gap; "
+            "the placement keeps the rest.",
+            {
+                **TRAINING,
+                **MATCHED_LAYERS,
+                "shape": SMALL,
+                "torch_optimizer": "adam",
+                "torch_lr": 0.1,
+                "keras_optimizer": "adam",
+                "keras_lr": 0.1,
+            },
+        ),
+        Preset(
+            "weight-decay",
+            "Weight decay: PyTorch Adam's L2 against Keras's decoupled decay",
+            "weight_decay = 0.1 on both sides, both Adam, same learning rate. PyTorch's Adam adds "
+            "0.1·p to the gradient (L2), and Adam then normalizes that by √v̂: γ ≈ 1 gets a "
+            "gradient dominated by the decay. Keras (like PyTorch's AdamW) shrinks the weight "
+            "itself, p ← p − p·0.1·lr. γ parts at once; PyTorch's AdamW would agree with Keras.",
+            {
+                **TRAINING,
+                **MATCHED_LAYERS,
+                "shape": SMALL,
+                "torch_optimizer": "adam",
+                "torch_lr": 0.01,
+                "torch_weight_decay": 0.1,
+                "keras_optimizer": "adam",
+                "keras_lr": 0.01,
+                "keras_weight_decay": 0.1,
+            },
+        ),
+        Preset(
+            "frozen-finetune",
+            "Fine-tuning with a frozen BatchNorm: different gradients w.r.t. x",
+            "Training steps with the layers frozen the way each framework's users freeze them: "
+            "Keras layer.trainable = False (called with training=True, as fit() does), PyTorch "
+            "requires_grad_(False) in train mode. Neither moves γ or β. But Keras runs "
+            "inference, so the gradient w.r.t. x is γ/√(moving_var + ε)·dy, while PyTorch still "
+            "normalizes with the batch and back-propagates through its mean and variance: its "
+            "gradient sums to zero over each channel. The layers below learn different things "
+            "(keras-team/keras #9965, #13892, #11590).",
+            {
+                **TRAINING,
+                **MATCHED_LAYERS,
+                "shape": SMALL,
+                "mean": 1.0,
+                "std": 2.0,
+                "keras_trainable": False,
+                "torch_requires_grad": False,
+            },
+        ),
+        Preset(
+            "adam-noise",
+            "Adam turns rounding noise into steps",
+            "A zero target: β's exact gradient is 0 (in training mode Σ x̂ = 0 over each "
+            "channel), and the float64 reference leaves β at 0. But the frameworks' float32 "
+            "gradient is rounding noise of about 1e-9, and Adam divides it by its own "
+            "magnitude plus ε: β moves by up to the learning rate each step, differently in "
+            "PyTorch (ε = 1e-8) and Keras (ε = 1e-7 on √v). No formula predicts that step: "
+            "the reference says so, with the bound lr per step.",
+            {
+                **TRAINING,
+                **MATCHED_LAYERS,
+                "shape": SMALL,
+                "target": "zeros",
+                "torch_optimizer": "adam",
+                "keras_optimizer": "adam",
+            },
+        ),
+        Preset(
+            "sgd-defaults",
+            "SGD with each library's defaults",
+            "Plain SGD, left at its defaults, layers translated. PyTorch's SGD takes lr = 0.001, "
+            "Keras's lr = 0.01: after three steps Keras's γ and β have moved ten times as far.",
+            {**TRAINING, **MATCHED_LAYERS, "shape": SMALL},
         ),
     )
 }

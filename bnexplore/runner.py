@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -13,7 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from bnexplore import admission, memory, store, workers
-from bnexplore.batches import batches
+from bnexplore.batches import batches, targets
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
 from bnexplore.metrics import Divergence, measure
@@ -34,21 +35,38 @@ class Comparison:
 
     @cached_property
     def _measured(self) -> tuple[dict[str, dict], dict[tuple[str, str], Divergence]]:
-        """Output summaries and divergences, measured once in one pass over every output:
-        each pair of engines, and each engine against its reference."""
-        outputs = {n: r.output for n, r in self.results.items() if r.output is not None}
-        pairs = [p for p in itertools.combinations(self.results, 2) if set(p) <= set(outputs)]
-        for name, ref in self.references.items():
-            if ref.output is not None:
-                outputs[ref.name] = ref.output
-                if name in outputs:
-                    pairs.append((ref.name, name))
-        summaries, gaps = measure(outputs, pairs, self.scenario["dtype"])
-        return summaries, dict(zip(pairs, gaps, strict=True))
+        """Summaries and divergences, measured once in one pass over every array: each
+        pair of engines, and each engine against its reference, on the outputs, the
+        gradients and the layers' parameters and statistics.
+
+        Arrays are keyed ``name`` (the output) or ``name:quantity`` (grad_x, gamma, …)."""
+        arrays: dict[str, np.ndarray] = {}
+        for r in [*self.results.values(), *self.references.values()]:
+            for quantity in QUANTITIES:
+                value = getattr(r, quantity)
+                if value is not None:
+                    arrays[_key(r.name, quantity)] = value
+        engine_pairs = list(itertools.combinations(self.results, 2))
+        engine_pairs += [
+            (ref.name, name) for name, ref in self.references.items() if name in self.results
+        ]
+        pairs = [
+            (_key(a, q), _key(b, q))
+            for a, b in engine_pairs
+            for q in QUANTITIES
+            if _key(a, q) in arrays and _key(b, q) in arrays
+        ]
+        summaries, gaps = measure(arrays, pairs, self.scenario["dtype"])
+        measured = {
+            pair: gap.renamed(*(key.split(":")[0] for key in pair))
+            for pair, gap in zip(pairs, gaps, strict=True)
+        }
+        return summaries, measured
 
     @property
     def summaries(self) -> dict[str, dict]:
-        """Each engine's (and reference's) output summary, by result name."""
+        """Each engine's (and reference's) output summary, by result name; its gradient
+        w.r.t. x under ``name:grad_x``."""
         return self._measured[0]
 
     @property
@@ -66,16 +84,26 @@ class Comparison:
         return self._gap(self.references[name], self.results[name])
 
     def _gap(self, a: EngineResult, b: EngineResult) -> Divergence:
-        """The measured divergence of a pair, or why it could not be measured."""
-        measured = self._measured[1].get((a.name, b.name))
-        if measured is not None:
-            return measured
-        missing = a if a.output is None else b
-        label = LABELS.get(missing.name.removesuffix("_reference"), missing.name)
-        why = "did not run" if not missing.available else "raised an error"
-        return Divergence.missing(
-            a.name, b.name, self.scenario["dtype"], f"{label} {why}, no output"
-        )
+        """The measured divergence of a pair (with its gradients and state), or why it
+        could not be measured."""
+        measured = self._measured[1]
+        output = measured.get((a.name, b.name))
+        if output is None:
+            missing = a if a.output is None else b
+            label = LABELS.get(missing.name.removesuffix("_reference"), missing.name)
+            why = "did not run" if not missing.available else "raised an error"
+            return Divergence.missing(
+                a.name, b.name, self.scenario["dtype"], f"{label} {why}, no output"
+            )
+
+        def part(quantity: str) -> Divergence | None:
+            return measured.get((_key(a.name, quantity), _key(b.name, quantity)))
+
+        grad = None
+        if self.scenario["loss"] != "none":
+            grad = {"x": part("grad_x"), "gamma": part("grad_gamma"), "beta": part("grad_beta")}
+        state = {q: part(q) for q in STATE}
+        return dataclasses.replace(output, grad=grad, state=state)
 
     def document(self) -> dict:
         """The strict-JSON document of ``bnexplore.run``."""
@@ -84,7 +112,7 @@ class Comparison:
             "scenario": self.scenario.to_dict(),
             "notices": list(self.notices),
             "engines": {
-                name: engine_document(r, self.summaries.get(name))
+                name: engine_document(r, self.summaries, self.scenario)
                 for name, r in self.results.items()
             },
             "divergence": [d.to_dict() for d in self.divergence],
@@ -92,7 +120,8 @@ class Comparison:
         if self.references:
             doc["reference"] = {
                 name: {
-                    **engine_document(ref, self.summaries.get(ref.name)),
+                    **engine_document(ref, self.summaries, self.scenario),
+                    "unpredictable": ref.unpredictable,
                     "vs_engine": _to_dict(self.reference_gap(name)),
                 }
                 for name, ref in self.references.items()
@@ -100,14 +129,40 @@ class Comparison:
         return strict_json(doc)
 
 
+QUANTITIES = (
+    "output",
+    "grad_x",
+    "grad_gamma",
+    "grad_beta",
+    "gamma",
+    "beta",
+    "running_mean",
+    "running_var",
+)
+"""The arrays of an EngineResult that pairs are compared on."""
+STATE = ("gamma", "beta", "running_mean", "running_var")
+
+
+def _key(name: str, quantity: str) -> str:
+    return name if quantity == "output" else f"{name}:{quantity}"
+
+
 def _to_dict(d: Divergence | None) -> dict | None:
     return None if d is None else d.to_dict()
 
 
-def engine_document(r: EngineResult, summary: dict | None) -> dict:
-    """One engine's entry: E in the README's document format (summary: of its output)."""
+def engine_document(r: EngineResult, summaries: dict[str, dict], scenario: Scenario) -> dict:
+    """One engine's entry: E in the README's document format (summaries: by array key)."""
     if not r.available:
         return {"available": False, "reason": r.reason, "version": r.version}
+    grad = None
+    if scenario["loss"] != "none" and r.output is not None:
+        x = summaries.get(_key(r.name, "grad_x"))
+        grad = {
+            "x": x and {k: x[k] for k in ("mean", "std", "min", "max")},
+            "gamma": _floats(r.grad_gamma),
+            "beta": _floats(r.grad_beta),
+        }
     return {
         "available": True,
         "version": r.version,
@@ -115,9 +170,13 @@ def engine_document(r: EngineResult, summary: dict | None) -> dict:
         "device_note": r.device_note,
         "detail": r.detail,
         "error": r.error,
-        "output": summary,
+        "output": summaries.get(r.name),
         "running_mean": _floats(r.running_mean),
         "running_var": _floats(r.running_var),
+        "gamma": _floats(r.gamma),
+        "beta": _floats(r.beta),
+        "loss": r.loss,
+        "grad": grad,
     }
 
 
@@ -270,7 +329,8 @@ def _run_passes(
     steps = scenario["steps"]
     source = "torch" if "torch" in scenario["engines"] else PORT_SOURCE
     try:
-        for k, batch in enumerate(batches(scenario)):
+        passes = zip(batches(scenario), targets(scenario), strict=True)
+        for k, (batch, target) in enumerate(passes):
             ticket.check()  # a cancelled run stops at the next pass
             if lanes and time.monotonic() > deadline:
                 stopped = workers.TimeLimitReached()
@@ -280,7 +340,12 @@ def _run_passes(
             if porting and k == steps:
                 _port(scenario, lanes, done, source)
             for name in list(lanes):
-                attempt(name, lambda lane, k=k, batch=batch: lane.step(k, batch))
+                attempt(
+                    name,
+                    lambda lane, k=k, batch=batch, target=target: (
+                        lane.step(k, batch) if target is None else lane.step(k, batch, target)
+                    ),
+                )
             for name in list(lanes):
                 attempt(name, lambda lane: lane.settle())
             if report:

@@ -109,7 +109,9 @@ def format_value(param: Param, value: Any) -> str:
         return "true" if value else "false"
     if value is None and param.kind in ("momentum", "digest", "name"):
         return "none"
-    if param.kind == "float" or param.kind == "momentum":
+    if param.kind == "or_default" and value is None:
+        return "default"
+    if param.kind in ("float", "momentum", "or_default"):
         return repr(float(value))
     return str(value)
 
@@ -150,6 +152,8 @@ def parse_value(param: Param, raw: str) -> tuple[Any, str | None]:
         if not text.isprintable():
             raise BadValue(f"{_show(text)} holds characters a layer name cannot")
         return text, None
+    if param.kind == "or_default" and text.lower() == "default":
+        return None, None
     if param.kind == "int":
         return _clamp(param, _parse_int(text))
     return _clamp(param, _parse_float(text))

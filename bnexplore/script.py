@@ -6,7 +6,10 @@ set before Keras is imported. It rebuilds the scenario's exact batches and
 layers, runs every engine of the scenario, and prints the same output
 statistics as ``bnexplore.run`` as JSON:
 ``{"link": …, "engines": {name: {"output": {mean, std, min, max, nonfinite},
-"running_mean": […], "running_var": […]} | {"error": str}}}``.
+"running_mean": […], "running_var": […], "gamma": […], "beta": […], "loss": L,
+"grad": {"x": {mean, std, min, max}, "gamma": […], "beta": […]} | None} | {"error": str}}}``.
+With loss=mse each training pass runs L = mean((y − T)²), backward and one optimizer step,
+with the same optimizer and arguments as the engines.
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ def numpy_dtype(name):
     return np.dtype(name)
 
 
+def targets():
+    """T_k, k = 0 … steps: None (no loss), zeros, or ONE default_rng(seed + 1), then cast."""
+    dtype = numpy_dtype(S["dtype"])
+    rng = np.random.default_rng(S["seed"] + 1)
+    for _ in range(STEPS + 1):
+        if S["loss"] == "none":
+            yield None
+        elif S["target"] == "zeros":
+            yield np.zeros(SHAPE, dtype=dtype)
+        else:
+            yield rng.standard_normal(SHAPE).astype(dtype, copy=False)
+
+
 def batches():
     """Batch k = 0 … steps from ONE numpy.random.default_rng(seed), float64, then cast."""
     dtype = numpy_dtype(S["dtype"])
@@ -82,15 +98,24 @@ def batches():
 
 {output_summary}
 
-def summary(output, running_mean, running_var):
-    def floats(a):
-        if a is None:
-            return None
-        return [float(v) if math.isfinite(v) else None
-                for v in np.asarray(a, dtype=np.float64)]
+def floats(a):
+    if a is None:
+        return None
+    return [float(v) if math.isfinite(v) else None
+            for v in np.asarray(a, dtype=np.float64)]
 
-    return {{"output": output_summary(output), "running_mean": floats(running_mean),
-             "running_var": floats(running_var)}}
+
+def summary(output, running_mean, running_var, trained):
+    """trained: gamma and beta before the measured pass; with a loss, its L and gradients."""
+    result = {{"output": output_summary(output), "running_mean": floats(running_mean),
+              "running_var": floats(running_var), "gamma": floats(trained.get("gamma")),
+              "beta": floats(trained.get("beta")), "loss": trained.get("loss"), "grad": None}}
+    if trained.get("grad_x") is not None:
+        x = output_summary(trained["grad_x"])
+        result["grad"] = {{"x": {{k: x[k] for k in ("mean", "std", "min", "max")}},
+                          "gamma": floats(trained["grad_gamma"]),
+                          "beta": floats(trained["grad_beta"])}}
+    return result
 
 
 results = {{}}
@@ -114,6 +139,33 @@ def to_numpy(t):
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def to_tensor(array, device):
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(array).to(device)
+
+
+def torch_optimizer(parameters):
+    \"\"\"The scenario's optimizer; a knob left at "default" is not passed.\"\"\"
+    if not parameters:
+        return None
+    kwargs = {{}}
+    if S["torch_lr"] is not None:
+        kwargs["lr"] = S["torch_lr"]
+    if S["torch_weight_decay"] is not None:
+        kwargs["weight_decay"] = S["torch_weight_decay"]
+    if S["torch_optimizer"] == "sgd":
+        return torch.optim.SGD(parameters, momentum=S["torch_opt_momentum"], **kwargs)
+    if S["torch_adam_eps"] is not None:
+        kwargs["eps"] = S["torch_adam_eps"]
+    adam = torch.optim.Adam if S["torch_optimizer"] == "adam" else torch.optim.AdamW
+    return adam(parameters, betas=(0.9, 0.999), **kwargs)
+
+
+def torch_mse(y, target, device):
+    return torch.mean(torch.square(y - to_tensor(target, device)))
+
+
 def run_torch(device):
     \"\"\"(result, state after the training passes) of a fresh module on ``device``.\"\"\"
     bn = MODULES[len(SHAPE)](SHAPE[1], eps=S["torch_eps"], momentum=S["torch_momentum"],
@@ -125,11 +177,15 @@ def run_torch(device):
         own = bn.state_dict()
         bn.load_state_dict({{k: torch.tensor(v, dtype=torch.float64)
                             for k, v in START.items() if k in own}}, strict=False)
-    state = None
+    optimizer = None
+    if S["loss"] != "none":
+        optimizer = torch_optimizer([p for p in bn.parameters() if p.requires_grad])
+    state, trained = None, {{}}
     try:
-        with torch.no_grad():
-            for k, batch in enumerate(batches()):
-                if k == STEPS and bn.running_mean is not None:
+        for k, (batch, target) in enumerate(zip(batches(), targets())):
+            if k == STEPS:
+                trained["gamma"], trained["beta"] = to_numpy(bn.weight), to_numpy(bn.bias)
+                if bn.running_mean is not None:
                     state = {{
                         name: (np.ones(SHAPE[1]) if t is None and name == "weight" else
                                np.zeros(SHAPE[1]) if t is None else
@@ -138,16 +194,32 @@ def run_torch(device):
                                         ("running_mean", bn.running_mean),
                                         ("running_var", bn.running_var))
                     }}
-                if batch.dtype.name == "bfloat16":
-                    x = torch.from_numpy(batch.view(np.int16)).view(torch.bfloat16)
-                else:
-                    x = torch.from_numpy(batch)
-                bn.train(k < STEPS or S["torch_mode"] == "train")
-                output = bn(x.to(device))
+            bn.train(k < STEPS or S["torch_mode"] == "train")
+            x = to_tensor(batch, device)
+            if target is None:
+                with torch.no_grad():
+                    output = bn(x)
+            elif k < STEPS:  # a training pass: forward, L, backward, one optimizer step
+                output = bn(x)
+                if optimizer is not None:
+                    optimizer.zero_grad()
+                    torch_mse(output, target, device).backward()
+                    optimizer.step()
+            else:  # the measured pass: L and its gradients, no step
+                x = x.detach().requires_grad_(True)  # a leaf; nothing writes to x
+                for p in bn.parameters():
+                    p.grad = None
+                output = bn(x)
+                loss = torch_mse(output, target, device)
+                loss.backward()
+                trained["loss"] = float(loss.detach().to(torch.float64))
+                trained["grad_x"] = to_numpy(x.grad)
+                trained["grad_gamma"] = None if bn.weight is None else to_numpy(bn.weight.grad)
+                trained["grad_beta"] = None if bn.bias is None else to_numpy(bn.bias.grad)
     except (ValueError, RuntimeError) as exc:
         return {{"error": str(exc)}}, None
     return summary(to_numpy(output), to_numpy(bn.running_mean),
-                   to_numpy(bn.running_var)), state
+                   to_numpy(bn.running_var), trained), state
 
 
 results["torch"], torch_state = run_torch({torch_device})
@@ -169,11 +241,33 @@ TF_DEVICE = {tf_device}
 TRAINING = {{"none": None, "true": True, "false": False}}
 
 
-def run_keras(layer, prefix, initial_state=None):
-    """Training passes with training=True, then the measured pass; channels-last."""
+def keras_optimizer(optimizers, prefix):
+    """The scenario's optimizer; a knob left at "default" is not passed."""
+    kwargs = {{}}
+    if S[prefix + "_lr"] is not None:
+        kwargs["learning_rate"] = S[prefix + "_lr"]
+    if S[prefix + "_weight_decay"] is not None:
+        kwargs["weight_decay"] = S[prefix + "_weight_decay"]
+    if S[prefix + "_optimizer"] == "sgd":
+        return optimizers.SGD(momentum=S[prefix + "_opt_momentum"], **kwargs)
+    if S[prefix + "_adam_eps"] is not None:
+        kwargs["epsilon"] = S[prefix + "_adam_eps"]
+    adam = optimizers.Adam if S[prefix + "_optimizer"] == "adam" else optimizers.AdamW
+    return adam(beta_1=0.9, beta_2=0.999, **kwargs)
+
+
+def keras_values(variable):
+    return None if variable is None else np.array(variable.numpy(), copy=True)
+
+
+def run_keras(layer, prefix, optimizers, initial_state=None):
+    """Training passes with training=True (and, with a loss, GradientTape and one
+    apply_gradients), then the measured pass; channels-last."""
+    trained = {{}}
     with tf.device(TF_DEVICE):
         layer.build((SHAPE[0], *SHAPE[2:], SHAPE[1]))
         layer.trainable = S[prefix + "_trainable"]
+        optimizer = keras_optimizer(optimizers, prefix) if S["loss"] != "none" else None
         for state in (START, initial_state):  # the uploaded layer, then a port over it
             if state is None:
                 continue
@@ -184,14 +278,43 @@ def run_keras(layer, prefix, initial_state=None):
                 if variable is not None:
                     value = tf.constant(np.asarray(state[torch_name], np.float64))
                     variable.assign(tf.cast(value, variable.dtype))
-        for k, batch in enumerate(batches()):
+        for k, (batch, target) in enumerate(zip(batches(), targets())):
+            if k == STEPS:
+                trained["gamma"], trained["beta"] = (
+                    keras_values(layer.gamma), keras_values(layer.beta))
             if initial_state is not None and k < STEPS:
                 continue
             x = tf.convert_to_tensor(np.moveaxis(batch, 1, -1))
             training = True if k < STEPS else TRAINING[S[prefix + "_training"]]
-            output = layer(x) if training is None else layer(x, training=training)
+            if target is None:
+                output = layer(x) if training is None else layer(x, training=training)
+                continue
+            t = tf.convert_to_tensor(np.moveaxis(target, 1, -1))
+            variables = list(layer.trainable_variables)
+            measured = k == STEPS
+            with tf.GradientTape() as tape:
+                if measured:
+                    tape.watch(x)
+                output = layer(x) if training is None else layer(x, training=training)
+                loss = tf.reduce_mean(tf.square(output - t))
+            sources = ([x] if measured else []) + variables
+            grads = tape.gradient(loss, sources) if sources else []
+            by_variable = dict(zip(map(id, variables), grads[len(sources) - len(variables):]))
+            if not measured:
+                pairs = [(by_variable[id(v)], v) for v in variables
+                         if by_variable[id(v)] is not None]
+                if pairs:
+                    optimizer.apply_gradients(pairs)
+                continue
+            trained["loss"] = float(np.asarray(loss, dtype=np.float64))
+            trained["grad_x"] = np.ascontiguousarray(np.moveaxis(np.asarray(grads[0]), -1, 1))
+            for name in ("gamma", "beta"):
+                variable = getattr(layer, name)
+                g = None if variable is None else by_variable.get(id(variable))
+                trained["grad_" + name] = None if g is None else np.array(g, copy=True)
     channels_first = np.ascontiguousarray(np.moveaxis(output.numpy(), -1, 1))
-    return summary(channels_first, layer.moving_mean.numpy(), layer.moving_variance.numpy())
+    return summary(channels_first, layer.moving_mean.numpy(), layer.moving_variance.numpy(),
+                   trained)
 '''
 
 _KERAS3 = """
@@ -211,7 +334,7 @@ try:
     layer = keras.layers.BatchNormalization(
         axis=-1, momentum=S["keras_momentum"], epsilon=S["keras_eps"],
         center=S["keras_center"], scale=S["keras_scale"], dtype=S["dtype"])
-    results["keras"] = run_keras(layer, "keras", initial_state)
+    results["keras"] = run_keras(layer, "keras", keras.optimizers, initial_state)
 except (ValueError, tf.errors.OpError) as exc:
     results["keras"] = {"error": str(exc)}
 """
@@ -227,7 +350,7 @@ try:
         center=S["keras2_center"], scale=S["keras2_scale"],
         fused={"auto": None, "true": True, "false": False}[S["keras2_fused"]],
         dtype=S["dtype"])
-    results["keras2"] = run_keras(layer, "keras2")
+    results["keras2"] = run_keras(layer, "keras2", tf_keras.optimizers)
 except (ValueError, tf.errors.OpError) as exc:
     results["keras2"] = {"error": str(exc)}
 """

@@ -54,4 +54,15 @@ def headline(comparison: Comparison) -> str:
         why = f"{a} normalized with {how_a}, {b} with {how_b}"
     else:
         why = f"{a} and {b} {VERDICT_WORDS[verdict(d)]}"
-    return f"{size}: {why}"
+    return f"{size}: {why}{_training_words(d)}"
+
+
+def _training_words(d: Divergence) -> str:
+    """With a loss: which of γ, β and the gradients part beyond the dtype's tolerance."""
+    if not d.grad:
+        return ""
+    checked = {"γ": d.state.get("gamma"), "β": d.state.get("beta"), "dL/dx": d.grad["x"]}
+    parted = [what for what, gap in checked.items() if gap is not None and not gap.allclose]
+    if not parted:
+        return "; γ, β and dL/dx agree to rounding"
+    return f"; {', '.join(parted)} differ beyond rounding"

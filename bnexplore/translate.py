@@ -8,11 +8,17 @@ same eps, channels-first input, .train() only where Keras really trains
 is not the translation of ``trainable=False``. Flax shares Keras's momentum
 convention and PyTorch's eps default; ``use_running_average`` is the opposite of
 PyTorch's training mode.
+
+With a loss (loss=mse), the optimizer too: each framework's defaults written out (PyTorch's
+SGD lr 0.001, Keras's 0.01), PyTorch's L2 weight decay (SGD, Adam) as a term of the loss in
+Keras, whose weight decay is decoupled, Keras's decoupled decay as PyTorch's AdamW, and
+Adam's ε with a note on where each adds it.
 """
 
 from __future__ import annotations
 
 from bnexplore.explain import feeds_unbiased_variance, uses_batch_statistics
+from bnexplore.params import resolved
 from bnexplore.scenario import Scenario
 
 _TORCH_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
@@ -55,6 +61,112 @@ def _complement(m: float) -> float:
     return round(1.0 - m, 12)
 
 
+EPS_PLACEMENT = (
+    "# Adam's ε: PyTorch adds it to the bias-corrected √v̂, Keras to √v, i.e. ε̂ = "
+    "ε·√(1 − β₂ᵗ) in PyTorch's terms:\n# no constant makes them equal at every step"
+)
+KERAS_STEP = """with tf.GradientTape() as tape:
+    y = layer({x}, training=True)
+    loss = keras.ops.mean((y - {t}) ** 2){l2}
+grads = tape.gradient(loss, layer.trainable_variables)
+optimizer.apply_gradients(zip(grads, layer.trainable_variables))"""
+TORCH_STEP = """optimizer.zero_grad()
+loss = torch.mean((bn({x}) - {t}) ** 2){decay}
+loss.backward()
+optimizer.step()"""
+
+
+def _torch_optimizer(kind: str, lr: float, wd: float, eps: float, momentum: float) -> str:
+    if kind == "sgd":
+        return (
+            f"optimizer = torch.optim.SGD(bn.parameters(), lr={lr!r}, momentum={momentum!r}, "
+            f"weight_decay={wd!r})"
+        )
+    name = "Adam" if kind == "adam" else "AdamW"
+    return (
+        f"optimizer = torch.optim.{name}(bn.parameters(), lr={lr!r}, eps={eps!r}, "
+        f"weight_decay={wd!r})"
+    )
+
+
+def _keras_optimizer(kind: str, lr: float, wd: float, eps: float, momentum: float) -> str:
+    decay = f", weight_decay={wd!r}" if wd else ""
+    if kind == "sgd":
+        return (
+            f"optimizer = keras.optimizers.SGD(learning_rate={lr!r}, momentum={momentum!r}{decay})"
+        )
+    name = "Adam" if kind == "adam" else "AdamW"
+    return f"optimizer = keras.optimizers.{name}(learning_rate={lr!r}, epsilon={eps!r}{decay})"
+
+
+def _settings(s: Scenario, prefix: str) -> tuple[str, float, float, float, float]:
+    return (
+        s[f"{prefix}_optimizer"],
+        resolved(s, prefix, "lr"),
+        resolved(s, prefix, "weight_decay"),
+        resolved(s, prefix, "adam_eps"),
+        s[f"{prefix}_opt_momentum"],
+    )
+
+
+def _torch_training_to_keras(s: Scenario) -> list[str]:
+    kind, lr, wd, eps, momentum = _settings(s, "torch")
+    lines = ["", "# Training step, PyTorch (loss=mse, target t; every default written out)"]
+    lines += [
+        _torch_optimizer(kind, lr, wd, eps, momentum),
+        TORCH_STEP.format(decay="", x="x", t="t"),
+    ]
+    lines += ["", "# Keras 3, the same step"]
+    l2 = ""
+    if kind == "adamw":
+        lines.append(_keras_optimizer("adamw", lr, wd, eps, momentum))
+    else:
+        lines.append(_keras_optimizer(kind, lr, 0.0, eps, momentum))
+        if wd:
+            l2 = (
+                f"\n    # PyTorch's {kind} adds wd·p to the gradient (L2); Keras's weight_decay "
+                f"is decoupled\n    loss += {wd / 2!r} * sum(keras.ops.sum(v ** 2) "
+                "for v in layer.trainable_variables)"
+            )
+    last = _CHANNELS_LAST[len(s.shape)]
+    lines.append(KERAS_STEP.format(l2=l2, x=last, t=last.replace("x", "t")))
+    if kind != "sgd":
+        lines.append(EPS_PLACEMENT)
+    if not s["torch_requires_grad"]:
+        lines.append(
+            "# requires_grad_(False): no γ/β update, but still the batch statistics; "
+            "Keras: leave trainable=True and drop γ/β from the update, not trainable=False"
+        )
+    return lines
+
+
+def _keras_training_to_torch(s: Scenario) -> list[str]:
+    kind, lr, wd, eps, momentum = _settings(s, "keras")
+    lines = ["", "# Training step, Keras 3 (loss=mse, target t; every default written out)"]
+    lines += [_keras_optimizer(kind, lr, wd, eps, momentum), KERAS_STEP.format(l2="", x="x", t="t")]
+    lines += ["", "# PyTorch, the same step"]
+    decay = ""
+    if kind == "sgd":
+        lines.append(_torch_optimizer("sgd", lr, 0.0, eps, momentum))
+        if wd:
+            decay = (
+                "\nwith torch.no_grad():  # Keras decays the weight itself, before the update\n"
+                f"    for p in bn.parameters():\n        p.mul_(1 - {lr!r} * {wd!r})"
+            )
+    else:
+        lines.append(_torch_optimizer("adamw" if wd else "adam", lr, wd, eps, momentum))
+    first = _CHANNELS_FIRST[len(s.shape)]
+    lines.append(TORCH_STEP.format(decay=decay, x=first, t=first.replace("x", "t")))
+    if kind != "sgd":
+        lines.append(EPS_PLACEMENT)
+    if not s["keras_trainable"]:
+        lines.append(
+            "# trainable=False: no γ/β update AND inference (the gradient w.r.t. x is "
+            "γ/√(running_var + eps)·dy): bn.eval() and bn.requires_grad_(False)"
+        )
+    return lines
+
+
 def torch_to_keras(s: Scenario) -> str:
     """The scenario's PyTorch module, and the Keras 3 layer that computes the same."""
     m = s["torch_momentum"]
@@ -88,6 +200,8 @@ def torch_to_keras(s: Scenario) -> str:
         "# PyTorch the unbiased one (× n/(n − 1)). Ported weights: weight→gamma, bias→beta,",
         "# running_mean→moving_mean, running_var→moving_variance.",
     ]
+    if s["loss"] != "none":
+        lines += _torch_training_to_keras(s)
     return "\n".join(lines)
 
 
@@ -122,6 +236,8 @@ def keras_to_torch(s: Scenario) -> str:
             "# Still different: PyTorch's running_var takes the unbiased batch "
             "variance, Keras 3's the biased one."
         )
+    if s["loss"] != "none":
+        lines += _keras_training_to_torch(s)
     return "\n".join(lines)
 
 

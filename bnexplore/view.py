@@ -43,6 +43,9 @@ class View:
     step_gaps: pd.DataFrame
     heatmap: pd.DataFrame
     explain: pd.DataFrame
+    grad_histogram: pd.DataFrame
+    parameters: pd.DataFrame
+    parameter_history: pd.DataFrame
     specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
     """Vega-Lite specs of this view's charts, by name: each validated once, then reused by
     every rerun and every session (see chart_spec)."""
@@ -69,7 +72,7 @@ class SweepView:
 def build_view(comparison: Comparison, report: Report | None = None) -> View:
     pairs = comparison.divergence
     if report:
-        report(0.95, "Explaining the gap: aligning one knob at a time")
+        report(0.95, "Explaining the gap: Shapley values over the knobs that differ")
     steps = explain(comparison.scenario, pairs[0] if pairs else None)
     document = comparison.document()
     document["explain"] = strict_json([step.to_dict() for step in steps])
@@ -85,6 +88,9 @@ def build_view(comparison: Comparison, report: Report | None = None) -> View:
         step_gaps=charts.step_gaps(comparison),
         heatmap=charts.gap_heatmap(comparison),
         explain=charts.explain_steps(steps),
+        grad_histogram=charts.output_histogram(comparison, quantity="grad_x"),
+        parameters=charts.parameters(comparison),
+        parameter_history=charts.parameter_history(comparison),
     )
 
 

@@ -21,7 +21,17 @@ import streamlit as st
 
 from bnexplore import store as uploads
 from bnexplore.engines import LABELS
-from bnexplore.params import BY_KEY, DEFAULTS, GROUPS, PARAMS, TABS, Param, engine_of, knobs
+from bnexplore.params import (
+    BY_KEY,
+    DEFAULTS,
+    GROUPS,
+    OPTIMIZER_DEFAULTS,
+    PARAMS,
+    TABS,
+    Param,
+    engine_of,
+    knobs,
+)
 from bnexplore.presets import PRESETS, matching
 from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
 from bnexplore.sweep import start_range
@@ -36,6 +46,16 @@ UPLOAD_TYPES = ("pt", "pth", "safetensors", "keras", "h5", "npz", "npy")
 NO_PRESET = "(custom)"
 
 
+NULLABLE = {"momentum": "None (cumulative average)", "or_default": "the library's default"}
+"""Kinds whose value may be None, shown as a checkbox beside the number."""
+
+
+def _default_shown(param: Param) -> float:
+    """What the number box of an or_default knob shows while the default is used."""
+    prefix, knob = param.key.split("_", 1)
+    return OPTIMIZER_DEFAULTS[prefix]["adam"][knob]
+
+
 def _widget_key(key: str) -> str:
     return "w_" + key
 
@@ -48,6 +68,8 @@ def _to_widget(param: Param, value: Any) -> Any:
         return list(value)
     if param.kind == "momentum":
         return 0.1 if value is None else float(value)
+    if param.kind == "or_default":
+        return _default_shown(param) if value is None else float(value)
     if param.kind == "float":
         return float(value)
     return value
@@ -59,7 +81,7 @@ def _set_widgets(values: dict[str, Any]) -> None:
         if p.kind == "digest":  # set by an upload, held in VALUES only
             continue
         st.session_state[_widget_key(p.key)] = _to_widget(p, values[p.key])
-        if p.kind == "momentum":
+        if p.kind in NULLABLE:
             st.session_state[_widget_key(p.key) + "_none"] = values[p.key] is None
 
 
@@ -265,17 +287,17 @@ def _render(param: Param, on_change=None) -> None:
         st.checkbox(**common)
     elif param.kind == "int":
         st.number_input(min_value=int(param.low), max_value=int(param.high), step=1, **common)
-    elif param.kind == "momentum":
+    elif param.kind in NULLABLE:
         none_key = key + "_none"
         if none_key not in st.session_state:
             st.session_state[none_key] = store[param.key] is None
-        cumulative = st.checkbox(f"{param.label} = None (cumulative average)", key=none_key)
+        unset = st.checkbox(f"{param.label}: {NULLABLE[param.kind]}", key=none_key)
         st.number_input(
             min_value=param.low,
             max_value=param.high,
             step=param.step,
             format="%g",
-            disabled=cumulative,
+            disabled=unset,
             **common,
         )
     else:
@@ -323,6 +345,8 @@ def _shown(param: Param, store: dict[str, Any], engines: tuple[str, ...]) -> boo
     """Widgets of engines not compared, and input knobs of other kinds, are hidden."""
     if param.only_for and store["input"] not in param.only_for:
         return False
+    if param.needs_loss and store["loss"] == "none":
+        return False
     if param.kind == "name":
         return store["state"] is not None
     engine = engine_of(param)
@@ -334,7 +358,7 @@ def _read_widget(param: Param, store: dict[str, Any]) -> None:
     key = _widget_key(param.key)
     if key not in st.session_state:
         return
-    if param.kind == "momentum" and st.session_state.get(key + "_none"):
+    if param.kind in NULLABLE and st.session_state.get(key + "_none"):
         store[param.key] = None
     else:
         store[param.key] = st.session_state[key]

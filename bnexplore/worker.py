@@ -5,8 +5,9 @@ Started by :mod:`bnexplore.workers` as ``python -m bnexplore.worker ENGINE FD``,
 ready (or why it cannot be), then answers requests until the socket closes:
 
 - ``("start", sid, values)`` → ``("started", sid, where)`` or ``("result", sid, result)``
-- ``("step", sid, k, path, shape, dtype)`` → ``("ok", sid)`` or ``("result", sid, failed)``;
-  the batch is read in place from the shared-memory file ``path``
+- ``("step", sid, k, path, shape, dtype, target)`` → ``("ok", sid)`` or ``("result", sid,
+  failed)``; the batch is read in place from the shared-memory file ``path``, the target
+  (loss=mse; else None) likewise from its (path, shape, dtype)
 - ``("state", sid)`` → ``("state", sid, state)``; ``("port", sid, state)`` → ``("ok", sid)``
 - ``("finish", sid)`` → ``("result", sid, result)``, large arrays in shared-memory files
 - ``("drop", sid)``: forget a session (no answer); ``("ping", sid)`` → ``("pong", sid, info)``
@@ -100,8 +101,12 @@ def handle(name: str, op: str, sid: int, args: list, sessions: dict, views: dict
     session = sessions[sid]
     try:
         if op == "step":
-            k, path, shape, dtype = args
-            session.step(k, views[sid].view(path, shape, dtype))
+            k, path, shape, dtype, target = args
+            batch = views[sid].view(path, shape, dtype)
+            if target is None:
+                session.step(k, batch)
+            else:
+                session.step(k, batch, views[sid].view(*target))
             return ("ok", sid)
         if op == "state":
             return ("state", sid, session.state())

@@ -266,12 +266,15 @@ _session_ids = itertools.count(1)
 
 
 class SharedBatch:
-    """One run's batch, in one shared-memory file rewritten for each pass."""
+    """One run's batch, in one shared-memory file rewritten for each pass (and its
+    companion, the same for the pass's target)."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_companion: bool = True) -> None:
         self.path: str | None = None
         self._current: tuple[int, int] | None = None
         self._array: np.ndarray | None = None
+        self.companion = SharedBatch(False) if with_companion else None
+        """The pass's target (loss=mse), in a file of its own."""
 
     def publish(self, batch: np.ndarray) -> tuple[str, tuple[int, ...], str]:
         if self.path is None:
@@ -284,6 +287,8 @@ class SharedBatch:
 
     def close(self) -> None:
         self._array = None
+        if self.companion is not None:
+            self.companion.close()
         if self.path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -306,6 +311,7 @@ class WorkerSession(Session):
         ticket: Ticket | None = None,
     ):
         self.name, self.engine, self.worker, self.batch = name, engine, worker, batch
+        self.target = batch.companion
         self.deadline, self.ticket = deadline, ticket
         self.sid = next(_session_ids)
         self.where: dict = {}
@@ -326,8 +332,9 @@ class WorkerSession(Session):
 
         return result if result.name == self.name else dataclasses.replace(result, name=self.name)
 
-    def step(self, k: int, batch: np.ndarray) -> None:
-        self.worker.send(("step", self.sid, k, *self.batch.publish(batch)))
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        shipped_target = None if target is None else self.target.publish(target)
+        self.worker.send(("step", self.sid, k, *self.batch.publish(batch), shipped_target))
         self._pending = True
 
     def settle(self) -> None:

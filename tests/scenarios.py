@@ -73,3 +73,59 @@ def random_backend_links(count: int, seed: int, ranks=(2, 3, 4, 5)) -> list[str]
         kept = [p for p in link.split("&") if not p.startswith("engines=")]
         links.append("&".join(kept + [f"{k}={v}" for k, v in flax.items()]))
     return links
+
+
+TRAINING_SHAPES = {2: [(8, 3), (6, 4)], 3: [(4, 3, 5), (3, 2, 6)], 4: [(4, 3, 3, 2), (2, 4, 3, 3)]}
+
+
+def random_training_links(count: int, seed: int) -> list[str]:
+    """``count`` links with loss=mse and target=normal: 2-D to 4-D, float32 and float64,
+    every optimizer in every framework with default and explicit values, frozen layers,
+    both modes, 1 to 4 steps."""
+    rng = np.random.default_rng(seed)
+    links = []
+    for i in range(count):
+        rank = (2, 3, 4)[i % 3]
+        shapes = TRAINING_SHAPES[rank]
+        params = {
+            "shape": ",".join(map(str, shapes[rng.integers(len(shapes))])),
+            "input": ["normal", "uniform"][rng.integers(2)],
+            "seed": int(rng.integers(0, 10_000)),
+            "dtype": ["float32", "float64"][i % 2],
+            "engines": "torch,keras,keras2",
+            "steps": int(rng.integers(1, 5)),
+            "loss": "mse",
+            "target": "normal",
+            "torch_mode": ["train", "eval"][rng.integers(2)],
+            "keras_training": ["none", "true", "false"][rng.integers(3)],
+            "keras2_training": ["none", "true", "false"][rng.integers(3)],
+            "torch_momentum": rng.choice(["0.1", "0.5", "none"]),
+            "keras_momentum": float(rng.choice([0.99, 0.9, 0.5])),
+            "torch_requires_grad": ["true", "false"][int(rng.random() < 0.2)],
+            "torch_affine": ["true", "false"][int(rng.random() < 0.1)],
+            "keras_trainable": ["true", "false"][int(rng.random() < 0.2)],
+            "keras2_trainable": ["true", "false"][int(rng.random() < 0.2)],
+            "keras_center": ["true", "false"][int(rng.random() < 0.15)],
+            "keras_scale": ["true", "false"][int(rng.random() < 0.15)],
+            "keras2_center": ["true", "false"][int(rng.random() < 0.15)],
+            "keras2_scale": ["true", "false"][int(rng.random() < 0.15)],
+        }
+        for prefix in ("torch", "keras", "keras2"):
+            optimizer = ("sgd", "adam", "adamw")[(i + rng.integers(3)) % 3]
+            params[f"{prefix}_optimizer"] = optimizer
+            if rng.random() < 0.5:
+                params[f"{prefix}_lr"] = float(rng.choice([0.05, 0.2, 0.001]))
+            if rng.random() < 0.4:
+                params[f"{prefix}_weight_decay"] = float(rng.choice([0.0, 0.01, 0.3]))
+            if optimizer != "sgd" and rng.random() < 0.4:
+                params[f"{prefix}_adam_eps"] = float(rng.choice([1e-3, 1e-6, 1e-8]))
+            if optimizer == "sgd" and rng.random() < 0.5:
+                params[f"{prefix}_opt_momentum"] = float(rng.choice([0.5, 0.9]))
+        if params["input"] == "normal":
+            params["mean"] = round(float(rng.uniform(-2, 2)), 3)
+            params["std"] = round(float(rng.uniform(0.5, 3)), 3)
+        else:
+            low = round(float(rng.uniform(-2, 1)), 3)
+            params["low"], params["high"] = low, round(low + float(rng.uniform(0.5, 3)), 3)
+        links.append("?v=1&" + "&".join(f"{k}={v}" for k, v in params.items()))
+    return links

@@ -240,3 +240,26 @@ def test_an_unknown_tab_opens_overview_with_a_notice() -> None:
     at = open_link("?shape=4,3&tab=nope")
     assert any("tab: 'nope' is not a tab of this page" in w.value for w in at.warning)
     assert at.session_state["w_tab"] == "Overview" and "tab" not in at.query_params
+
+
+def _sidebar_keys(at: AppTest) -> set[str]:
+    widgets = [*at.sidebar.radio, *at.sidebar.number_input, *at.sidebar.checkbox]
+    return {w.key for w in widgets}
+
+
+def test_training_group_shows_the_knobs_of_compared_engines_only_with_a_loss() -> None:
+    keys = _sidebar_keys(open_link("?shape=4,3"))
+    assert "w_loss" in keys and "w_torch_optimizer" not in keys  # no loss: no optimizer
+    at = open_link("?shape=4,3&loss=mse&engines=torch,keras")
+    keys = _sidebar_keys(at)
+    assert {"w_target", "w_torch_optimizer", "w_keras_lr", "w_keras_adam_eps"} <= keys
+    assert not any(key.startswith("w_keras2_") for key in keys)  # Keras 2 is not compared
+    at.sidebar.radio(key="w_keras_optimizer").set_value("adamw").run()
+    at.sidebar.checkbox(key="w_keras_lr_none").uncheck().run()
+    at.sidebar.number_input(key="w_keras_lr").set_value(0.05).run()
+    assert not at.exception
+    assert at.query_params["keras_optimizer"] == "adamw"
+    assert at.query_params["keras_lr"] == "0.05"
+    at.session_state["w_tab"] = "Training"
+    at.run()
+    assert len(at.get("vega_lite_chart")) >= 4  # the Training tab's gradient charts

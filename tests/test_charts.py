@@ -20,6 +20,8 @@ from bnexplore.sweep import run_sweep, values
         "?preset=keras2-vs-keras3",
         "?preset=half-precision&dtype=bfloat16",
         "?shape=2,900&input=normal&steps=401&keras_training=true&engines=torch,keras,keras2",
+        "?preset=adam-noise&engines=torch,keras,keras2",
+        "?preset=frozen-finetune&torch_affine=false",
     ],
 )
 def test_every_chart_builds_valid_vega_lite_from_small_data(link: str) -> None:
@@ -33,6 +35,9 @@ def test_every_chart_builds_valid_vega_lite_from_small_data(link: str) -> None:
         "gaps": charts.step_gaps(comparison),
         "heat": charts.gap_heatmap(comparison),
         "explain": charts.explain_steps(explain(scenario)),
+        "grad_x": charts.output_histogram(comparison, quantity="grad_x"),
+        "parameters": charts.parameters(comparison),
+        "parameter_history": charts.parameter_history(comparison),
     }
     built = [
         charts.output_distribution_chart(tables["histogram"]),
@@ -42,13 +47,27 @@ def test_every_chart_builds_valid_vega_lite_from_small_data(link: str) -> None:
         charts.history_chart(tables["history"], "running variance"),
         charts.step_gap_chart(tables["gaps"]),
         charts.gap_heatmap_chart(tables["heat"]),
-        charts.waterfall_chart(tables["explain"]),
+        charts.attribution_chart(tables["explain"]),
+        charts.output_distribution_chart(tables["grad_x"], "dL/dx", "Gradient w.r.t. x"),
+        *(
+            charts.parameter_chart(tables["parameters"], statistic)
+            for statistic in set(tables["parameters"]["statistic"])
+        ),
+        *(
+            charts.history_chart(tables["parameter_history"], statistic)
+            for statistic in set(tables["parameter_history"]["statistic"])
+        ),
     ]
     for chart in built:
         spec = chart.to_dict()  # validates against the Vega-Lite schema
         assert spec["autosize"]["type"] == "fit-x"  # the plot keeps its height in the app
     # never millions of points: binned and sampled, each chart under Altair's 5000 rows
-    assert len(tables["histogram"]) <= 60 * 3
+    assert len(tables["histogram"]) <= 60 * 3 and len(tables["grad_x"]) <= 60 * 3
+    if scenario["loss"] == "none":
+        assert len(tables["grad_x"]) == len(tables["parameter_history"]) == 0
+        assert not set(tables["parameters"]["statistic"]) & {"dL/dγ", "dL/dβ"}
+    else:
+        assert len(tables["grad_x"]) and len(tables["parameter_history"])
     assert len(tables["heat"]) <= charts.HEATMAP_STEPS * charts.HEATMAP_CHANNELS < 5000
     engines = len(scenario["engines"])
     assert len(tables["channels"]) <= engines * 2 * charts.MAX_CHANNELS

@@ -55,7 +55,16 @@ def test_cli_script_prints_a_standalone_reproducer(capsys) -> None:
 
 def test_cli_explain_adds_the_steps(capsys) -> None:
     main(["run", "--preset", "both-inference", "--explain"])
-    assert "explain: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "explain (exact Shapley values over 2 knobs" in out  # eps, momentum
+    assert "  eps: 100.0% of the gap" in out
+
+
+def test_cli_table_shows_the_training_step(capsys) -> None:
+    main(["run", "--preset", "weight-decay"])
+    out = capsys.readouterr().out
+    assert "PyTorch loss " in out and "dL/dx mean" in out
+    assert "dL/dgamma" in out and "gamma" in out and "(NOT allclose)" in out
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -73,3 +82,7 @@ def test_bench_quick_reports_ratios_against_bare_calls(capsys) -> None:
     assert row["scenario"] == "seed" and row["bare_s"] > 0
     assert row["ratio"] == pytest.approx(row["bnexplore_s"] / row["bare_s"])
     assert result["cached_link_ms"] >= 0 and result["peak_memory_mib"] > 0
+    step = result["training_step"]
+    assert step["link"] == "?preset=seed&steps=1&loss=mse"
+    assert step["baseline_link"] == "?preset=seed&steps=1"
+    assert step["ratio"] == pytest.approx(step["loss_s"] / step["baseline_s"])

@@ -11,7 +11,7 @@ import pytest
 
 import bnexplore
 from bnexplore.batches import batches
-from bnexplore.explain import aligned, explain, summary
+from bnexplore.explain import EXACT_UP_TO, aligned, explain, shapley, summary
 from bnexplore.metrics import TOLERANCES
 from bnexplore.runner import compare
 from bnexplore.scenario import parse_link
@@ -27,6 +27,61 @@ def test_explain_seed_names_the_mode_as_the_top_cause() -> None:
     assert steps[0].gap_before == pytest.approx(1 / np.sqrt(1.001), rel=RTOL)
     assert steps[0].gap_after == 0.0
     assert summary(steps) == "100% of the gap: PyTorch ran in training mode, Keras 3 in inference"
+
+
+def test_explain_seed_lists_eps_as_widening_with_no_share() -> None:
+    """Aligning eps alone moves Keras's 1/√(1 + 1e-3) to 1/√(1 + 1e-5), further from
+    PyTorch's 0: a knob with a negative Shapley value widens the gap and gets no share."""
+    steps = {step.knob: step for step in explain(parse_link("?preset=seed")[0])}
+    assert steps["eps"].share is None and steps["eps"].widens > 0
+    assert steps["eps"].gap_after > steps["eps"].gap_before
+    assert "momentum" not in steps  # differs, but moves the gap in no order: not listed
+    shares = [step.share for step in steps.values() if step.share is not None]
+    assert all(0 <= share <= 1 for share in shares) and sum(shares) <= 1 + 1e-12
+    assert "exact Shapley values over 3 knobs" in steps["mode"].method
+
+
+def _orders_average(knobs: list[str], closed) -> dict[str, float]:
+    """Shapley's definition: the marginal effect averaged over every order of the knobs."""
+    import itertools
+
+    phi = dict.fromkeys(knobs, 0.0)
+    orders = list(itertools.permutations(knobs))
+    for order in orders:
+        done: frozenset[str] = frozenset()
+        for knob in order:
+            phi[knob] += (closed(done | {knob}) - closed(done)) / len(orders)
+            done = done | {knob}
+    return phi
+
+
+def test_shapley_is_order_independent_and_adds_up_to_the_gap_closed() -> None:
+    knobs = ["a", "b", "c", "d"]
+
+    def closed(names: frozenset[str]) -> float:  # interactions: b only with a, d widens
+        return (
+            3.0 * ("a" in names)
+            + 2.0 * ({"a", "b"} <= names)
+            + ("c" in names)
+            - (0.5 * ("d" in names))
+        )
+
+    phi, method = shapley(knobs, closed)
+    assert phi == pytest.approx(_orders_average(knobs, closed))
+    assert sum(phi.values()) == pytest.approx(closed(frozenset(knobs)))
+    assert phi["d"] < 0 and "exact" in method
+
+
+def test_shapley_above_six_knobs_is_sampled_with_a_fixed_seed_and_says_so() -> None:
+    knobs = [f"k{i}" for i in range(EXACT_UP_TO + 1)]
+
+    def closed(names: frozenset[str]) -> float:  # additive: every order gives the same
+        return float(sum(int(name[1:]) + 1 for name in names))
+
+    phi, method = shapley(knobs, closed)
+    assert phi == pytest.approx({k: int(k[1:]) + 1.0 for k in knobs})
+    assert "estimated from 64 random orders" in method and "default_rng(0)" in method
+    assert shapley(knobs, closed) == (phi, method)  # the fixed seed: the same answer
 
 
 def test_explain_matched_leaves_only_float32_rounding() -> None:
@@ -53,6 +108,20 @@ def test_make_them_agree_aligns_every_knob_and_the_outputs_agree() -> None:
     assert bnexplore.run(agreed.link, reference=False)["divergence"][0]["allclose"] is True
 
 
+def test_translator_carries_the_optimizer_and_the_loss() -> None:
+    scenario, _ = parse_link("?preset=weight-decay")
+    to_keras, to_torch = torch_to_keras(scenario), keras_to_torch(scenario)
+    compile(to_keras, "to_keras", "exec")
+    compile(to_torch, "to_torch", "exec")
+    # PyTorch's L2 decay becomes a loss term in Keras; Keras's decoupled decay is AdamW
+    assert "torch.optim.Adam(bn.parameters(), lr=0.01, eps=1e-08, weight_decay=0.1)" in to_keras
+    assert "loss += 0.05 * sum(" in to_keras
+    assert "torch.optim.AdamW(bn.parameters(), lr=0.01, eps=1e-07, weight_decay=0.1)" in to_torch
+    assert "√v̂" in to_keras and "keras.ops.mean((y - t" in to_keras
+    sgd = torch_to_keras(parse_link("?loss=mse")[0])
+    assert "lr=0.001" in sgd and "keras.optimizers.SGD(learning_rate=0.001" in sgd
+
+
 def test_translator_code_compiles_and_says_the_conventions() -> None:
     scenario, _ = parse_link("?preset=frozen-keras")
     to_keras, to_torch = torch_to_keras(scenario), keras_to_torch(scenario)
@@ -76,6 +145,9 @@ def test_translator_code_compiles_and_says_the_conventions() -> None:
         "?input=normal&steps=2&shape=8,3,4,4&keras_init=torch"
         "&engines=torch,keras,keras_jax,keras_torch,flax",
         "?preset=fast-variance",
+        "?preset=adam-noise&engines=torch,keras,keras2&keras2_optimizer=adamw",
+        "?preset=frozen-finetune&torch_mode=eval&keras_optimizer=sgd&keras_opt_momentum=0.9",
+        "?preset=weight-port&loss=mse&target=normal&torch_optimizer=adamw&dtype=float64",
     ],
 )
 def test_generated_script_prints_the_apps_numbers(link: str, tmp_path) -> None:
@@ -98,9 +170,8 @@ def test_generated_script_prints_the_apps_numbers(link: str, tmp_path) -> None:
         if engine["error"]:
             assert got["error"] == engine["error"]
             continue
-        assert got["output"] == engine["output"], name
-        assert got["running_mean"] == engine["running_mean"], name
-        assert got["running_var"] == engine["running_var"], name
+        for key in ("output", "running_mean", "running_var", "gamma", "beta", "loss", "grad"):
+            assert got[key] == engine[key], (name, key)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -148,3 +219,9 @@ def test_translator_covers_every_pair_of_conventions(link: str) -> None:
     assert "Flax" in (first, second)
     flax_to_torch = TRANSLATORS["Flax", "PyTorch"](scenario)
     assert "momentum=0.01" in flax_to_torch and "eps=1e-05" in flax_to_torch
+
+
+def test_one_engine_has_nothing_to_align_or_explain() -> None:
+    scenario, _ = parse_link("?engines=torch,torch&shape=4,3")  # one engine after dedup
+    assert aligned(scenario) == (scenario, [])
+    assert explain(scenario) == []

@@ -62,6 +62,26 @@ class EngineResult:
     reference.fast_variance_error), per channel: "output", the bound on how far that
     moves y in the measured pass (when it normalizes with the batch), and "running", the
     largest bound δ on a batch variance fed into the running variance."""
+    gamma: np.ndarray | None = None
+    """γ (PyTorch's weight) after the training steps, before the measured pass; None
+    where the layer has none (affine=False, scale=False)."""
+    beta: np.ndarray | None = None
+    """β (PyTorch's bias) likewise; None where the layer has none."""
+    loss: float | None = None
+    """The measured pass's L = mean((y − T)²); None with loss=none."""
+    grad_x: np.ndarray | None = None
+    """dL/dx of the measured pass, channels-first, the output's dtype; None with loss=none."""
+    grad_gamma: np.ndarray | None = None
+    """dL/dγ of the measured pass; None where the framework computes none (frozen, absent)."""
+    grad_beta: np.ndarray | None = None
+    """dL/dβ of the measured pass; None where the framework computes none."""
+    parameter_history: dict[str, np.ndarray] | None = None
+    """γ and β after each pass: "step" (k), "gamma" and "beta" (passes × channels,
+    float64; a missing parameter is absent). None with loss=none or neither parameter."""
+    unpredictable: dict[str, float] | None = None
+    """Reference engines only: parameters whose exact gradient was 0 on a step of an Adam-like
+    optimizer, with the bound on how far rounding noise can move them (Σ over steps of
+    lr·c_t, c_t ≈ 1 the most |m̂|/√v̂ can be). No float64 formula predicts that step."""
 
 
 State = dict[str, np.ndarray]
@@ -71,9 +91,9 @@ State = dict[str, np.ndarray]
 class Session:
     """One layer of one engine, stepped through the scenario's batches.
 
-    ``step(k, batch)`` runs pass k (training passes, then the measured one), or
-    only begins it where ``settle`` then waits; a framework error raised in
-    either is the engine's result, not a crash.
+    ``step(k, batch, target)`` runs pass k (training passes, then the measured one), or
+    only begins it where ``settle`` then waits; a framework error raised in either is
+    the engine's result, not a crash.
     ``state()`` is the layer's state now (a port's source); ``port(state)``
     loads one into the layer: NumPy arrays in PyTorch's names, never a path. The
     runner calls it before pass 0 for ``init=state`` (the stored layer, resolved
@@ -84,7 +104,9 @@ class Session:
     name: str
     where: dict
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        """Pass k on ``batch``; with a target (loss=mse) also L, backward and, on a
+        training pass, one optimizer step."""
         raise NotImplementedError
 
     def settle(self) -> None:
@@ -136,6 +158,17 @@ ENGINES: dict[str, tuple[str, str, str]] = {
 """name → (label, module, class). The order is the order of comparison."""
 
 LABELS: dict[str, str] = {name: row[0] for name, row in ENGINES.items()}
+
+
+def parameter_history_of(
+    steps: list[int], gammas: list, betas: list
+) -> dict[str, np.ndarray] | None:
+    """Stack per-pass γ and β (None entries: the layer has no such parameter)."""
+    history: dict[str, np.ndarray] = {}
+    for name, values in (("gamma", gammas), ("beta", betas)):
+        if len(values) and values[0] is not None:
+            history[name] = np.stack([np.asarray(v, dtype=np.float64) for v in values])
+    return {"step": np.asarray(steps), **history} if steps and history else None
 
 
 def history_of(steps: list[int], means: list, variances: list) -> dict[str, np.ndarray] | None:

@@ -22,6 +22,7 @@ class Keras2Engine(TensorFlowKerasEngine):
     version = f"tf_keras {tf_keras.__version__} (TensorFlow {tf.__version__})"
     prefix = "keras2"
 
+    optimizers = tf_keras.optimizers
     layer_class = tf_keras.layers.BatchNormalization
 
     def options(self, scenario: Scenario) -> dict:

@@ -18,6 +18,7 @@ class Keras3BackendEngine(KerasFamilyEngine):
     prefix = "keras"
     receives_port = True
     layer_class = keras.layers.BatchNormalization
+    optimizers = keras.optimizers
     backend: str
 
     def gpu_count(self) -> int:

@@ -37,4 +37,5 @@ class KerasEngine(TensorFlowKerasEngine):
     prefix = "keras"
     receives_port = True
 
+    optimizers = keras.optimizers
     layer_class = keras.layers.BatchNormalization

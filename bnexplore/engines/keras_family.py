@@ -5,6 +5,13 @@ channels-last (``axis=-1``). A training pass is ``layer(x, training=True)``; the
 measured pass is ``layer(x)`` (training None) or ``layer(x, training=…)`` as the
 scenario's ``<prefix>_training`` says. Imports no framework: a backend module
 subclasses :class:`KerasFamilyEngine` and supplies its tensors and devices.
+
+With loss=mse a training pass also computes ``L = mean((y − T)²)``, its gradients
+w.r.t. ``layer.trainable_variables`` (none on a ``trainable=False`` layer, which runs
+inference) and one ``optimizer.apply_gradients``; the measured pass computes L and the
+gradients w.r.t. x and the trainable variables, and applies none. The gradients come
+from ONE hook, :meth:`KerasFamilyEngine.forward_and_gradients`: ``tf.GradientTape`` on
+TensorFlow, ``jax.value_and_grad`` over ``stateless_call`` on JAX, autograd on PyTorch.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import contextlib
 
 import numpy as np
 
-from bnexplore.engines import EngineResult, Session, State, history_of
+from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
+from bnexplore.params import ADAM_BETAS
 from bnexplore.scenario import Scenario
 
 TRAINING = {"none": None, "true": True, "false": False}
@@ -44,6 +52,8 @@ class KerasFamilyEngine:
 
     layer_class: type
     """The framework's BatchNormalization class."""
+    optimizers: object
+    """The framework's optimizers module (keras.optimizers, tf_keras.optimizers)."""
 
     # --- the backend's hooks ------------------------------------------------------------
     def resolve_device(self, requested: str) -> tuple[object | None, str]:
@@ -72,7 +82,30 @@ class KerasFamilyEngine:
         """Set a layer variable to float64 values, cast to the variable's dtype."""
         raise NotImplementedError
 
+    def forward_and_gradients(self, session: KerasSession, x, target, training, wrt_x: bool):
+        """(y, L, dL/dx or None, {id(variable): dL/dvariable}) of one pass, the moving
+        statistics updated as the call does; the variables are the layer's trainable ones
+        (none on a frozen layer). The one place the Keras family computes gradients."""
+        raise NotImplementedError
+
     # --- shared ----------------------------------------------------------------------------
+    def build_optimizer(self, scenario: Scenario):
+        """The scenario's optimizer; a knob left at ``default`` is not passed, so the
+        library's own default applies."""
+        p = self.prefix
+        kind = scenario[f"{p}_optimizer"]
+        kwargs: dict = {}
+        if scenario[f"{p}_lr"] is not None:
+            kwargs["learning_rate"] = scenario[f"{p}_lr"]
+        if scenario[f"{p}_weight_decay"] is not None:
+            kwargs["weight_decay"] = scenario[f"{p}_weight_decay"]
+        if kind == "sgd":
+            return self.optimizers.SGD(momentum=scenario[f"{p}_opt_momentum"], **kwargs)
+        if scenario[f"{p}_adam_eps"] is not None:
+            kwargs["epsilon"] = scenario[f"{p}_adam_eps"]
+        adam = self.optimizers.Adam if kind == "adam" else self.optimizers.AdamW
+        return adam(beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1], **kwargs)
+
     def options(self, scenario: Scenario) -> dict:
         """Constructor arguments beyond the shared ones (Keras 2: fused)."""
         return {}
@@ -123,6 +156,22 @@ class KerasSession(Session):
         self.steps_seen: list[int] = []
         self.recorded: list = []
         self.output = None
+        self.optimizer = None
+        if scenario["loss"] != "none":
+            with engine.scope(device):
+                self.optimizer = engine.build_optimizer(scenario)
+        self.parameters_seen: list = []  # (γ or None, β or None) per pass with a loss
+        self.gamma = self.beta = None
+        self.loss = self.grad_x = self.grad_gamma = self.grad_beta = None
+
+    def _parameters(self) -> tuple:
+        layer, numpy = self.layer, self.engine.numpy
+        return tuple(
+            None if v is None else np.array(numpy(v), copy=True) for v in (layer.gamma, layer.beta)
+        )
+
+    def call(self, x, training: bool | None):
+        return self.layer(x) if training is None else self.layer(x, training=training)
 
     def port(self, state: State) -> None:
         """Copy a PyTorch state into the layer, weight by weight (a layer without γ or β,
@@ -133,16 +182,46 @@ class KerasSession(Session):
                 if variable is not None:
                     self.engine.assign(variable, np.asarray(state[torch_name], np.float64))
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        if k == self.steps:
+            self.gamma, self.beta = self._parameters()
         if self.ported and k < self.steps:
             return
         layer, engine = self.layer, self.engine
         training = True if k < self.steps else self.measured_training
         with engine.scope(self.device):
             x = engine.tensor(np.moveaxis(batch, 1, -1))
-            self.output = layer(x) if training is None else layer(x, training=training)
+            if target is None:
+                self.output = self.call(x, training)
+            else:
+                t = engine.tensor(np.moveaxis(target, 1, -1))
+                self._step_with_loss(k, x, t, training)
             self.recorded.append(engine.snapshot((layer.moving_mean, layer.moving_variance)))
         self.steps_seen.append(k)
+        if target is not None:
+            self.parameters_seen.append(self._parameters())
+
+    def _step_with_loss(self, k: int, x, target, training: bool | None) -> None:
+        layer, engine = self.layer, self.engine
+        measured = k == self.steps
+        y, loss, grad_x, grads = engine.forward_and_gradients(
+            self, x, target, training, wrt_x=measured
+        )
+        self.output = y
+        if not measured:
+            pairs = [(grads.get(id(v)), v) for v in layer.trainable_variables]
+            pairs = [(g, v) for g, v in pairs if g is not None]
+            if pairs:
+                self.optimizer.apply_gradients(pairs)
+            return
+        self.loss = float(np.asarray(engine.numpy(loss), dtype=np.float64))
+        self.grad_x = np.ascontiguousarray(np.moveaxis(engine.numpy(grad_x), -1, 1))
+
+        def grad_of(variable):
+            g = grads.get(id(variable)) if variable is not None else None
+            return None if g is None else np.array(engine.numpy(g), copy=True)
+
+        self.grad_gamma, self.grad_beta = grad_of(layer.gamma), grad_of(layer.beta)
 
     def finish(self) -> EngineResult:
         layer, engine = self.layer, self.engine
@@ -157,6 +236,17 @@ class KerasSession(Session):
                 self.steps_seen,
                 [engine.numpy(r)[0] for r in self.recorded],
                 [engine.numpy(r)[1] for r in self.recorded],
+            ),
+            gamma=self.gamma,
+            beta=self.beta,
+            loss=self.loss,
+            grad_x=self.grad_x,
+            grad_gamma=self.grad_gamma,
+            grad_beta=self.grad_beta,
+            parameter_history=parameter_history_of(
+                self.steps_seen if self.parameters_seen else [],
+                [g for g, _ in self.parameters_seen],
+                [b for _, b in self.parameters_seen],
             ),
             **self.where,
         )

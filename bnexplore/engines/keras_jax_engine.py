@@ -14,11 +14,11 @@ import sys
 if "keras" not in sys.modules:
     os.environ["KERAS_BACKEND"] = "jax"
 
+os.environ["JAX_ENABLE_X64"] = "1"  # float64 scenarios are float64 here too
+
 import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import keras  # noqa: E402
+import jax.numpy as jnp
+import keras
 
 if keras.backend.backend() != "jax":
     raise ImportError(
@@ -26,7 +26,7 @@ if keras.backend.backend() != "jax":
         "(KERAS_BACKEND); this engine needs JAX: it runs in a worker process of its own"
     )
 
-from bnexplore.engines.keras3_common import Keras3BackendEngine  # noqa: E402
+from bnexplore.engines.keras3_common import Keras3BackendEngine
 
 
 class KerasJaxEngine(Keras3BackendEngine):
@@ -37,3 +37,24 @@ class KerasJaxEngine(Keras3BackendEngine):
 
     def gpu_count(self) -> int:
         return sum(d.platform == "gpu" for d in jax.devices())
+
+    def forward_and_gradients(self, session, x, target, training, wrt_x: bool):
+        """jax.value_and_grad over the layer's ``stateless_call``; the moving statistics it
+        returns are assigned back, as a stateful call would."""
+        layer = session.layer
+        trainable, frozen = layer.trainable_variables, layer.non_trainable_variables
+        values = [v.value for v in trainable]
+        fixed = [v.value for v in frozen]
+        kwargs = {} if training is None else {"training": training}
+
+        def loss_of(values, x):
+            y, updated = layer.stateless_call(values, fixed, x, **kwargs)
+            return jnp.mean(jnp.square(y - target)), (y, updated)
+
+        (loss, (y, updated)), (by_value, grad_x) = jax.value_and_grad(
+            loss_of, argnums=(0, 1), has_aux=True
+        )(values, x)
+        for variable, value in zip(frozen, updated, strict=True):
+            variable.assign(value)
+        grads = dict(zip(map(id, trainable), by_value, strict=True))
+        return y, loss, grad_x if wrt_x else None, grads

@@ -23,6 +23,7 @@ if "keras" not in sys.modules:
     os.environ["KERAS_BACKEND"] = "torch"
 
 import keras
+import numpy as np
 import torch
 
 if keras.backend.backend() != "torch":
@@ -46,6 +47,24 @@ class KerasTorchEngine(Keras3BackendEngine):
     def scope(self, device: str):
         default = "cpu" if keras.src.backend.torch.core.DEFAULT_DEVICE == "cpu" else "gpu"
         return contextlib.nullcontext() if device.startswith(default) else super().scope(device)
+
+    def forward_and_gradients(self, session, x, target, training, wrt_x: bool):
+        """torch autograd: the layer's variables are leaf Parameters."""
+        trainable = list(session.layer.trainable_variables)
+        for variable in trainable:
+            variable.value.grad = None
+        x = x.detach().requires_grad_(wrt_x)
+        y = session.call(x, training)
+        loss = torch.mean(torch.square(y - target))
+        if loss.requires_grad:
+            loss.backward()
+        grads = {id(v): v.value.grad for v in trainable}
+        return y.detach(), loss.detach(), x.grad if wrt_x else None, grads
+
+    def numpy(self, tensor) -> np.ndarray:
+        if isinstance(tensor, torch.Tensor):
+            tensor = tensor.detach()
+        return keras.ops.convert_to_numpy(tensor)
 
     def describe(self, device: str) -> str:
         if device.startswith("cpu"):

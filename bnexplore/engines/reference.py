@@ -7,6 +7,18 @@ framework's own arithmetic, and a gap between references is semantics.
 
 Notation: statistics per channel (axis 1) over the n values of every other
 axis; mean_b and var_b are the batch mean and the biased batch variance.
+
+With loss=mse each pass also has L = mean((y − T)²) over its N elements, dy = 2(y − T)/N,
+x̂ = (x − mean)/√(var + eps), and (sums per channel)::
+
+    dL/dγ = Σ dy·x̂        dL/dβ = Σ dy
+    batch statistics:   dL/dx = γ/√(var_b + eps) · (dy − Σdy/n − x̂·Σ(dy·x̂)/n)
+    running statistics: dL/dx = γ/√(running_var + eps) · dy
+
+With batch statistics Σx̂ = 0 and Σx̂² = n·var_b/(var_b + eps) exactly, so the sums are
+taken from those identities: an exact zero (β's gradient with a zero target) stays 0.
+Each training pass then moves γ/β by the framework's optimizer, in its own convention
+(:class:`ReferenceOptimizer`).
 """
 
 from __future__ import annotations
@@ -16,7 +28,8 @@ from collections.abc import Callable
 import numpy as np
 
 from bnexplore.batches import numpy_dtype
-from bnexplore.engines import EngineResult, Session, State, history_of
+from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
+from bnexplore.params import ADAM_BETAS, resolved
 from bnexplore.scenario import Scenario
 
 VERSION = f"NumPy {np.__version__} float64"
@@ -79,6 +92,135 @@ def _normalize(x, mean, var, eps, gamma, beta) -> tuple[np.ndarray, np.ndarray]:
         return (x - mean) * scale + _per_channel(beta, ndim), gain
 
 
+PARAMETERS = ("gamma", "beta")
+
+
+def mse_gradients(x, y, target, mean, var, eps, gamma, beta, batch: bool) -> dict:
+    """L, dL/dx, dL/dγ, dL/dβ of L = mean((y − T)²) through y = x̂·γ + β (module docstring).
+
+    ``mean``/``var`` are what normalized (shaped to broadcast); ``batch``: they are the
+    batch's own, so the gradient also flows through them.
+    """
+    ndim, n_all = x.ndim, y.size
+    axes = tuple(i for i in range(ndim) if i != 1)
+    n = n_all // y.shape[1]
+    with np.errstate(all="ignore"):
+        inv_std = 1.0 / np.sqrt(var + eps)
+        x_hat = (x - mean) * inv_std
+        residual = y - target
+        loss = float(np.mean(np.square(residual)))
+        dy = residual * (2.0 / n_all)
+        g = _per_channel(gamma, ndim)
+        if batch:
+            target_sum = target.sum(axis=axes)
+            target_x_hat = (target * x_hat).sum(axis=axes)
+            grad_beta = (2.0 / n_all) * (n * beta - target_sum)
+            spread = (var / (var + eps)).reshape(-1)
+            grad_gamma = (2.0 / n_all) * (gamma * n * spread - target_x_hat)
+            grad_x = (
+                g
+                * inv_std
+                * (
+                    dy
+                    - _per_channel(grad_beta, ndim) / n
+                    - x_hat * _per_channel(grad_gamma, ndim) / n
+                )
+            )
+        else:
+            grad_beta = dy.sum(axis=axes)
+            grad_gamma = (dy * x_hat).sum(axis=axes)
+            grad_x = g * inv_std * dy
+    return {"loss": loss, "x": grad_x, "gamma": grad_gamma, "beta": grad_beta}
+
+
+def _float32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def adam_step_bound(t: int) -> float:
+    """The most |m̂_t|/√v̂_t can be, whatever the gradients (Cauchy–Schwarz over the
+    moving averages' weights): ≈ 1 for the first steps. Adam's step is at most lr times it."""
+    b1, b2 = ADAM_BETAS
+    i = np.arange(1, t + 1)
+    a = (1 - b1) * b1 ** (t - i) / (1 - b1**t)
+    b = (1 - b2) * b2 ** (t - i) / (1 - b2**t)
+    return float(np.sqrt(np.sum(a * a / b)))
+
+
+class ReferenceOptimizer:
+    """One optimizer in one framework's convention, in float64.
+
+    PyTorch: SGD/Adam add weight decay to the gradient (g + wd·p); AdamW decays the weight
+    (p ← p·(1 − lr·wd)); SGD momentum buf ← μ·buf + g (buf = g at the first step),
+    p −= lr·buf; Adam p −= lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε).
+    Keras (3 and 2): every optimizer decays the weight first, p ← p − p·wd·lr; SGD momentum
+    m ← μ·m − lr·g, p += m; Adam p −= lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε).
+
+    Keras casts lr (a float32 variable), wd, μ and the bases of β₁ᵗ, β₂ᵗ to the variable's
+    dtype from float32 (``ops.cast`` of a Python float makes a float32 tensor first), while
+    (1 − β₁), (1 − β₂) and ε stay Python doubles. Measured: on float64 layers that puts
+    Adam's step 6.6e-6 (relative) from the all-float64 formula, the float32 rounding of β₂
+    in 1 − β₂ᵗ; this reference follows Keras, and then agrees to float64 rounding.
+    """
+
+    def __init__(self, convention: str, scenario: Scenario, prefix: str) -> None:
+        self.convention = convention
+        self.kind = scenario[f"{prefix}_optimizer"]
+        self.lr = resolved(scenario, prefix, "lr")
+        self.weight_decay = resolved(scenario, prefix, "weight_decay")
+        self.eps = resolved(scenario, prefix, "adam_eps")
+        self.momentum = scenario[f"{prefix}_opt_momentum"]
+        self.beta_bases = ADAM_BETAS
+        if convention == "keras":
+            self.lr, self.weight_decay, self.momentum = (
+                _float32(self.lr),
+                _float32(self.weight_decay),
+                _float32(self.momentum),
+            )
+            self.beta_bases = (_float32(ADAM_BETAS[0]), _float32(ADAM_BETAS[1]))
+        self.slots: dict[str, dict] = {}
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind != "sgd"
+
+    def step(self, name: str, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+        slot = self.slots.setdefault(name, {"t": 0, "m": np.zeros_like(p), "v": np.zeros_like(p)})
+        slot["t"] += 1
+        t, lr, wd = slot["t"], self.lr, self.weight_decay
+        b1, b2 = ADAM_BETAS
+        if self.convention == "torch":
+            if self.kind == "adamw":
+                p = p * (1 - lr * wd)
+            elif wd:
+                g = g + wd * p
+            if self.kind == "sgd":
+                if self.momentum:
+                    slot["m"] = g if t == 1 else self.momentum * slot["m"] + g
+                    g = slot["m"]
+                return p - lr * g
+            slot["m"] = b1 * slot["m"] + (1 - b1) * g
+            slot["v"] = b2 * slot["v"] + (1 - b2) * g * g
+            denom = np.sqrt(slot["v"]) / np.sqrt(1 - b2**t) + self.eps
+            return p - lr / (1 - b1**t) * slot["m"] / denom
+        if wd:
+            p = p - p * wd * lr
+        if self.kind == "sgd":
+            if self.momentum:
+                slot["m"] = self.momentum * slot["m"] - lr * g
+                return p + slot["m"]
+            return p - lr * g
+        slot["m"] = slot["m"] + (g - slot["m"]) * (1 - b1)
+        slot["v"] = slot["v"] + (g * g - slot["v"]) * (1 - b2)
+        base1, base2 = self.beta_bases
+        alpha = lr * np.sqrt(1 - base2**t) / (1 - base1**t)
+        return p - alpha * slot["m"] / (np.sqrt(slot["v"]) + self.eps)
+
+    def noise_bound(self, name: str) -> float:
+        """How far one step on a zero gradient can move a parameter on rounding noise."""
+        return self.lr * adam_step_bound(self.slots[name]["t"]) if self.adaptive else 0.0
+
+
 class ReferenceSession(Session):
     """A float64 layer following one framework's rules; subclasses say which."""
 
@@ -96,12 +238,23 @@ class ReferenceSession(Session):
         self.output = self.gain = None
         self.fast_variance = False
         self.variance_error: dict[str, np.ndarray] = {}
+        self.has = {"gamma": True, "beta": True}
+        """The layer has this parameter (PyTorch affine, Keras scale/center)."""
+        self.trains = {"gamma": True, "beta": True}
+        """The framework computes its gradient and updates it."""
+        self.optimizer: ReferenceOptimizer | None = None
+        self.parameter_dtype = scenario["dtype"]
+        self.trained_parameters: dict[str, np.ndarray | None] = {}
+        self.parameters_seen: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.unpredictable: dict[str, float] = {}
+        self.loss = None
+        self.grads: dict[str, np.ndarray | None] = {}
 
     def _normalize_with_batch(
-        self, k: int, x: np.ndarray, eps: float
+        self, k: int, x: np.ndarray, target: np.ndarray | None, eps: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """y from the exact batch moments (returned); with a fast-variance kernel, also
-        what that kernel's error does.
+        """The pass with the exact batch moments (returned, see _forward); with a
+        fast-variance kernel, also what that kernel's error does.
 
         A variance off by at most δ scales y − β by √(v + eps)/√(v̂ + eps) with
         v̂ ∈ [max(v − δ, 0), v + δ]: by at most 1 + r, r = √((v + eps)/(max(v − δ, 0) + eps))
@@ -110,7 +263,7 @@ class ReferenceSession(Session):
         most δ in all).
         """
         mean, var = _moments(x)
-        self.output, self.gain = _normalize(x, mean, var, eps, self.gamma, self.beta)
+        self._forward(k, x, target, mean, var, eps, batch=True)
         if self.fast_variance:
             delta = fast_variance_error(x, self.s["dtype"])
             if k == self.s["steps"]:
@@ -130,6 +283,47 @@ class ReferenceSession(Session):
             self.means.append(self.running_mean)
             self.variances.append(self.running_var)
 
+    def _snapshot(self) -> None:
+        """γ and β after the training steps, as the layer has them."""
+        self.trained_parameters = {
+            name: getattr(self, name).copy() if self.has[name] else None for name in PARAMETERS
+        }
+
+    def _forward(self, k: int, x, target, mean, var, eps: float, batch: bool) -> None:
+        """y with these statistics; with a target, L and its gradients, and on a training
+        pass one optimizer step on what the framework trains."""
+        self.output, self.gain = _normalize(x, mean, var, eps, self.gamma, self.beta)
+        if target is None:
+            return
+        grads = mse_gradients(
+            x, self.output, target.astype(np.float64), mean, var, eps, self.gamma, self.beta, batch
+        )
+        if k == self.s["steps"]:
+            self.loss = grads["loss"]
+            self.grads = {
+                "x": grads["x"],
+                **{name: grads[name] if self.trains[name] else None for name in PARAMETERS},
+            }
+        elif self.optimizer is not None:
+            for name in PARAMETERS:
+                if self.trains[name]:
+                    self._update(name, grads[name])
+        self.parameters_seen.append((k, self.gamma, self.beta))
+
+    def _update(self, name: str, grad: np.ndarray) -> None:
+        """One optimizer step on a parameter, stored in the layer's dtype.
+
+        Adam-like on an exact zero gradient: the framework steps on its rounding noise,
+        which no formula predicts; from then on the bound on that is accumulated."""
+        optimizer = self.optimizer
+        with np.errstate(all="ignore"):  # ε = 0 on a zero gradient is 0/0: a result to show
+            moved = optimizer.step(name, getattr(self, name), grad)
+        setattr(self, name, _stored(moved, self.parameter_dtype))
+        if optimizer.adaptive and (name in self.unpredictable or np.any(grad == 0)):
+            self.unpredictable[name] = self.unpredictable.get(name, 0.0) + optimizer.noise_bound(
+                name
+            )
+
     def state(self) -> State | None:
         if self.running_mean is None:
             return None
@@ -140,18 +334,17 @@ class ReferenceSession(Session):
             "running_var": self.running_var,
         }
 
-    def _normalize_with_running(self, x: np.ndarray, eps: float) -> None:
+    def _forward_with_running(self, k: int, x: np.ndarray, target, eps: float) -> None:
         ndim = x.ndim
-        self.output, self.gain = _normalize(
-            x,
-            _per_channel(self.running_mean, ndim),
-            _per_channel(self.running_var, ndim),
-            eps,
-            self.gamma,
-            self.beta,
-        )
+        mean = _per_channel(self.running_mean, ndim)
+        var = _per_channel(self.running_var, ndim)
+        self._forward(k, x, target, mean, var, eps, batch=False)
 
     def finish(self) -> EngineResult:
+        seen = self.parameters_seen
+        parameters = self.trained_parameters or {
+            name: getattr(self, name) if self.has[name] else None for name in PARAMETERS
+        }
         return EngineResult(
             self.name,
             available=True,
@@ -162,6 +355,18 @@ class ReferenceSession(Session):
             rounding_gain=self.gain,
             variance_error=self.variance_error or None,
             history=history_of(self.steps_seen, self.means, self.variances),
+            gamma=parameters["gamma"],
+            beta=parameters["beta"],
+            loss=self.loss,
+            grad_x=self.grads.get("x"),
+            grad_gamma=self.grads.get("gamma"),
+            grad_beta=self.grads.get("beta"),
+            parameter_history=parameter_history_of(
+                [k for k, _, _ in seen],
+                [g if self.has["gamma"] else None for _, g, _ in seen],
+                [b if self.has["beta"] else None for _, _, b in seen],
+            ),
+            unpredictable=dict(self.unpredictable) or None,
             **self.where,
         )
 
@@ -179,6 +384,12 @@ class TorchRules(ReferenceSession):
         if not self.track:
             self.running_mean = self.running_var = None
         self.tracked = 0
+        affine = scenario["torch_affine"]
+        self.has = {"gamma": affine, "beta": affine}
+        trains = affine and scenario["torch_requires_grad"]
+        self.trains = {"gamma": trains, "beta": trains}
+        if trains and scenario["loss"] != "none":
+            self.optimizer = ReferenceOptimizer("torch", scenario, "torch")
 
     def port(self, state: State) -> None:
         """What load_state_dict keeps: weight and bias if affine, the running statistics
@@ -190,17 +401,18 @@ class TorchRules(ReferenceSession):
             self.running_mean = _stored(state["running_mean"], dtype)
             self.running_var = _stored(state["running_var"], dtype)
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
         s, n = self.s, self.s.values_per_channel
         if k == s["steps"]:
             self.trained_state = self.state()
+            self._snapshot()
         x = batch.astype(np.float64)
         training = k < s["steps"] or s["torch_mode"] == "train"
         if training or not self.track:
             if n == 1:
                 raise ValueError("Expected more than 1 value per channel when training")
             mean, var = _moments(x)
-            self.output, self.gain = _normalize(x, mean, var, s["torch_eps"], self.gamma, self.beta)
+            self._forward(k, x, target, mean, var, s["torch_eps"], batch=True)
             if training and self.track:
                 self.tracked += 1
                 m = 1.0 / self.tracked if s["torch_momentum"] is None else s["torch_momentum"]
@@ -211,7 +423,7 @@ class TorchRules(ReferenceSession):
                     (1 - m) * self.running_var + m * var.ravel() * n / (n - 1), s["dtype"]
                 )
         else:
-            self._normalize_with_running(x, s["torch_eps"])
+            self._forward_with_running(k, x, target, s["torch_eps"])
         self._record(k)
 
 
@@ -233,6 +445,12 @@ class KerasRules(ReferenceSession):
         self.fast_variance = fast_variance
         self.unbiased, self.eps, self.error = self.rules(scenario)
         self.ported = self.prefix == "keras" and scenario["keras_init"] != "fresh"
+        p = self.prefix
+        self.has = {"gamma": scenario[f"{p}_scale"], "beta": scenario[f"{p}_center"]}
+        self.trains = {name: has and scenario[f"{p}_trainable"] for name, has in self.has.items()}
+        self.parameter_dtype = self.variable_dtype(scenario)
+        if any(self.trains.values()) and scenario["loss"] != "none":
+            self.optimizer = ReferenceOptimizer("keras", scenario, p)
 
     def rules(self, scenario: Scenario) -> tuple[bool, float, str | None]:
         """(unbiased variance fed in?, epsilon, error) for this scenario."""
@@ -252,24 +470,26 @@ class KerasRules(ReferenceSession):
         self.running_mean = _stored(state["running_mean"], stored)
         self.running_var = _stored(state["running_var"], stored)
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
         s, p, n = self.s, self.prefix, self.s.values_per_channel
         if self.error:
             raise ValueError(self.error)
+        if k == s["steps"]:
+            self._snapshot()
         if self.ported and k < s["steps"]:
             return
         x = batch.astype(np.float64)
         training = k < s["steps"] or s[f"{p}_training"] == "true"
         if training and s[f"{p}_trainable"]:
             momentum, stored = s[f"{p}_momentum"], self.variable_dtype(s)
-            mean, var = self._normalize_with_batch(k, x, self.eps)
+            mean, var = self._normalize_with_batch(k, x, target, self.eps)
             fed = var.ravel() * n / (n - 1) if self.unbiased and n > 1 else var.ravel()
             self.running_mean = _stored(
                 momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
             )
             self.running_var = _stored(momentum * self.running_var + (1 - momentum) * fed, stored)
         else:
-            self._normalize_with_running(x, self.eps)
+            self._forward_with_running(k, x, target, self.eps)
         self._record(k)
 
 
@@ -325,13 +545,13 @@ class FlaxRules(ReferenceSession):
         self.running_mean = _stored(state["running_mean"], dtype)
         self.running_var = _stored(state["running_var"], dtype)
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
         s = self.s
         x = batch.astype(np.float64)
         if k < s["steps"] or not s["flax_use_running_average"]:
             momentum = s["flax_momentum"]
             stored = "float64" if s["dtype"] == "float64" else "float32"
-            mean, var = self._normalize_with_batch(k, x, s["flax_eps"])
+            mean, var = self._normalize_with_batch(k, x, target, s["flax_eps"])
             self.running_mean = _stored(
                 momentum * self.running_mean + (1 - momentum) * mean.ravel(), stored
             )
@@ -339,7 +559,7 @@ class FlaxRules(ReferenceSession):
                 momentum * self.running_var + (1 - momentum) * var.ravel(), stored
             )
         else:
-            self._normalize_with_running(x, s["flax_eps"])
+            self._forward_with_running(k, x, target, s["flax_eps"])
         self._record(k)
 
 

@@ -50,3 +50,16 @@ class TensorFlowKerasEngine(KerasFamilyEngine):
 
     def assign(self, variable, values: np.ndarray) -> None:
         variable.assign(tf.cast(tf.constant(values), variable.dtype))
+
+    def forward_and_gradients(self, session, x, target, training, wrt_x: bool):
+        variables = list(session.layer.trainable_variables)
+        with tf.GradientTape() as tape:
+            if wrt_x:
+                tape.watch(x)
+            y = session.call(x, training)
+            loss = tf.reduce_mean(tf.square(y - target))
+        sources = ([x] if wrt_x else []) + variables
+        grads = tape.gradient(loss, sources) if sources else []
+        grad_x = grads[0] if wrt_x else None
+        by_variable = grads[len(sources) - len(variables) :]
+        return y, loss, grad_x, dict(zip(map(id, variables), by_variable, strict=True))

@@ -9,6 +9,11 @@ Training pass (``.train()``, or always when track_running_stats is false)::
 with m = momentum, or 1/num_batches_tracked when momentum is None. Eval pass:
 the same normalization with the running statistics. Statistics are per
 channel (axis 1) over the n values of every other axis.
+
+With loss=mse a training pass is ``L = mean((y − T)²)``, ``L.backward()`` and one
+``optimizer.step()`` on the parameters that require grad; the measured pass computes L
+and the gradients w.r.t. x, weight and bias, and takes no step. ``requires_grad_(False)``
+only stops the update: the forward pass still uses the batch statistics.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bnexplore.engines import EngineResult, Session, State, history_of
+from bnexplore.engines import (
+    EngineResult,
+    Session,
+    State,
+    history_of,
+    parameter_history_of,
+)
+from bnexplore.params import ADAM_BETAS
 from bnexplore.scenario import Scenario
 
 _DTYPES = {
@@ -81,6 +93,32 @@ def to_numpy(tensor: torch.Tensor | None, copy: bool = True) -> np.ndarray | Non
     else:
         array = tensor.numpy()
     return array.copy() if copy else array
+
+
+def build_optimizer(scenario: Scenario, parameters: list) -> torch.optim.Optimizer | None:
+    """The scenario's torch.optim optimizer over ``parameters`` (None: nothing to train).
+
+    A knob left at ``default`` is not passed: the library's own default applies.
+    """
+    if not parameters:
+        return None
+    kind = scenario["torch_optimizer"]
+    kwargs: dict = {}
+    if scenario["torch_lr"] is not None:
+        kwargs["lr"] = scenario["torch_lr"]
+    if scenario["torch_weight_decay"] is not None:
+        kwargs["weight_decay"] = scenario["torch_weight_decay"]
+    if kind == "sgd":
+        return torch.optim.SGD(parameters, momentum=scenario["torch_opt_momentum"], **kwargs)
+    if scenario["torch_adam_eps"] is not None:
+        kwargs["eps"] = scenario["torch_adam_eps"]
+    adam = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    return adam(parameters, betas=ADAM_BETAS, **kwargs)
+
+
+def mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L = mean((y − T)²) over all elements."""
+    return torch.mean(torch.square(y - target))
 
 
 class TorchEngine:
@@ -148,16 +186,54 @@ class TorchSession(Session):
         self.recorded: list[torch.Tensor] = []  # (2, C) per pass, on the device until the end
         self.trained_state: State | None = None
         self.output: torch.Tensor | None = None
+        trained = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(scenario, trained) if scenario["loss"] != "none" else None
+        self.parameters_seen: list[torch.Tensor] = []  # (γ, β) per pass with a loss
+        self.gamma = self.beta = None
+        self.loss = self.grad_x = self.grad_gamma = self.grad_beta = None
 
-    def step(self, k: int, batch: np.ndarray) -> None:
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
         module = self.module
         if k == self.steps:
             self.trained_state = self.state()
+            self.gamma, self.beta = to_numpy(module.weight), to_numpy(module.bias)
         module.train(k < self.steps or self.measured_train)
-        with torch.no_grad():
-            self.output = module(to_tensor(batch, self.device))
+        x = to_tensor(batch, self.device)
+        if target is None:
+            with torch.no_grad():
+                self.output = module(x)
+        elif k < self.steps:
+            self.train_step(x, to_tensor(target, self.device))
+        else:
+            self.measure_gradients(x, to_tensor(target, self.device))
         if module.running_mean is not None:
             self.recorded.append(torch.stack([module.running_mean, module.running_var]))
+        if target is not None and module.weight is not None:
+            self.parameters_seen.append(torch.stack([module.weight, module.bias]).detach())
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Forward, L, backward, one optimizer step (nothing to step: forward and L only)."""
+        y = self.module(x)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+            mse(y, target).backward()
+            self.optimizer.step()
+        self.output = y.detach()
+
+    def measure_gradients(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """The measured pass: L and dL/dx, dL/dweight, dL/dbias; no step."""
+        module = self.module
+        x = x.detach().requires_grad_(True)  # a leaf; nothing writes to x
+        for parameter in module.parameters():
+            parameter.grad = None
+        y = module(x)
+        loss = mse(y, target)
+        loss.backward()
+        self.output = y.detach()
+        self.loss = float(loss.detach().to(torch.float64))
+        self.grad_x = to_numpy(x.grad, copy=False)
+        self.grad_gamma = to_numpy(module.weight.grad) if module.weight is not None else None
+        self.grad_beta = to_numpy(module.bias.grad) if module.bias is not None else None
 
     def port(self, state: State) -> None:
         """Start from a state (PyTorch's names) through ``load_state_dict``.
@@ -194,6 +270,12 @@ class TorchSession(Session):
         if self.recorded:
             stacked = torch.stack(self.recorded).to(torch.float64).cpu().numpy()
             history = history_of(list(range(len(self.recorded))), stacked[:, 0], stacked[:, 1])
+        parameter_history = None
+        if self.parameters_seen:
+            stacked = torch.stack(self.parameters_seen).to(torch.float64).cpu().numpy()
+            parameter_history = parameter_history_of(
+                list(range(len(stacked))), stacked[:, 0], stacked[:, 1]
+            )
         return EngineResult(
             self.name,
             available=True,
@@ -202,5 +284,12 @@ class TorchSession(Session):
             running_var=to_numpy(self.module.running_var),
             trained_state=self.trained_state,
             history=history,
+            gamma=self.gamma,
+            beta=self.beta,
+            loss=self.loss,
+            grad_x=self.grad_x,
+            grad_gamma=self.grad_gamma,
+            grad_beta=self.grad_beta,
+            parameter_history=parameter_history,
             **self.where,
         )
