@@ -80,6 +80,7 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
         "overview": 0,
         "outputs": 3,
         "running": 6,
+        "training": 0,  # loss=none: a note, no chart
         "layer": 0,
         "sweep": 0,
         "explain": 1,
