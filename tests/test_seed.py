@@ -108,12 +108,15 @@ def test_document_is_strict_json_and_feeding_its_link_back_gives_the_same_number
     assert doc["divergence"] == again["divergence"]
 
 
-def test_keras_seed_output_is_within_one_float32_ulp_of_the_exact_value() -> None:
-    """Finding: TensorFlow's CPU kernel does not return one value on an all-ones batch.
+def test_keras_seed_output_is_within_two_float32_ulps_of_the_exact_value() -> None:
+    """Finding: TensorFlow's CPU kernel does not return one value on an all-ones batch,
+    and which values it returns depends on the CPU's vector instructions.
 
-    Measured here: 0.99950033 for most channels and 0.9995004 (the correctly
-    rounded 1/√1.001) for a few, one ulp apart: vectorized lanes and the
-    scalar tail round differently. Both are float32 rounding.
+    Measured on an earlier machine: 0.99950033 for most channels and 0.9995004 (the
+    correctly rounded 1/√1.001) for a few, one ulp apart. On this project's current
+    machines (AVX-512): 0.99950027 — two ulps below — for some elements, 0.9995004 for
+    others. Vectorized lanes and the scalar tail round differently; every value is a
+    few float32 roundings of the exact one, never more than two ulps away.
     """
     from bnexplore.runner import run_engine
     from bnexplore.scenario import parse_link
@@ -121,4 +124,5 @@ def test_keras_seed_output_is_within_one_float32_ulp_of_the_exact_value() -> Non
     output = run_engine("keras", parse_link("?v=1")[0]).output
     exact = np.float32(1 / math.sqrt(1.001))
     ulp = np.spacing(exact)
-    assert np.all(np.abs(output - exact) <= ulp)
+    assert np.all(np.abs(output - exact) <= 2 * ulp)
+    assert exact in set(np.unique(output)), np.unique(output)  # the correctly rounded one
