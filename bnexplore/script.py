@@ -379,8 +379,11 @@ def run_other_backend(engine, state):
         for k, batch in enumerate(batches()):
             running = False if k < STEPS else S["flax_use_running_average"]
             output = bn(jnp.asarray(np.moveaxis(batch, 1, -1)), use_running_average=running)
+        # forward passes only: γ and β are still what the layer started with
+        trained = {"gamma": None if bn.scale is None else np.asarray(bn.scale[...]),
+                   "beta": None if bn.bias is None else np.asarray(bn.bias[...])}
         return summary(np.moveaxis(np.asarray(output), -1, 1), np.asarray(bn.mean[...]),
-                       np.asarray(bn.var[...]))
+                       np.asarray(bn.var[...]), trained)
     import keras
 
     layer = keras.layers.BatchNormalization(
@@ -407,8 +410,10 @@ def run_other_backend(engine, state):
         training = True if k < STEPS else TRAINING[S["keras_training"]]
         output = layer(x) if training is None else layer(x, training=training)
     channels_first = np.moveaxis(keras.ops.convert_to_numpy(output), -1, 1)
+    trained = {name: None if v is None else keras.ops.convert_to_numpy(v)
+               for name, v in (("gamma", layer.gamma), ("beta", layer.beta))}
     return summary(channels_first, keras.ops.convert_to_numpy(layer.moving_mean),
-                   keras.ops.convert_to_numpy(layer.moving_variance))
+                   keras.ops.convert_to_numpy(layer.moving_variance), trained)
 
 
 TRAINING = {"none": None, "true": True, "false": False}
