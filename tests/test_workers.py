@@ -35,6 +35,12 @@ def subset_problems(golden, actual, where: str = "") -> list[str]:
             else:
                 problems += subset_problems(value, actual[key], f"{where}.{key}")
         return problems
+    if isinstance(golden, list) and isinstance(actual, list) and len(golden) == len(actual):
+        return [
+            p
+            for i, (g, a) in enumerate(zip(golden, actual, strict=True))
+            for p in subset_problems(g, a, f"{where}[{i}]")
+        ]
     return [] if golden == actual else [f"{where}: {golden!r} then, {actual!r} now"]
 
 
