@@ -87,3 +87,11 @@ def unship(result):
         if isinstance(value := getattr(result, f.name), Shipped)
     }
     return dataclasses.replace(result, **changes) if changes else result
+
+
+def discard_shipped(result) -> None:
+    """Delete the files of a shipped result that will never be received."""
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, Shipped):
+            value.discard()

@@ -41,7 +41,7 @@ import numpy as np
 from bnexplore.admission import Ticket
 from bnexplore.engines import LABELS, EngineResult, Session, State
 from bnexplore.scenario import Scenario
-from bnexplore.shipping import new_file, unship
+from bnexplore.shipping import discard_shipped, new_file, unship
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,13 @@ class Worker:
             self._stash[message[1]] = message
         return self._stash.pop(sid)
 
+    def forget_answers(self) -> None:
+        """Drop answers nobody will read (a run that stopped early), their files with them."""
+        for message in self._stash.values():
+            if message[0] == "result":
+                discard_shipped(message[2])
+        self._stash.clear()
+
     def _exit_code(self) -> int | None:
         try:
             return self.process.wait(timeout=2)
@@ -229,8 +236,8 @@ class Pool:
     def release(self, workers: Iterable[Worker]) -> None:
         with self._cond:
             for worker in workers:
+                worker.forget_answers()
                 if worker.alive:
-                    worker._stash.clear()
                     self._free.setdefault(worker.engine, []).append(worker)
                 else:
                     worker.stop()
