@@ -44,7 +44,8 @@ SAMPLE_EVERY_S = 0.1
 SMALL_LINK = "/?v=1&engines=torch,keras&shape=16,8,6,6&input=normal&steps=2"
 """A seed-like link, small enough that its run adds nothing measurable: the warm-up."""
 
-# The script run is over and the page drawn (tests/test_browser.py's SETTLED_JS).
+# The script run is over and the page drawn: either an exception box, or both the
+# headline and the sidebar (the browser tests use it too).
 SETTLED_JS = """() => {
     const app = document.querySelector("[data-testid='stApp']");
     if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;

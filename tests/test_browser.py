@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from bnexplore import bench
+from tests.team_server import SETTLED_JS, stop
 
 pytestmark = pytest.mark.browser
 
@@ -70,14 +70,7 @@ TABS = {  # tab name: fewest charts it draws, screenshot
 
 # The script run is over and the page drawn: no stale or lazily loading element is
 # left, and either an exception box or both the headline and the sidebar are there.
-SETTLED_JS = """() => {
-    const app = document.querySelector("[data-testid='stApp']");
-    if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
-    if (document.querySelector("[data-stale='true'], [data-testid='stSkeleton']")) return false;
-    if (document.querySelector("[data-testid='stException']")) return true;
-    return document.querySelector("[data-testid='stMain'] h3") !== null
-        && document.querySelector("[data-testid='stSidebar'] .st-key-w_steps input") !== null;
-}"""
+
 
 # The visible tab panel's charts: how many, and whether each is drawn (a canvas with
 # painted pixels, or an svg with marks); -1 while something in it is still loading.
@@ -182,22 +175,7 @@ def app_url(chromium, store_dir) -> Iterator[str]:
                 time.sleep(0.5)
             yield url
         finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's whole process group; kill it if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-    except ProcessLookupError:
-        pass
+            stop(proc)
 
 
 @pytest.fixture

@@ -88,6 +88,10 @@ State = dict[str, np.ndarray]
 """A layer's state in PyTorch's names: weight, bias, running_mean, running_var."""
 
 
+TRAINING_FIELDS = ("gamma", "beta", "loss", "grad_x", "grad_gamma", "grad_beta")
+"""EngineResult fields an engine session fills from its training step (see training_fields)."""
+
+
 class Session:
     """One layer of one engine, stepped through the scenario's batches.
 
@@ -126,6 +130,11 @@ class Session:
 
     def finish(self) -> EngineResult:
         raise NotImplementedError
+
+    def training_fields(self) -> dict:
+        """The training step's results as EngineResult fields, from the session's attributes
+        of the same names (None where a session has none: loss=none, no such parameter)."""
+        return {name: getattr(self, name, None) for name in TRAINING_FIELDS}
 
     def failed(self, exc: Exception) -> EngineResult:
         return EngineResult(

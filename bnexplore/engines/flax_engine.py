@@ -193,12 +193,7 @@ class FlaxSession(Session):
             history=history_of(
                 list(range(len(records))), [r[0] for r in records], [r[1] for r in records]
             ),
-            gamma=self.gamma,
-            beta=self.beta,
-            loss=self.loss,
-            grad_x=self.grad_x,
-            grad_gamma=self.grad_gamma,
-            grad_beta=self.grad_beta,
+            **self.training_fields(),
             parameter_history=parameter_history_of(
                 list(range(len(self.parameters_seen))),
                 [g for g, _ in self.parameters_seen],

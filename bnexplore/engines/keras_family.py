@@ -237,12 +237,7 @@ class KerasSession(Session):
                 [engine.numpy(r)[0] for r in self.recorded],
                 [engine.numpy(r)[1] for r in self.recorded],
             ),
-            gamma=self.gamma,
-            beta=self.beta,
-            loss=self.loss,
-            grad_x=self.grad_x,
-            grad_gamma=self.grad_gamma,
-            grad_beta=self.grad_beta,
+            **self.training_fields(),
             parameter_history=parameter_history_of(
                 self.steps_seen if self.parameters_seen else [],
                 [g for g, _ in self.parameters_seen],

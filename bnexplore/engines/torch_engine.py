@@ -284,12 +284,7 @@ class TorchSession(Session):
             running_var=to_numpy(self.module.running_var),
             trained_state=self.trained_state,
             history=history,
-            gamma=self.gamma,
-            beta=self.beta,
-            loss=self.loss,
-            grad_x=self.grad_x,
-            grad_gamma=self.grad_gamma,
-            grad_beta=self.grad_beta,
+            **self.training_fields(),
             parameter_history=parameter_history,
             **self.where,
         )
