@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -121,6 +122,18 @@ def layer_view(scenario: Scenario) -> LayerView | None:
     return LayerView(layer, eps, charts.layer_statistics(dict(layer.state), eps))
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number for the mmap threshold."""
+
+
+def hand_big_buffers_back() -> None:
+    """Fix glibc's mmap threshold at 1 MiB in this process (the workers get the same through
+    MALLOC_MMAP_THRESHOLD_): every big buffer is mapped on its own and returned to the system
+    when freed, instead of staying on a heap that the adaptive threshold let it grow into."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
 def release_freed_memory() -> None:
     """Hand memory that a finished run freed back to the system (glibc's malloc_trim):
     the server's footprint returns to idle between runs. Elsewhere, nothing to do."""
@@ -163,6 +176,10 @@ class Flight:
             self._error = exc
         finally:
             self._done.set()
+            if self._error is not None:
+                # a run cut short (cancelled) leaves its arrays in reference cycles of
+                # interrupted frames and generators: collect them before trimming the heap
+                gc.collect()
             release_freed_memory()
 
     @property
@@ -189,6 +206,7 @@ class ViewCache:
     """
 
     def __init__(self, max_entries: int = 32) -> None:
+        hand_big_buffers_back()  # the server's share of "memory goes back"
         self._views: OrderedDict[str, View | SweepView] = OrderedDict()
         self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
