@@ -17,7 +17,7 @@ from bnexplore.explain import aligned
 from bnexplore.params import DEFAULTS, TABS
 from bnexplore.presets import matching
 from bnexplore.script import reproducer
-from bnexplore.story import VERDICT_WORDS
+from bnexplore.story import GAP_NAMES, VERDICT_WORDS, percent, verdict
 from bnexplore.translate import TRANSLATORS, translation_pair
 from bnexplore.view import ViewCache, chart_spec, layer_view
 from bnexplore.widgets import TAB, apply_scenario, sidebar, sweep_controls
@@ -71,11 +71,15 @@ for name, engine in doc["engines"].items():
 
 # --- the answer, on top --------------------------------------------------------------
 BADGES = {"agree": "green", "rounding": "blue", "differ": "red", "not compared": "gray"}
-verdict = view.verdicts[0] if view.verdicts else "not compared"
 st.subheader(view.headline)
-under = "" if verdict == "not compared" else f" under {scenario['dtype']} tolerances"
-badge = f":{BADGES[verdict]}-badge[{VERDICT_WORDS[verdict]}{under}]"
-st.markdown(badge + (f" · **{view.explain_summary}**" if view.explain_summary else ""))
+badges = [
+    f":{BADGES[verdict]}-badge[{what}: {VERDICT_WORDS[verdict]}]"
+    for what, verdict in (("outputs", view.verdict["output"]), ("state", view.verdict["state"]))
+    if verdict != "not compared" or what == "outputs"
+]
+under = f" under {scenario['dtype']} tolerances" if view.verdict["output"] != "not compared" else ""
+summary = f" · **{view.explain_summary}**" if view.explain_summary else ""
+st.markdown(" ".join(badges) + under + summary)
 preset = matching(scenario.values, DEFAULTS)
 if preset:
     st.info(f"**Preset {preset.name}: {preset.title}.** {preset.story}")
@@ -365,37 +369,72 @@ def draw_sweep() -> None:
 
 
 def draw_explain() -> None:
-    if len(view.explain):
-        st.markdown(
-            "Every knob that differs between the first two engines is aligned in every "
-            "combination, each run for real; a knob's Shapley value is how much it closes the "
-            "gap (max |Δ| of the outputs), averaged over every order of aligning the knobs. "
-            "Shares add up to at most 100 %; the rest is what remains. Each knob links to the "
-            "scenario with that knob alone aligned."
-        )
+    about = doc["headline_about"]
+    if not about:
+        st.success("Nothing to explain: only one engine ran, or the pair cannot be compared.")
+        return
+    pair = f"{LABELS[about['a']]} and {LABELS[about['b']]}"
+    st.markdown(
+        f"The gaps between **{pair}** (the pair the headline is about) beyond "
+        f"{scenario['dtype']} tolerances, cause by cause. Every knob that differs is aligned "
+        "in every combination, each run for real; a knob's Shapley value is how much it "
+        "closes a gap (its max |Δ|), averaged over every order of aligning the knobs. A "
+        "gap's shares add up to at most 100 %; the rest is what remains. Each knob links to "
+        "the scenario with that knob alone aligned."
+    )
+    if doc["explain"]:
         st.caption(doc["explain"][0]["method"])
-        show(lambda: charts.attribution_chart(view.explain), "explain_shares")
-        for step in doc["explain"]:
-            if step["knob"] == "what remains":
-                share = "" if step["share"] is None else f"{step['share']:.0%} of the gap, "
-                st.markdown(
-                    f"- [{step['knob']}]({step['link']}): {share}{fmt(step['gap_before'])} "
-                    f"left with every knob aligned — {step['cause']}"
-                )
-            elif step["widens"] is not None:
-                st.markdown(
-                    f"- [{step['knob']}]({step['link']}): **widens** the gap by "
-                    f"{fmt(step['widens'])} — {step['cause']}"
-                )
-            else:
-                share = "—" if step["share"] is None else f"{step['share']:.0%}"
-                st.markdown(
-                    f"- [{step['knob']}]({step['link']}): {share} of the gap "
-                    f"(alone: {fmt(step['gap_before'])} → {fmt(step['gap_after'])}) — "
-                    f"{step['cause']}"
-                )
-    else:
-        st.success("Nothing to explain: the first two engines agree, or only one ran.")
+    pair_gaps = next(d for d in doc["divergence"] if (d["a"], d["b"]) == (about["a"], about["b"]))
+    output, state = st.columns(2)
+    with output:
+        st.markdown("#### The output")
+        for of in ("output", "grad_x"):
+            explain_gap(of, pair_gaps)
+    with state:
+        st.markdown("#### The state after the measured pass")
+        for of in ("running_mean", "running_var", "gamma", "beta"):
+            explain_gap(of, pair_gaps)
+
+
+GAP_TITLES = {"output": "Output", "running_mean": "Running mean", "running_var": "Running variance"}
+"""Gap names at the start of a line (γ, β and dL/dx stay as they are)."""
+
+
+def explain_gap(of: str, pair_gaps: dict) -> None:
+    """One gap's causes (chart and list), or why it has none."""
+    gap = pair_gaps if of == "output" else None
+    if of == "grad_x":
+        gap = (pair_gaps.get("grad") or {}).get("x")
+    elif of != "output":
+        gap = pair_gaps["state"].get(of)
+    name = GAP_TITLES.get(of, GAP_NAMES[of])
+    steps = [step for step in doc["explain"] if step["of"] == of]
+    if gap is None:
+        if of in ("output", "running_mean", "running_var"):
+            st.caption(f"{name}: not compared (a side has none).")
+        return
+    if not steps:
+        words = {"agree": "agrees exactly", "rounding": "agrees within rounding"}
+        said = words.get(verdict(gap), "differs, with no share to compute")
+        st.success(f"**{name}**: the pair {said} (max |Δ| = {fmt(gap['max_abs'])}).")
+        return
+    st.markdown(f"**{name}**: max |Δ| = {fmt(gap['max_abs'])}, beyond tolerance")
+    show(lambda: charts.attribution_chart(view.explain, of), f"explain_{of}")
+    for step in steps:
+        link = f"[{step['knob']}]({step['link']})"
+        if step["knob"] == "what remains":
+            share = "" if step["share"] is None else f"{percent(step['share'])} of the gap, "
+            st.markdown(
+                f"- {link}: {share}{fmt(step['gap_before'])} left with every knob aligned — "
+                f"{step['cause']}"
+            )
+        elif step["widens"] is not None:
+            st.markdown(f"- {link}: **widens** the gap by {fmt(step['widens'])} — {step['cause']}")
+        else:
+            st.markdown(
+                f"- {link}: {percent(step['share'])} of the gap (alone: "
+                f"{fmt(step['gap_before'])} → {fmt(step['gap_after'])}) — {step['cause']}"
+            )
 
 
 def draw_code() -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from bnexplore.engines import LABELS
 from bnexplore.runner import Comparison
+from bnexplore.story import GAP_NAMES
 
 COLORS = {
     "PyTorch": "#E4572E",
@@ -298,7 +299,8 @@ def layer_variance_chart(stats: pd.DataFrame, eps: dict[str, float], name: str) 
 
 
 def explain_steps(steps) -> pd.DataFrame:
-    """One row per explain step: its share of the gap, or how much it widens it.
+    """One row per explain step: the gap it is about (``of``), its share of that gap, or
+    how much it widens it.
 
     ``share`` is the knob's Shapley share (negative for a knob that widens the gap: its
     Shapley value over the scenario's gap, drawn left of zero).
@@ -315,6 +317,7 @@ def explain_steps(steps) -> pd.DataFrame:
         rows.append(
             {
                 "order": i,
+                "of": step.of,
                 "knob": step.knob,
                 "cause": step.cause,
                 "share": share,
@@ -322,14 +325,18 @@ def explain_steps(steps) -> pd.DataFrame:
                 "gap_after": step.gap_after,
             }
         )
-    return pd.DataFrame(rows, columns=["order", "knob", "cause", "share", "kind", "gap_after"])
+    columns = ["order", "of", "knob", "cause", "share", "kind", "gap_after"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def attribution_chart(steps: pd.DataFrame) -> alt.Chart:
-    """Each knob's Shapley share of the gap (widening knobs left of zero), then what remains."""
+def attribution_chart(steps: pd.DataFrame, of: str = "output") -> alt.Chart:
+    """Each knob's Shapley share of one gap (widening knobs left of zero), then what
+    remains. ``of``: "output", "running_mean", "running_var", "gamma", "beta", "grad_x"."""
     kinds = ["closes the gap", "widens the gap", "what remains"]
+    rows = steps[steps["of"] == of].dropna(subset=["share"])
+    name = GAP_NAMES[of]
     chart = (
-        alt.Chart(steps.dropna(subset=["share"]))
+        alt.Chart(rows)
         .mark_bar(size=22)
         .encode(
             y=alt.Y(
@@ -337,7 +344,9 @@ def attribution_chart(steps: pd.DataFrame) -> alt.Chart:
             ),
             x=alt.X(
                 "share:Q",
-                title="share of the gap (max |Δ| of the outputs)",
+                title=f"share of the gap (max |Δ| of the {name}s)"
+                if of == "output"
+                else f"share of the gap (max |Δ| of the {name})",
                 axis=alt.Axis(format="%"),
             ),
             color=alt.Color(
@@ -355,8 +364,8 @@ def attribution_chart(steps: pd.DataFrame) -> alt.Chart:
     )
     return _finish(
         chart,
-        max(120, 36 * len(steps)),
-        "Where the gap comes from: each knob's Shapley share",
+        max(120, 36 * len(rows)),
+        f"Where the {name} gap comes from: each knob's Shapley share",
         "Averaged over every order of aligning the knobs, each order re-run for real.",
     )
 

@@ -18,6 +18,7 @@ from bnexplore.presets import PRESETS
 from bnexplore.runner import run
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
+from bnexplore.story import GAP_NAMES, percent
 from bnexplore.sweep import sweep_link
 
 
@@ -32,7 +33,7 @@ def link_of(preset: str | None, link: str | None) -> str:
 
 def table(doc: dict) -> str:
     """The document as a readable text table."""
-    lines = [f"link: {doc['link']}"]
+    lines = [f"link: {doc['link']}", doc["headline"]]
     lines += [f"notice: {n}" for n in doc["notices"]]
     lines.append("")
     header = f"{'engine':<10}{'mean':>14}{'std':>14}{'min':>14}{'max':>14}  device"
@@ -69,14 +70,14 @@ def table(doc: dict) -> str:
         if step["widens"] is not None:
             part = f"widens by {_num(step['widens'])}"
         else:
-            part = "—" if step["share"] is None else f"{step['share']:.1%} of the gap"
-        lines.append(f"  {step['knob']}: {part}  {step['cause']}")
+            part = "—" if step["share"] is None else f"{percent(step['share'])} of the gap"
+        lines.append(f"  [{GAP_NAMES[step['of']]}] {step['knob']}: {part}  {step['cause']}")
     for d in doc["divergence"]:
         pair = f"{d['a']} vs {d['b']}"
         if d.get("reason"):
             lines.append(f"{pair}: not compared, {d['reason']}")
             continue
-        verdict = "allclose" if d["allclose"] else "NOT allclose"
+        verdict = f"outputs {d['verdict']['output']}, state {d['verdict']['state']}"
         lines.append(
             f"{pair}: max|Δ| {_num(d['max_abs'])}  mean|Δ| {_num(d['mean_abs'])}  "
             f"rmse {_num(d['rmse'])}  max rel {_num(d['max_rel'])}  "

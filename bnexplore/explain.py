@@ -1,29 +1,33 @@
-"""Attribute the gap between two engines to its causes: Shapley values over the knobs.
+"""Attribute each real gap between two engines to its causes: Shapley values over the knobs.
 
-For the first pair (a, b) of a scenario, each knob that differs can be aligned (b
-follows a where b has the knob). The gap v(S) — max |Δ| of the measured outputs — is
-measured for real for every set S of aligned knobs (runs cached by link), and each
-knob's Shapley value is its marginal effect v(S) − v(S ∪ {knob}) averaged over every
-order of aligning the knobs: order-independent, and the values add up to
-v(∅) − v(all). Exact up to 6 differing knobs (at most 64 runs); above that, estimated
-from 64 random orders drawn with a fixed seed (the output says so).
+The pair explained is the one the headline is about (story.headline_pair). Its real
+gaps are those beyond the dtype's tolerance (story.real_gaps): the output, the running
+mean and variance, γ and β after the measured pass, and with a loss dL/dx. Each knob
+that differs can be aligned (b follows a where b has the knob); every set S of aligned
+knobs is run for real once (runs cached by link), and every gap is read off the same
+runs. For a gap g with v_g(S) its max |Δ| with S aligned, a knob's Shapley value is its
+marginal effect v_g(S) − v_g(S ∪ {knob}) averaged over every order of aligning the
+knobs: order-independent, and the values add up to v_g(∅) − v_g(all). Exact up to 6
+differing knobs (at most 64 runs); above that, estimated from 64 random orders drawn
+with a fixed seed (the output says so).
 
-A knob's share is its positive value over the sum of the positive values, times the
-fraction of the gap that aligning every knob closes: shares lie in [0, 1] and sum to
-at most 1; "what remains" is the rest. A knob with a negative value widens the gap
-and gets no share ("widens": by how much).
+A knob's share of g is its positive value over the sum of the positive values, times
+the fraction f of g that aligning every knob closes: shares lie in [0, 1] and add up to
+f ≤ 1; "what remains" is named with the rest. Where what remains is within the dtype's
+tolerance it is rounding, not a gap: f = 1. A knob with a negative value widens g and
+gets no share ("widens": by how much); one with a zero value is not a cause of g. A
+gap within tolerance gets no causes at all.
 
-Per engine, in the frameworks' own terms:
+A knob whose alignment changes only the kernel that computes a gap, not the rule
+(Keras 2's fused path where its variance estimator cannot reach the gap; PyTorch's
+device between CPU and CUDA; Flax's fast variance), is named "kernel path".
 
-- normalizes with batch statistics: PyTorch in train mode (or without running
-  statistics); Keras with training=True on a trainable layer.
-- weight of a new batch in the running statistics: PyTorch m, Keras 1 − momentum.
-- running variance fed with the unbiased var_b·n/(n − 1): PyTorch, and Keras 2
-  on its fused path; biased var_b: Keras 3, Keras 2 non-fused.
+The frameworks' conventions the knobs select are in bnexplore.conventions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
@@ -35,12 +39,20 @@ from typing import Any
 
 import numpy as np
 
+from bnexplore.conventions import (
+    decay_coupling,
+    fast_variance,
+    feeds_unbiased_variance,
+    new_batch_weight,
+    trains_parameters,
+    uses_batch_statistics,
+)
 from bnexplore.engines import LABELS
-from bnexplore.engines.reference import FUSED_DTYPES
 from bnexplore.metrics import Divergence
-from bnexplore.params import TORCH_CONVENTION, knobs, resolved
+from bnexplore.params import knobs, resolved
 from bnexplore.runner import compare
 from bnexplore.scenario import Scenario
+from bnexplore.story import GAP_NAMES, part, percent, real_gaps, verdict
 
 Changes = dict[str, Any]
 
@@ -53,14 +65,15 @@ SAMPLED_ORDERS, SAMPLING_SEED = 64, 0
 
 @dataclass(frozen=True)
 class Step:
-    """One cause and its part of the gap (None: no output to compare).
+    """One cause and its part of one gap (``of``: "output", "running_mean",
+    "running_var", "gamma", "beta" or "grad_x").
 
     For a knob: ``gap_before`` is the scenario's gap, ``gap_after`` the gap with this knob
     alone aligned (``link``), ``shapley`` its Shapley value (max |Δ| it closes, averaged
     over the orders of aligning), ``share`` its share of the gap, or ``widens`` (how much
     it widens the gap, averaged likewise) with no share. For "what remains":
     ``gap_before`` is the gap with every knob aligned (``link``), ``gap_after`` None, and
-    ``share`` the rest of the gap.
+    ``share`` the rest of the gap (None: no share could be computed).
     """
 
     knob: str
@@ -72,9 +85,11 @@ class Step:
     share: float | None = None
     widens: float | None = None
     method: str = ""
+    of: str = "output"
 
     def to_dict(self) -> dict:
         return {
+            "of": self.of,
             "knob": self.knob,
             "cause": self.cause,
             "gap_before": self.gap_before,
@@ -85,37 +100,6 @@ class Step:
             "widens": self.widens,
             "method": self.method,
         }
-
-
-def uses_batch_statistics(s: Scenario, engine: str) -> bool:
-    if knobs(engine) == "torch":
-        return s["torch_mode"] == "train" or not s["torch_track_running_stats"]
-    if knobs(engine) == "flax":
-        return not s["flax_use_running_average"]
-    return s[f"{knobs(engine)}_training"] == "true" and s[f"{knobs(engine)}_trainable"]
-
-
-def new_batch_weight(s: Scenario, engine: str) -> float | None:
-    """m in running ← (1 − m)·running + m·batch; None: PyTorch's cumulative average."""
-    if knobs(engine) == "torch":
-        return s["torch_momentum"]
-    return 1.0 - s[f"{knobs(engine)}_momentum"]
-
-
-def feeds_unbiased_variance(s: Scenario, engine: str) -> bool:
-    if knobs(engine) == "torch":
-        return True
-    if knobs(engine) in ("keras", "flax"):
-        return False
-    fusable = len(s.shape) in (4, 5) and s["dtype"] in FUSED_DTYPES
-    return s["keras2_fused"] != "false" and fusable
-
-
-def fast_variance(s: Scenario, engine: str) -> bool:
-    """Does the engine's kernel take the batch variance as E[x²] − E[x]²?"""
-    if engine == "flax":
-        return s["flax_use_fast_variance"]
-    return engine == "keras_torch"
 
 
 def _mode_words(s: Scenario, engine: str) -> str:
@@ -230,6 +214,17 @@ def _align_fast_variance(s: Scenario, a: str, b: str) -> tuple[str, Changes] | N
     )
 
 
+def _align_device(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    """A kernel path, not a rule: PyTorch on the CPU against PyTorch on CUDA."""
+    if {a, b} != {"torch", "torch_gpu"} or s["device"] != "cpu":
+        return None
+    return (
+        f"kernel path: {LABELS['torch']} ran on the CPU (device=cpu), {LABELS['torch_gpu']} "
+        "on the GPU: the same rules, computed by different kernels",
+        {"device": "cuda"},
+    )
+
+
 def _training(s: Scenario) -> bool:
     return s["loss"] != "none" and s["steps"] > 0
 
@@ -237,16 +232,6 @@ def _training(s: Scenario) -> bool:
 def _both_train(s: Scenario, a: str, b: str) -> bool:
     """Optimizer settings matter only where both sides' optimizers move γ/β."""
     return _training(s) and trains_parameters(s, a) and trains_parameters(s, b)
-
-
-def trains_parameters(s: Scenario, engine: str) -> bool:
-    """Does the engine's optimizer move γ/β on a training pass?"""
-    p = knobs(engine)
-    if p == "torch":
-        return s["torch_affine"] and s["torch_requires_grad"]
-    if p == "flax":
-        return s["flax_use_scale"] or s["flax_use_bias"]
-    return s[f"{p}_trainable"] and (s[f"{p}_scale"] or s[f"{p}_center"])
 
 
 def _optimizer_words(s: Scenario, engine: str) -> str:
@@ -273,14 +258,6 @@ def _align_lr(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
         f"learning rate {lr_a:g} ({LABELS[a]}) vs {lr_b:g} ({LABELS[b]})",
         {f"{knobs(b)}_lr": lr_a},
     )
-
-
-def decay_coupling(s: Scenario, engine: str) -> str:
-    """ "L2" (added to the gradient) or "decoupled" (the weight itself decays)."""
-    p = knobs(engine)
-    if p in TORCH_CONVENTION and s[f"{p}_optimizer"] != "adamw":
-        return "L2"
-    return "decoupled"
 
 
 def _align_weight_decay(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
@@ -349,14 +326,15 @@ ALIGNMENTS: tuple[tuple[str, Callable[[Scenario, str, str], tuple[str, Changes] 
     ("momentum", _align_momentum),
     ("variance estimator", _align_variance),
     ("trainable", _align_trainable),
+    ("requires_grad", _align_requires_grad),
     ("port", _align_port),
     ("fast variance", _align_fast_variance),
+    ("device", _align_device),
     ("optimizer", _align_optimizer),
     ("learning rate", _align_lr),
     ("weight decay", _align_weight_decay),
     ("Adam ε", _align_adam_eps),
     ("SGD momentum", _align_sgd_momentum),
-    ("requires_grad", _align_requires_grad),
 )
 """The knobs. A set of them is aligned in this order (a knob's alignment may depend on
 an earlier one's), so every set of knobs is one scenario."""
@@ -389,6 +367,8 @@ class GapCache:
                 self._gaps.popitem(last=False)
 
 
+_ALL = frozenset(name for name, _ in ALIGNMENTS)
+
 GAPS = GapCache()
 """Runs shared by every explanation in this process."""
 
@@ -415,7 +395,7 @@ def aligned(scenario: Scenario) -> tuple[Scenario, list[str]]:
     pair = tuple(scenario["engines"][:2])
     if len(pair) < 2:
         return scenario, []
-    return _with_aligned(scenario, pair, frozenset(name for name, _ in ALIGNMENTS))
+    return _with_aligned(scenario, pair, _ALL)
 
 
 def shapley(
@@ -453,20 +433,26 @@ def shapley(
 
 
 class _NoOutput(ValueError):
-    """An aligned scenario in which an engine produced no output: no gap to attribute."""
+    """An aligned scenario in which a gap could not be measured: no share to compute."""
 
 
 def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
-    """Each differing knob's Shapley share of the gap, then what remains; all real runs."""
+    """Each real gap of the pair, cause by cause: every differing knob's Shapley share,
+    then what remains; all real runs.
+
+    ``before`` is the pair's measured divergence (its a and b name the pair; it saves
+    re-running the scenario); without it, the scenario's first two engines.
+    """
     if len(scenario["engines"]) < 2:
         return []
-    pair = tuple(scenario["engines"][:2])
+    pair = (before.a, before.b) if before is not None else tuple(scenario["engines"][:2])
     if before is not None:
         GAPS.put(scenario.replace(engines=pair), before)
-    gap = GAPS.gap(scenario, pair).max_abs
-    if gap == 0:
+    start = GAPS.gap(scenario, pair)
+    gaps = real_gaps(start)
+    if not gaps:
         return []
-    differing = [name for name, align in ALIGNMENTS if align(scenario, *pair)]
+    differing = _differing(scenario, pair)
     runs: dict[frozenset[str], Divergence] = {}
 
     def run(names: frozenset[str]) -> Divergence:
@@ -474,48 +460,136 @@ def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
             runs[names] = GAPS.gap(_with_aligned(scenario, pair, names)[0], pair)
         return runs[names]
 
-    def closed(names: frozenset[str]) -> float:
-        after = run(names).max_abs
-        if gap is None or after is None:
-            raise _NoOutput
-        return gap - after
+    steps: list[Step] = []
+    for of in gaps:
+        steps += _attribute(scenario, pair, of, part(start, of), differing, run)
+    return steps
 
+
+def _differing(scenario: Scenario, pair: tuple[str, str]) -> list[str]:
+    """The knobs that differ, and those that come to differ once others are aligned
+    (Keras trainable=True makes PyTorch's requires_grad_(False) matter), in ALIGNMENTS
+    order. A knob that does not differ in some set of aligned knobs leaves it as it is."""
+    names = {name for name, align in ALIGNMENTS if align(scenario, *pair)}
+    while True:
+        everything = _with_aligned(scenario, pair, frozenset(names))[0]
+        more = {name for name, align in ALIGNMENTS if align(everything, *pair)} - names
+        if not more:
+            return [name for name, _ in ALIGNMENTS if name in names]
+        names |= more
+
+
+def _attribute(
+    scenario: Scenario,
+    pair: tuple[str, str],
+    of: str,
+    start: Divergence,
+    differing: list[str],
+    run: Callable[[frozenset[str]], Divergence],
+) -> list[Step]:
+    """One gap's causes (see the module's docstring), largest share first."""
+    gap = start.max_abs
     everything = frozenset(differing)
-    phi, method = {}, "not computed: an engine has no output"
+    final = _with_aligned(scenario, pair, everything)[0]
+    if gap is None:  # NaN or inf: max |Δ| cannot be split
+        why = "not computed: the gap is not finite (NaN or ±inf on a side)"
+        return [
+            Step(
+                "what remains",
+                _remaining(final, pair, of),
+                None,
+                None,
+                final.link,
+                method=why,
+                of=of,
+            )
+        ]
+
+    def after(names: frozenset[str]) -> float:
+        measured = part(run(names), of)
+        if measured is None or measured.max_abs is None:
+            raise _NoOutput
+        return measured.max_abs
+
+    def closed(names: frozenset[str]) -> float:
+        return gap - after(names)
+
+    phi: dict[str, float] = {}
+    method = "nothing to align: no knob differs between the two engines"
     if differing:
         try:
             phi, method = shapley(differing, closed)
         except _NoOutput:
-            phi = {}
-    remaining = run(everything)
-    fraction_closed = max(0.0, closed(everything) / gap) if phi else 0.0
+            phi, method = {}, "not computed: an aligned scenario has no such gap to measure"
+    remaining = part(run(everything), of) if phi or not differing else None
+    within = verdict(remaining) in ("agree", "rounding")
     positive = sum(v for v in phi.values() if v > 0)
+    fraction = 0.0
+    if positive > 0:
+        fraction = 1.0 if within else min(1.0, max(0.0, closed(everything) / gap))
     steps = []
     for name in differing:
-        words, _ = dict(ALIGNMENTS)[name](scenario, *pair)
-        alone = frozenset({name})
         value = phi.get(name)
-        share = widens = None
-        if value is not None and value > 0:
-            share = value / positive * fraction_closed
-        elif value is not None and value < 0:
-            widens = -value
-        elif value is not None:
-            continue  # differs, but moves the gap in no order of aligning: not a cause here
+        if value is None or value == 0:
+            continue  # not computed, or moves this gap in no order of aligning
+        knob, words = _cause(scenario, pair, name, of)
+        share = value / positive * fraction if value > 0 else None
+        widens = -value if value < 0 else None
+        alone = frozenset({name})
         link = _with_aligned(scenario, pair, alone)[0].link
-        after = run(alone).max_abs
-        steps.append(Step(name, words, gap, after, link, value, share, widens, method))
+        step = Step(knob, words, gap, after(alone), link, value, share, widens, method, of)
+        steps.append(step)
+    _at_most(steps, fraction)
     steps.sort(key=lambda step: -(step.share or 0.0))
-    if remaining.max_abs and not remaining.allclose:
-        final = _with_aligned(scenario, pair, everything)[0]
-        rest = 1.0 - sum(step.share or 0.0 for step in steps) if phi or not differing else None
-        words = _remaining(final, pair)
+    if remaining is None or not within:
+        rest = None
+        if remaining is not None:
+            rest = max(0.0, 1.0 - math.fsum(step.share or 0.0 for step in steps))
+        left = None if remaining is None else remaining.max_abs
+        words = _remaining(final, pair, of)
         steps.append(
-            Step(
-                "what remains", words, remaining.max_abs, None, final.link, None, rest, None, method
-            )
+            Step("what remains", words, left, None, final.link, None, rest, None, method, of)
         )
+        _at_most(steps, 1.0)
     return steps
+
+
+def _at_most(steps: list[Step], limit: float) -> None:
+    """Shares that add up (exactly, math.fsum) to at most ``limit``: floating point may
+    put a sum of normalized shares an ulp above it; the largest share gives it back."""
+    if not any(step.share for step in steps):
+        return
+    top = max(range(len(steps)), key=lambda i: steps[i].share or 0.0)
+    while (excess := math.fsum(step.share or 0.0 for step in steps) - limit) > 0:
+        share = steps[top].share
+        smaller = max(0.0, min(share - excess, math.nextafter(share, 0.0)))
+        steps[top] = dataclasses.replace(steps[top], share=smaller)
+
+
+def _cause(scenario: Scenario, pair: tuple[str, str], name: str, of: str) -> tuple[str, str]:
+    """The knob's name and words for this gap: a switch that also picks a kernel is named
+    as the kernel path where its rule cannot reach the gap."""
+    align = dict(ALIGNMENTS)[name]
+    others = _with_aligned(scenario, pair, _ALL - {name})[0]  # where a knob comes to differ
+    step = align(scenario, *pair) or align(others, *pair)
+    words = step[0]
+    if name == "variance estimator" and not _estimator_reaches(scenario, pair, of):
+        side = "Keras 2"
+        fused = feeds_unbiased_variance(scenario, "keras2")
+        return "kernel path", (
+            f"kernel path: {side} ran its {'fused' if fused else 'non-fused'} kernel "
+            f"(fused={scenario['keras2_fused']}); aligning it changes the kernel that computes "
+            f"the {GAP_NAMES[of]}, not a rule: the variance estimator it also switches feeds "
+            "only the running variance"
+        )
+    return name, words
+
+
+def _estimator_reaches(s: Scenario, pair: tuple[str, str], of: str) -> bool:
+    """Can the batch variance fed to the running variance move this gap?"""
+    if of == "running_var":
+        return True
+    return of != "running_mean" and _running_statistics_matter(s, pair)
 
 
 def _running_statistics_matter(s: Scenario, pair: tuple[str, str]) -> bool:
@@ -524,16 +598,17 @@ def _running_statistics_matter(s: Scenario, pair: tuple[str, str]) -> bool:
     return s["steps"] > 0 and any(not uses_batch_statistics(s, e) for e in own)
 
 
-def _remaining(s: Scenario, pair: tuple[str, str]) -> str:
+def _remaining(s: Scenario, pair: tuple[str, str], of: str = "output") -> str:
+    """What no knob aligns, for this gap, in the frameworks' terms."""
     a, b = pair
     unbiased = [feeds_unbiased_variance(s, e) for e in pair]
-    if unbiased[0] != unbiased[1] and _running_statistics_matter(s, pair):
+    if unbiased[0] != unbiased[1] and _estimator_reaches(s, pair, of):
         return (
-            f"what no knob aligns: {LABELS[a]} feeds the "
-            f"{_bias(feeds_unbiased_variance(s, a))} batch variance into its running variance, "
-            f"{LABELS[b]} the {_bias(feeds_unbiased_variance(s, b))}"
+            f"variance estimator, which no knob aligns: {LABELS[a]} feeds the "
+            f"{_bias(unbiased[0])} batch variance into its running variance, "
+            f"{LABELS[b]} the {_bias(unbiased[1])}"
         )
-    if _both_train(s, a, b):
+    if _both_train(s, a, b) and of not in ("running_mean", "running_var"):
         adam = [s[f"{knobs(e)}_optimizer"] != "sgd" for e in pair]
         conventions = {knobs(e) == "torch" for e in pair}
         if all(adam) and len(conventions) == 2:
@@ -547,13 +622,25 @@ def _remaining(s: Scenario, pair: tuple[str, str]) -> str:
                 "what no knob aligns: PyTorch's SGD adds weight decay to the gradient (L2); "
                 "Keras decays the weight itself"
             )
+    if fast_variance(s, a) != fast_variance(s, b):
+        fast, other = (a, b) if fast_variance(s, a) else (b, a)
+        return (
+            f"kernel path, which no knob aligns: {LABELS[fast]} takes the batch variance as "
+            f"E[x²] − E[x]², {LABELS[other]} in two passes"
+        )
+    if knobs(a) == knobs(b):
+        return (
+            f"kernel path: the same rules, computed by {LABELS[a]}'s kernels and "
+            f"{LABELS[b]}'s (rounding in a different order)"
+        )
     return "what no knob aligns: the frameworks' own arithmetic (rounding, kernels)"
 
 
-def summary(steps: list[Step]) -> str | None:
-    """One sentence naming the cause with the largest share of the gap."""
-    ranked = [step for step in steps if step.share is not None and step.share > 0]
+def summary(steps: list[Step], of: str | None = "output") -> str | None:
+    """One sentence naming the cause with the largest share of the gap ``of``."""
+    ranked = [step for step in steps if step.of == of and step.share]
     if not ranked:
         return None
     top = max(ranked, key=lambda step: step.share)
-    return f"{top.share:.0%} of the gap: {top.cause}"
+    gap = "gap" if of == "output" else f"{GAP_NAMES[of]} gap"
+    return f"{percent(top.share)} of the {gap}: {top.cause}"

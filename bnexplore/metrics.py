@@ -241,6 +241,12 @@ class Divergence:
         rtol, atol = TOLERANCES[dtype]
         return cls(a, b, None, None, None, None, None, rtol, atol, reason)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Divergence:
+        """A gap's figures back from a document (its nested gaps left out)."""
+        fields = ("max_abs", "mean_abs", "rmse", "max_rel", "allclose", "rtol", "atol")
+        return cls(d.get("a", ""), d.get("b", ""), *(d[f] for f in fields), d.get("reason"))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["reason"] is None:

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import admission, memory, store, workers
+from bnexplore import admission, memory, store, story, workers
 from bnexplore.batches import batches, targets
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
@@ -69,7 +69,7 @@ class Comparison:
         w.r.t. x under ``name:grad_x``."""
         return self._measured[0]
 
-    @property
+    @cached_property
     def divergence(self) -> list[Divergence]:
         """Each pair of engines, in the scenario's order (the first is the expected side)."""
         return [
@@ -105,17 +105,26 @@ class Comparison:
         state = {q: part(q) for q in STATE}
         return dataclasses.replace(output, grad=grad, state=state)
 
+    @property
+    def headline_pair(self) -> Divergence | None:
+        """The pair the headline is about (see story.headline_pair)."""
+        index = story.headline_pair(self.divergence)
+        return None if index is None else self.divergence[index]
+
     def document(self) -> dict:
         """The strict-JSON document of ``bnexplore.run``."""
+        headline, about = story.headline(self)
         doc = {
             "link": self.scenario.link,
             "scenario": self.scenario.to_dict(),
             "notices": list(self.notices),
+            "headline": headline,
+            "headline_about": about,
             "engines": {
                 name: engine_document(r, self.summaries, self.scenario)
                 for name, r in self.results.items()
             },
-            "divergence": [d.to_dict() for d in self.divergence],
+            "divergence": [{**d.to_dict(), "verdict": story.verdicts(d)} for d in self.divergence],
         }
         if self.references:
             doc["reference"] = {
@@ -443,7 +452,6 @@ def run(link: str = "", reference: bool = False, explain: bool = False) -> dict:
     if explain:
         from bnexplore.explain import explain as explain_steps
 
-        pairs = comparison.divergence
-        steps = explain_steps(scenario, pairs[0] if pairs else None)
+        steps = explain_steps(scenario, comparison.headline_pair)
         doc["explain"] = strict_json([step.to_dict() for step in steps])
     return doc

@@ -17,7 +17,7 @@ Adam's ε with a note on where each adds it.
 
 from __future__ import annotations
 
-from bnexplore.explain import feeds_unbiased_variance, uses_batch_statistics
+from bnexplore.conventions import feeds_unbiased_variance, uses_batch_statistics
 from bnexplore.params import resolved
 from bnexplore.scenario import Scenario
 

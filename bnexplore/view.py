@@ -28,7 +28,7 @@ from bnexplore.formats import Layer
 from bnexplore.params import knobs
 from bnexplore.runner import Comparison, Report, admitted_need, compare, strict_json
 from bnexplore.scenario import Scenario
-from bnexplore.story import headline, verdict
+from bnexplore.story import verdicts
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class View:
     document: dict
     """bnexplore.run's document, with "explain"."""
     headline: str
-    verdicts: tuple[str, ...]
+    verdict: dict[str, str]
+    """The headline pair's {"output": V, "state": V} (story.verdicts)."""
     explain_summary: str | None
     histogram: pd.DataFrame
     channel_outputs: pd.DataFrame
@@ -74,17 +75,18 @@ class SweepView:
 
 
 def build_view(comparison: Comparison, report: Report | None = None) -> View:
-    pairs = comparison.divergence
+    pair = comparison.headline_pair
     if report:
-        report(0.95, "Explaining the gap: Shapley values over the knobs that differ")
-    steps = explain(comparison.scenario, pairs[0] if pairs else None)
+        report(0.95, "Explaining the gaps: Shapley values over the knobs that differ")
+    steps = explain(comparison.scenario, pair)
     document = comparison.document()
     document["explain"] = strict_json([step.to_dict() for step in steps])
+    about = document["headline_about"]
     return View(
         document=document,
-        headline=headline(comparison),
-        verdicts=tuple(verdict(d) for d in pairs),
-        explain_summary=summary(steps),
+        headline=document["headline"],
+        verdict=verdicts(pair) if pair else {"output": "not compared", "state": "not compared"},
+        explain_summary=summary(steps, about and about["of"]),
         histogram=charts.output_histogram(comparison),
         channel_outputs=charts.channel_output_stats(comparison),
         running=charts.running_statistics(comparison),

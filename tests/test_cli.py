@@ -57,7 +57,7 @@ def test_cli_explain_adds_the_steps(capsys) -> None:
     main(["run", "--preset", "both-inference", "--explain"])
     out = capsys.readouterr().out
     assert "explain (exact Shapley values over 2 knobs" in out  # eps, momentum
-    assert "  eps: 100.0% of the gap" in out
+    assert "  [output] eps: 100% of the gap" in out
 
 
 def test_cli_table_shows_the_training_step(capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -16,7 +17,9 @@ from bnexplore.metrics import TOLERANCES
 from bnexplore.runner import compare
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
+from bnexplore.story import GAPS, verdict
 from bnexplore.translate import keras_to_torch, torch_to_keras
+from tests.scenarios import random_backend_links, random_links, random_training_links
 
 RTOL, ATOL = TOLERANCES["float32"]
 
@@ -32,7 +35,9 @@ def test_explain_seed_names_the_mode_as_the_top_cause() -> None:
 def test_explain_seed_lists_eps_as_widening_with_no_share() -> None:
     """Aligning eps alone moves Keras's 1/√(1 + 1e-3) to 1/√(1 + 1e-5), further from
     PyTorch's 0: a knob with a negative Shapley value widens the gap and gets no share."""
-    steps = {step.knob: step for step in explain(parse_link("?preset=seed")[0])}
+    steps = {
+        step.knob: step for step in explain(parse_link("?preset=seed")[0]) if step.of == "output"
+    }
     assert steps["eps"].share is None and steps["eps"].widens > 0
     assert steps["eps"].gap_after > steps["eps"].gap_before
     assert "momentum" not in steps  # differs, but moves the gap in no order: not listed
@@ -84,11 +89,24 @@ def test_shapley_above_six_knobs_is_sampled_with_a_fixed_seed_and_says_so() -> N
     assert shapley(knobs, closed) == (phi, method)  # the fixed seed: the same answer
 
 
-def test_explain_matched_leaves_only_float32_rounding() -> None:
+def test_explain_matched_leaves_the_outputs_to_rounding_and_names_the_estimator() -> None:
     doc = bnexplore.run("?preset=matched", explain=True)
     final = doc["divergence"][0]
     assert final["allclose"] and final["max_abs"] <= ATOL
-    assert all(step["knob"] != "what remains" for step in doc["explain"])
+    assert final["verdict"] == {"output": "rounding", "state": "differ"}
+    assert [step["of"] for step in doc["explain"]] == ["running_var"]
+    (step,) = doc["explain"]
+    assert step["knob"] == "what remains" and step["share"] == 1.0
+    assert step["cause"].startswith("variance estimator, which no knob aligns")
+
+
+def gap_of(divergence: dict, of: str) -> dict | None:
+    """One gap of a document's pair, as story.part reads it from a Divergence."""
+    if of == "output":
+        return divergence
+    if of == "grad_x":
+        return (divergence.get("grad") or {}).get("x")
+    return divergence["state"][of]
 
 
 def test_explain_steps_are_links_that_reproduce_their_gap() -> None:
@@ -96,7 +114,7 @@ def test_explain_steps_are_links_that_reproduce_their_gap() -> None:
     for step in doc["explain"]:
         if step["gap_after"] is not None:
             again = bnexplore.run(step["link"], reference=False)
-            assert again["divergence"][0]["max_abs"] == step["gap_after"]
+            assert gap_of(again["divergence"][0], step["of"])["max_abs"] == step["gap_after"]
 
 
 def test_make_them_agree_aligns_every_knob_and_the_outputs_agree() -> None:
@@ -225,3 +243,40 @@ def test_one_engine_has_nothing_to_align_or_explain() -> None:
     scenario, _ = parse_link("?engines=torch,torch&shape=4,3")  # one engine after dedup
     assert aligned(scenario) == (scenario, [])
     assert explain(scenario) == []
+
+
+PROPERTY_LINKS = (
+    random_links(5, seed=131) + random_training_links(3, seed=131) + random_backend_links(2, 131)
+)
+
+
+@pytest.mark.parametrize("link", PROPERTY_LINKS)
+def test_explain_attributes_only_real_gaps_with_shares_that_add_up_to_at_most_one(link) -> None:
+    """Random scenarios (three engines, every backend, training steps): each attributed
+    gap is beyond its tolerance, each real gap of the headline's pair is attributed, and a
+    gap's shares lie in (0, 1] and add up (exactly) to at most 1."""
+    doc = bnexplore.run(link, explain=True)
+    about = doc["headline_about"]
+    if about is None:
+        assert not doc["explain"]
+        return
+    (pair,) = [d for d in doc["divergence"] if (d["a"], d["b"]) == (about["a"], about["b"])]
+    first_differing = next(
+        (d for d in doc["divergence"] if "differ" in d["verdict"].values()), doc["divergence"][0]
+    )
+    assert pair is first_differing
+    by_gap: dict[str, list[dict]] = {}
+    for step in doc["explain"]:
+        by_gap.setdefault(step["of"], []).append(step)
+    for of in GAPS:
+        gap = gap_of(pair, of)
+        real = gap is not None and verdict(gap) == "differ"
+        assert (of in by_gap) == real, (of, gap, by_gap.get(of))
+    for of, steps in by_gap.items():
+        assert gap_of(pair, of)["allclose"] is False, of
+        shares = [step["share"] for step in steps if step["share"] is not None]
+        assert all(0 < share <= 1 for share in shares), steps
+        assert math.fsum(shares) <= 1, steps
+        for step in steps:
+            if step["widens"] is not None:
+                assert step["share"] is None and step["widens"] > 0, step
