@@ -105,6 +105,8 @@ class Step:
 def _mode_words(s: Scenario, engine: str) -> str:
     batch = uses_batch_statistics(s, engine)
     if knobs(engine) == "torch":
+        if not s["torch_track_running_stats"]:
+            return f"{s['torch_mode']} mode with no running statistics (batch statistics)"
         return "training mode" if batch else "eval mode"
     if knobs(engine) == "flax":
         return f"use_running_average={not batch}"
@@ -124,6 +126,8 @@ def _align_mode(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
         return words, {"torch_mode": "train" if want else "eval"}
     if knobs(b) == "flax":
         return words, {"flax_use_running_average": not want}
+    if want and s[f"{knobs(b)}_training"] == "true":
+        return None  # asked to train, infers only because frozen: the trainable knob's
     changes: Changes = {f"{knobs(b)}_training": "true" if want else "false"}
     if want and not s[f"{knobs(b)}_trainable"]:
         changes[f"{knobs(b)}_trainable"] = True
@@ -138,12 +142,19 @@ def _align_eps(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
 
 
 def _align_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    if not (_has_running_statistics(s, a) and _has_running_statistics(s, b)):
+        return None
     w_a, w_b = new_batch_weight(s, a), new_batch_weight(s, b)
     if w_a == w_b or (w_a is not None and w_b is not None and math.isclose(w_a, w_b)):
         return None
+    if w_a is None and s["steps"] > 1:
+        # PyTorch's cumulative average has no Keras equivalent: PyTorch follows b instead
+        words = (
+            f"averaging: {LABELS[a]} (momentum=None) keeps the cumulative average of the "
+            f"batches, {LABELS[b]} a moving average in which a new batch weighs {_weight(w_b)}"
+        )
+        return words, {"torch_momentum": w_b}
     if w_a is None:  # cumulative average: a fixed momentum equals it for one step only
-        if s["steps"] > 1:
-            return None
         w_a = 1.0
     words = (
         f"momentum: a new batch weighs {_weight(w_a)} in {LABELS[a]}'s running statistics, "
@@ -151,6 +162,10 @@ def _align_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     )
     value = w_a if knobs(b) == "torch" else round(1.0 - w_a, 12)
     return words, {f"{knobs(b)}_momentum": value}
+
+
+def _has_running_statistics(s: Scenario, engine: str) -> bool:
+    return knobs(engine) != "torch" or s["torch_track_running_stats"]
 
 
 def _weight(w: float | None) -> str:
@@ -492,18 +507,9 @@ def _attribute(
     everything = frozenset(differing)
     final = _with_aligned(scenario, pair, everything)[0]
     if gap is None:  # NaN or inf: max |Δ| cannot be split
-        why = "not computed: the gap is not finite (NaN or ±inf on a side)"
-        return [
-            Step(
-                "what remains",
-                _remaining(final, pair, of),
-                None,
-                None,
-                final.link,
-                method=why,
-                of=of,
-            )
-        ]
+        why = "not computed: max |Δ| is not finite, so it cannot be split"
+        words = f"not finite: {start.nonfinite} values of the {GAP_NAMES[of]} are NaN or ±inf"
+        return [Step("what remains", words, None, None, final.link, method=why, of=of)]
 
     def after(names: frozenset[str]) -> float:
         measured = part(run(names), of)
@@ -523,6 +529,8 @@ def _attribute(
             phi, method = {}, "not computed: an aligned scenario has no such gap to measure"
     remaining = part(run(everything), of) if phi or not differing else None
     within = verdict(remaining) in ("agree", "rounding")
+    # a knob that moves the gap by less than the dtype's atol moves it by rounding only
+    phi = {name: (0.0 if abs(value) < start.atol else value) for name, value in phi.items()}
     positive = sum(v for v in phi.values() if v > 0)
     fraction = 0.0
     if positive > 0:
@@ -531,7 +539,7 @@ def _attribute(
     for name in differing:
         value = phi.get(name)
         if value is None or value == 0:
-            continue  # not computed, or moves this gap in no order of aligning
+            continue  # not computed, or moves this gap in no order of aligning (or by rounding)
         knob, words = _cause(scenario, pair, name, of)
         share = value / positive * fraction if value > 0 else None
         widens = -value if value < 0 else None
@@ -570,8 +578,22 @@ def _cause(scenario: Scenario, pair: tuple[str, str], name: str, of: str) -> tup
     """The knob's name and words for this gap: a switch that also picks a kernel is named
     as the kernel path where its rule cannot reach the gap."""
     align = dict(ALIGNMENTS)[name]
-    others = _with_aligned(scenario, pair, _ALL - {name})[0]  # where a knob comes to differ
-    step = align(scenario, *pair) or align(others, *pair)
+    step = align(scenario, *pair)
+    if step is None:  # it comes to differ once others are aligned: say which
+        words = align(_with_aligned(scenario, pair, _ALL - {name})[0], *pair)[0]
+        others = [other for other in _differing(scenario, pair) if other != name]
+        enablers = next(
+            (
+                list(subset)
+                for size in (1, 2, 3)
+                for subset in itertools.combinations(others, size)
+                if align(_with_aligned(scenario, pair, frozenset(subset))[0], *pair)
+            ),
+            [],
+        )
+        once = " and ".join(enablers) if enablers else "the other knobs"
+        verb = "is" if len(enablers) == 1 else "are"
+        return name, f"{words} — this matters only once {once} {verb} aligned"
     words = step[0]
     if name == "variance estimator" and not _estimator_reaches(scenario, pair, of):
         side = "Keras 2"
@@ -599,41 +621,50 @@ def _running_statistics_matter(s: Scenario, pair: tuple[str, str]) -> bool:
 
 
 def _remaining(s: Scenario, pair: tuple[str, str], of: str = "output") -> str:
-    """What no knob aligns, for this gap, in the frameworks' terms."""
+    """What no knob aligns, for this gap, in the frameworks' terms (every such difference
+    that can reach the gap, else the frameworks' own arithmetic)."""
     a, b = pair
+    reasons = []
     unbiased = [feeds_unbiased_variance(s, e) for e in pair]
     if unbiased[0] != unbiased[1] and _estimator_reaches(s, pair, of):
-        return (
-            f"variance estimator, which no knob aligns: {LABELS[a]} feeds the "
-            f"{_bias(unbiased[0])} batch variance into its running variance, "
-            f"{LABELS[b]} the {_bias(unbiased[1])}"
+        reasons.append(
+            f"the variance estimator — {LABELS[a]} feeds the {_bias(unbiased[0])} batch "
+            f"variance into its running variance, {LABELS[b]} the {_bias(unbiased[1])}"
+        )
+    if fast_variance(s, a) != fast_variance(s, b) and of != "running_mean":
+        fast, other = (a, b) if fast_variance(s, a) else (b, a)
+        reasons.append(
+            f"a kernel path — {LABELS[fast]} takes the batch variance as E[x²] − E[x]², "
+            f"{LABELS[other]} in two passes"
+        )
+    narrowed = [e for e in pair if e in ("keras_jax", "keras_torch")]
+    if s["dtype"] == "float64" and len(narrowed) == 1:
+        reasons.append(
+            f"precision — {LABELS[narrowed[0]]} computes a float64 layer in float32 (Keras's "
+            "result_type('float64', 'float32') is float32 on JAX and PyTorch)"
         )
     if _both_train(s, a, b) and of not in ("running_mean", "running_var"):
         adam = [s[f"{knobs(e)}_optimizer"] != "sgd" for e in pair]
         conventions = {knobs(e) == "torch" for e in pair}
         if all(adam) and len(conventions) == 2:
-            return (
-                "what no knob aligns: where Adam adds ε — PyTorch to the bias-corrected "
-                "√v̂, Keras to √v (ε̂ = ε·√(1 − β₂ᵗ) in PyTorch's terms)"
+            reasons.append(
+                "where Adam adds ε — PyTorch to the bias-corrected √v̂, Keras to √v "
+                "(ε̂ = ε·√(1 − β₂ᵗ) in PyTorch's terms)"
             )
         couplings = {decay_coupling(s, e) for e in pair}
         if len(couplings) == 2 and resolved(s, knobs(a), "weight_decay"):
-            return (
-                "what no knob aligns: PyTorch's SGD adds weight decay to the gradient (L2); "
-                "Keras decays the weight itself"
+            reasons.append(
+                "weight decay — PyTorch's SGD adds it to the gradient (L2); Keras decays the "
+                "weight itself"
             )
-    if fast_variance(s, a) != fast_variance(s, b):
-        fast, other = (a, b) if fast_variance(s, a) else (b, a)
-        return (
-            f"kernel path, which no knob aligns: {LABELS[fast]} takes the batch variance as "
-            f"E[x²] − E[x]², {LABELS[other]} in two passes"
-        )
-    if knobs(a) == knobs(b):
-        return (
-            f"kernel path: the same rules, computed by {LABELS[a]}'s kernels and "
+    if not reasons and knobs(a) == knobs(b):
+        reasons.append(
+            f"a kernel path — the same rules, computed by {LABELS[a]}'s kernels and "
             f"{LABELS[b]}'s (rounding in a different order)"
         )
-    return "what no knob aligns: the frameworks' own arithmetic (rounding, kernels)"
+    if not reasons:
+        reasons.append("the frameworks' own arithmetic (rounding, kernels)")
+    return "what no knob aligns: " + "; ".join(reasons)
 
 
 def summary(steps: list[Step], of: str | None = "output") -> str | None:

@@ -15,6 +15,7 @@ outputs differ, else its largest state gap by max_rel, else that the engines agr
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -118,8 +119,13 @@ def _statistics_words(scenario: Scenario, engine: str) -> str:
 
 
 def percent(share: float) -> str:
-    """A share for people: never "0 %" for a share that is not zero."""
-    if share >= 0.01 or share == 0:
+    """A share for people: never "0%" for a share that is not zero, never "100%" for one
+    that is less (0.9996 reads 99.9%)."""
+    if share >= 1 or share == 0:
+        return f"{share:.0%}"
+    if share >= 0.995:
+        return f"{math.floor(share * 1000) / 10:.1f}%"
+    if share >= 0.01:
         return f"{share:.0%}"
     return f"{share:.1%}" if share >= 0.001 else "<0.1%"
 
@@ -138,6 +144,8 @@ def headline(comparison: Comparison) -> tuple[str, dict | None]:
     of = headline_gap(d)
     about = {"a": d.a, "b": d.b, "of": of}
     size = "max |Δ| = " + ("—" if d.max_abs is None else f"{d.max_abs:.4g}")
+    if d.nonfinite:
+        size += f" ({d.nonfinite} values NaN or ±inf)"
     s = comparison.scenario
     output = verdict(d)
     if of == "output":
@@ -181,8 +189,14 @@ def _training_words(d: Divergence) -> str:
     """With a loss: which of γ, β and the gradients part beyond the dtype's tolerance."""
     if not d.grad:
         return ""
-    checked = {"γ": part(d, "gamma"), "β": part(d, "beta"), "dL/dx": part(d, "grad_x")}
+    checked = {
+        "γ": part(d, "gamma"),
+        "β": part(d, "beta"),
+        "dL/dx": part(d, "grad_x"),
+        "dL/dγ": (d.grad or {}).get("gamma"),
+        "dL/dβ": (d.grad or {}).get("beta"),
+    }
     parted = [what for what, gap in checked.items() if verdict(gap) == "differ"]
     if not parted:
-        return "; γ, β and dL/dx agree to rounding"
-    return f"; {', '.join(parted)} differ beyond rounding"
+        return "; γ, β and the gradients agree to rounding"
+    return f"; {', '.join(parted)} {'differs' if len(parted) == 1 else 'differ'} beyond rounding"
