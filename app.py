@@ -92,8 +92,7 @@ def answer(explained: Explanation | None) -> None:
 
 # explain re-runs the scenario once per set of knobs: the headline does not wait for it,
 # unless the Explain tab is open
-EXPLAINING = "explaining"
-"""Session state: the scenario whose explanation this page waits for in the background."""
+EXPLAINING = "explaining"  # session state: the scenario explained in the background
 if open_tab() == "explain" or not view.to_explain:
     explaining = st.progress(0.0, text="Explaining the gaps…")
     explained = views().explanation(
@@ -112,9 +111,7 @@ else:
 
     @st.fragment(run_every=0.4)
     def explaining_meanwhile() -> None:
-        if views().explanation(scenario, view, wait=False) is not None:
-            st.rerun()  # the whole page, now with the explanation from the cache
-        answer(None)
+        answer(views().explanation(scenario, view, wait=False))
 
     explaining_meanwhile()
 preset = matching(scenario.values, DEFAULTS)
