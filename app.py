@@ -19,8 +19,8 @@ from bnexplore.presets import matching
 from bnexplore.script import reproducer
 from bnexplore.story import GAP_NAMES, VERDICT_WORDS, percent, verdict
 from bnexplore.translate import TRANSLATORS, translation_pair
-from bnexplore.view import Explanation, ViewCache, chart_spec, layer_view
-from bnexplore.widgets import TAB, apply_scenario, open_tab, sidebar, sweep_controls
+from bnexplore.view import ViewCache, chart_spec, layer_view
+from bnexplore.widgets import TAB, apply_scenario, sidebar, sweep_controls
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
 
@@ -78,42 +78,8 @@ badges = [
     if verdict != "not compared" or what == "outputs"
 ]
 under = f" under {scenario['dtype']} tolerances" if view.verdict["output"] != "not compared" else ""
-
-
-def answer(explained: Explanation | None) -> None:
-    """The badges, and the largest cause of the gap once explain has it."""
-    summary = ""
-    if explained is not None and explained.summary:
-        summary = f" · **{explained.summary}**"
-    elif explained is None:
-        summary = " · *explaining the gap, knob by knob…*"
-    st.markdown(" ".join(badges) + under + summary)
-
-
-# explain re-runs the scenario once per set of knobs: the headline does not wait for it,
-# unless the Explain tab is open
-EXPLAINING = "explaining"  # session state: the scenario explained in the background
-if open_tab() == "explain" or not view.to_explain:
-    explaining = st.progress(0.0, text="Explaining the gaps…")
-    explained = views().explanation(
-        scenario, view, wait=True, report=lambda done, text: explaining.progress(done, text)
-    )
-    explaining.empty()
-else:
-    explained = views().explanation(scenario, view, wait=False)
-moved_on = st.session_state.get(EXPLAINING)
-if moved_on is not None and moved_on.run_link != scenario.run_link:
-    views().let_go(moved_on)  # the explanation this page waited for is not wanted now
-st.session_state[EXPLAINING] = scenario if explained is None else None
-if explained is not None:
-    answer(explained)
-else:
-
-    @st.fragment(run_every=0.4)
-    def explaining_meanwhile() -> None:
-        answer(views().explanation(scenario, view, wait=False))
-
-    explaining_meanwhile()
+summary = f" · **{view.explain_summary}**" if view.explain_summary else ""
+st.markdown(" ".join(badges) + under + summary)
 preset = matching(scenario.values, DEFAULTS)
 if preset:
     st.info(f"**Preset {preset.name}: {preset.title}.** {preset.story}")
@@ -127,10 +93,7 @@ with st.expander("Share: link and JSON document", expanded=False):
     st.code(base + scenario.link, language=None)
     st.download_button(
         "Download results (JSON)",
-        json.dumps(
-            {**doc, "notices": notices, **({"explain": explained.steps} if explained else {})},
-            indent=2,
-        ),
+        json.dumps({**doc, "notices": notices}, indent=2),
         file_name="bnexplore.json",
         mime="application/json",
     )
@@ -407,9 +370,6 @@ def draw_sweep() -> None:
 
 def draw_explain() -> None:
     about = doc["headline_about"]
-    if explained.problem:
-        st.error(f"Explain could not finish: {explained.problem}")
-        return
     if not about:
         st.success("Nothing to explain: only one engine ran, or the pair cannot be compared.")
         return
@@ -422,8 +382,8 @@ def draw_explain() -> None:
         "gap's shares add up to at most 100 %; the rest is what remains. Each knob links to "
         "the scenario with that knob alone aligned."
     )
-    if explained.steps:
-        st.caption(explained.steps[0]["method"])
+    if doc["explain"]:
+        st.caption(doc["explain"][0]["method"])
     pair_gaps = next(d for d in doc["divergence"] if (d["a"], d["b"]) == (about["a"], about["b"]))
     output, state = st.columns(2)
     with output:
@@ -448,7 +408,7 @@ def explain_gap(of: str, pair_gaps: dict) -> None:
     elif of != "output":
         gap = pair_gaps["state"].get(of)
     name = GAP_TITLES.get(of, GAP_NAMES[of])
-    steps = [step for step in explained.steps if step["of"] == of]
+    steps = [step for step in doc["explain"] if step["of"] == of]
     if gap is None:
         if of in ("output", "running_mean", "running_var"):
             st.caption(f"{name}: not compared (a side has none).")
@@ -459,7 +419,7 @@ def explain_gap(of: str, pair_gaps: dict) -> None:
         st.success(f"**{name}**: the pair {said} (max |Δ| = {fmt(gap['max_abs'])}).")
         return
     st.markdown(f"**{name}**: max |Δ| = {fmt(gap['max_abs'])}, beyond tolerance")
-    show(lambda: charts.attribution_chart(explained.table, of), f"explain_{of}", explained.specs)
+    show(lambda: charts.attribution_chart(view.explain, of), f"explain_{of}")
     for step in steps:
         link = f"[{step['knob']}]({step['link']})"
         if step["knob"] == "what remains":

@@ -25,11 +25,10 @@ from bnexplore import admission, charts, store, sweep, workers
 from bnexplore.engines import LABELS
 from bnexplore.explain import explain, summary
 from bnexplore.formats import Layer
-from bnexplore.metrics import Divergence
 from bnexplore.params import knobs
 from bnexplore.runner import Comparison, Report, admitted_need, compare, strict_json
 from bnexplore.scenario import Scenario
-from bnexplore.story import real_gaps, verdicts
+from bnexplore.story import verdicts
 
 log = logging.getLogger(__name__)
 
@@ -37,44 +36,24 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class View:
     document: dict
-    """bnexplore.run's document (explain comes apart: see Explanation)."""
+    """bnexplore.run's document, with "explain"."""
     headline: str
     verdict: dict[str, str]
     """The headline pair's {"output": V, "state": V} (story.verdicts)."""
-    pair: Divergence | None
-    """The pair the headline is about (its figures only, no arrays)."""
+    explain_summary: str | None
     histogram: pd.DataFrame
     channel_outputs: pd.DataFrame
     running: pd.DataFrame
     history: pd.DataFrame
     step_gaps: pd.DataFrame
     heatmap: pd.DataFrame
+    explain: pd.DataFrame
     grad_histogram: pd.DataFrame
     parameters: pd.DataFrame
     parameter_history: pd.DataFrame
     specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
     """Vega-Lite specs of this view's charts, by name: each validated once, then reused by
     every rerun and every session (see chart_spec)."""
-
-    @property
-    def to_explain(self) -> bool:
-        """Has the headline's pair a gap beyond rounding for explain to attribute?"""
-        return self.pair is not None and bool(real_gaps(self.pair))
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """The headline pair's gaps, cause by cause: computed after the view, off the path
-    to the headline (each of its scenarios is a real run)."""
-
-    steps: list[dict]
-    """The document's "explain"."""
-    summary: str | None
-    """The largest cause of the gap the headline names, in one sentence."""
-    table: pd.DataFrame
-    problem: str | None = None
-    """Why there is no explanation (a re-run failed or ran out of time), or None."""
-    specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
 
 def chart_spec(memo: dict[str, dict], name: str, build: Callable[[], object]) -> dict:
@@ -95,34 +74,29 @@ class SweepView:
     specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
 
-def build_view(comparison: Comparison) -> View:
+def build_view(comparison: Comparison, report: Report | None = None) -> View:
     pair = comparison.headline_pair
+    if report:
+        report(0.95, "Explaining the gaps: Shapley values over the knobs that differ")
+    steps = explain(comparison.scenario, pair)
     document = comparison.document()
+    document["explain"] = strict_json([step.to_dict() for step in steps])
+    about = document["headline_about"]
     return View(
         document=document,
         headline=document["headline"],
         verdict=verdicts(pair) if pair else {"output": "not compared", "state": "not compared"},
-        pair=pair,
+        explain_summary=summary(steps, about and about["of"]),
         histogram=charts.output_histogram(comparison),
         channel_outputs=charts.channel_output_stats(comparison),
         running=charts.running_statistics(comparison),
         history=charts.running_history(comparison),
         step_gaps=charts.step_gaps(comparison),
         heatmap=charts.gap_heatmap(comparison),
+        explain=charts.explain_steps(steps),
         grad_histogram=charts.output_histogram(comparison, quantity="grad_x"),
         parameters=charts.parameters(comparison),
         parameter_history=charts.parameter_history(comparison),
-    )
-
-
-def explanation(scenario: Scenario, view: View) -> Explanation:
-    """Explain the view's headline pair (bnexplore.explain), as the page shows it."""
-    steps = explain(scenario, view.pair) if view.pair is not None else []
-    about = view.document["headline_about"]
-    return Explanation(
-        steps=strict_json([step.to_dict() for step in steps]),
-        summary=summary(steps, about and about["of"]),
-        table=charts.explain_steps(steps),
     )
 
 
@@ -169,26 +143,12 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-LEASE_S = 1.5
-"""A computation in the background (explain, after the headline) is cancelled when no
-session has asked for it for this long: the page that wanted it moved on or closed."""
-
-
 class Flight:
     """One computation of one link in a thread of its own, shared by every session that
-    waits for it, cancelled when the last of them stops waiting — or, for one in the
-    background (``lease``), when nobody has asked for it within ``lease`` seconds."""
+    waits for it, cancelled when the last of them stops waiting."""
 
-    def __init__(
-        self,
-        key: str,
-        work: Callable[[Report], object],
-        lease: float | None = None,
-        on_done: Callable[[Flight], None] | None = None,
-    ) -> None:
+    def __init__(self, key: str, work: Callable[[Report], object]) -> None:
         self.key, self.waiters = key, 0
-        self.lease, self.on_done = lease, on_done
-        self.last_seen = time.monotonic()
         self.context = admission.RunContext(on_wait=self._waiting)
         self.progress, self.status = 0.0, "Starting the engines…"
         self._done = threading.Event()
@@ -200,28 +160,6 @@ class Flight:
 
     def start(self) -> None:
         self._thread.start()
-        if self.lease is not None:
-            threading.Thread(target=self._watch, name=f"lease {self.key}", daemon=True).start()
-
-    def seen(self) -> None:
-        """A session still wants the result: the lease runs on."""
-        self.last_seen = time.monotonic()
-
-    def _watch(self) -> None:
-        while not self._done.wait(self.lease / 4):
-            if time.monotonic() - self.last_seen > self.lease:
-                log.info("nobody asks for %s any more: cancelled", self.key)
-                self.context.ticket.cancel()
-                return
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def value(self) -> object:
-        """The result of a finished flight (None if it failed or was cancelled)."""
-        return None if self._error is not None else self._result
 
     def _waiting(self, ahead: int, flying: int) -> None:
         self.status = admission.waiting_words(ahead, flying)
@@ -240,8 +178,6 @@ class Flight:
             self._error = exc
         finally:
             self._done.set()
-            if self.on_done is not None:
-                self.on_done(self)
             if self._error is not None:
                 # a run cut short (cancelled) leaves its arrays in reference cycles of
                 # interrupted frames and generators: collect them before trimming the heap
@@ -256,7 +192,6 @@ class Flight:
         """The result, reporting progress meanwhile; ``report`` may raise (the session
         stopped or reran) and the caller then leaves the flight."""
         while not self._done.wait(poll):
-            self.seen()
             if report:
                 report(min(self.progress, 1.0), self.status)
         if self._error is not None:
@@ -315,81 +250,29 @@ class ViewCache:
         finally:
             with self._lock:
                 flight.waiters -= 1
-                mine = self._flights.get(key) is flight and flight.lease is None
-                if flight.waiters == 0 and mine:
+                if flight.waiters == 0 and self._flights.get(key) is flight:
                     del self._flights[key]
                     flight.context.ticket.cancel()  # nobody waits: it stops, or it was done
         self.put(key, value)
         return value
 
-    def _in_background(self, key: str, work: Callable[[Report], object]) -> object | None:
-        """The cached value of ``key``; else None, its computation started (or its lease
-        renewed) in the background, where it is kept when done."""
-        with self._lock:
-            cached = self._views.get(key)
-            if cached is not None:
-                self._views.move_to_end(key)
-                return cached
-            flight = self._flights.get(key)
-            if flight is None or flight.cancelled:
-                flight = self._flights[key] = Flight(key, work, LEASE_S, self._landed)
-                flight.start()
-            flight.seen()
-            return None
-
-    def _landed(self, flight: Flight) -> None:
-        """A background flight is over: its value kept, the flight forgotten."""
-        if flight.value is not None:
-            self.put(flight.key, flight.value)
-        with self._lock:
-            if self._flights.get(flight.key) is flight:
-                del self._flights[flight.key]
-
-    def let_go(self, scenario: Scenario) -> None:
-        """A page moved on from this scenario: its background explanation need not wait
-        for its lease to run out (another page that still asks for it renews it)."""
-        with self._lock:
-            flight = self._flights.get("explain:" + scenario.run_link)
-            if flight is not None and flight.lease is not None:
-                flight.last_seen = time.monotonic() - flight.lease
-
-    def explanation(
-        self, scenario: Scenario, view: View, wait: bool, report: Report | None = None
-    ) -> Explanation | None:
-        """The view's explanation: cached, or waited for (``wait``), or else None while
-        it is computed in the background (ask again: each call renews its lease)."""
-
-        def work(progress: Report) -> Explanation:
-            progress(0.0, "Explaining the gaps: Shapley values over the knobs that differ")
-            context = admission.current()
-            with admission.BUDGET.admit(admitted_need(scenario, reference=False), context):
-                limit = time.monotonic() + workers.time_limit()  # one limit for every re-run
-                inside = dataclasses.replace(context, admitted=True, deadline=limit)
-                with admission.running(inside):
-                    try:
-                        return explanation(scenario, view)
-                    except Exception as exc:  # noqa: BLE001 - a result to show, kept
-                        log.warning("explain failed for %s: %s", scenario.run_link, exc)
-                        words = f"{type(exc).__name__}: {exc}"
-                        return Explanation([], None, charts.explain_steps([]), problem=words)
-
-        key = "explain:" + scenario.run_link
-        if wait:
-            return self._fly(key, work, report)
-        return self._in_background(key, work)
-
     def view(self, scenario: Scenario, report: Report | None = None) -> View:
         """The view of a scenario: from the cache, or run for real (once) and kept."""
 
         def work(progress: Report) -> View:
-            # one admission for the whole view: the run and its charts, so the budget
-            # holds the memory until the results are let go
+            # one admission for the whole view: the run, its charts and explain's re-runs,
+            # so the budget holds the memory until the results are let go
             context = admission.current()
             with admission.BUDGET.admit(admitted_need(scenario), context):
                 inside = dataclasses.replace(context, admitted=True)
                 with admission.running(inside):
-                    comparison = compare(scenario, report=progress)
-                    return build_view(comparison)
+                    comparison = compare(
+                        scenario, report=lambda done, text: progress(0.9 * done, text)
+                    )
+                # explain's re-runs share one time limit, and the run's ticket
+                limit = time.monotonic() + workers.time_limit()
+                with admission.running(dataclasses.replace(inside, deadline=limit)):
+                    return build_view(comparison, progress)
 
         return self._fly(scenario.run_link, work, report)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -161,7 +159,7 @@ def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
 
     monkeypatch.setattr(bnexplore.workers, "start_sessions", counting_start)
     link = "?shape=5,7,3&input=uniform&seed=424242&steps=2"
-    open_link(link + "&tab=explain")  # the Explain tab waits for explain's re-runs
+    open_link(link)
     first = len(started)
     assert first >= 2  # both engines ran (and explain re-ran them)
     again = open_link(link)  # a second visitor, a new session, the same link
@@ -268,50 +266,3 @@ def test_training_group_shows_the_knobs_of_compared_engines_only_with_a_loss() -
     at.session_state["w_tab"] = "Training"
     at.run()
     assert len(at.get("vega_lite_chart")) >= 4  # the Training tab's gradient charts
-
-
-def test_the_headline_does_not_wait_for_explain_which_fills_in_after() -> None:
-    """On Overview, explain's re-runs happen after the page is drawn: the badge line says
-    so, and a later rerun (the page's fragment polls) shows the largest cause."""
-    at = open_link("?shape=5,4,3&input=normal&steps=2&keras_eps=0.02&seed=7")
-    assert at.subheader[0].value.startswith("max |Δ|")
-    assert "explaining the gap, knob by knob" in at.markdown[0].value
-    for _ in range(240):  # each rerun asks again, which keeps the computation wanted
-        time.sleep(0.25)
-        at.run()
-        if "of the gap:" in at.markdown[0].value:
-            break
-    assert "of the gap:" in at.markdown[0].value, at.markdown[0].value
-    assert "explaining" not in at.markdown[0].value
-
-
-def test_explain_nobody_asks_for_any_more_is_cancelled(monkeypatch) -> None:
-    """A background explanation whose page moved on (no session asks within the lease)
-    stops at its next check, and nothing is kept for it."""
-    from bnexplore import admission, view
-
-    started = threading.Event()
-
-    def endless(scenario, shown):
-        started.set()
-        while True:  # stands for explain's re-runs, each checking its ticket
-            admission.current().ticket.check()
-            time.sleep(0.05)
-
-    monkeypatch.setattr(view, "explanation", endless)
-    monkeypatch.setattr(view, "LEASE_S", 0.5)
-    cache = view.ViewCache()
-    scenario, _ = parse_link("?shape=4,3&steps=1&keras_eps=0.3")
-    shown = cache.view(scenario)
-    assert shown.to_explain
-    assert cache.explanation(scenario, shown, wait=False) is None
-    assert started.wait(30)
-    for _ in range(5):  # asked again within the lease: it runs on
-        time.sleep(0.2)
-        assert cache.explanation(scenario, shown, wait=False) is None
-        assert cache.flights() == 1
-    deadline = time.monotonic() + 10
-    while cache.flights() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert cache.flights() == 0
-    assert cache.get("explain:" + scenario.run_link) is None
