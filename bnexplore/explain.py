@@ -508,7 +508,8 @@ def _attribute(
     final = _with_aligned(scenario, pair, everything)[0]
     if gap is None:  # NaN or inf: max |Δ| cannot be split
         why = "not computed: max |Δ| is not finite, so it cannot be split"
-        words = f"not finite: {start.nonfinite} values of the {GAP_NAMES[of]} are NaN or ±inf"
+        the = "the " if of in ("output", "running_mean", "running_var") else ""
+        words = f"not finite: {start.nonfinite} values of {the}{GAP_NAMES[of]} are NaN or ±inf"
         return [Step("what remains", words, None, None, final.link, method=why, of=of)]
 
     def after(names: frozenset[str]) -> float:

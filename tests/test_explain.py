@@ -322,3 +322,26 @@ def test_a_float64_layer_on_keras_jax_is_named_as_computed_in_float32() -> None:
     )
     causes = [s["cause"] for s in doc["explain"] if s["of"] == "output"]
     assert causes and all("computes a float64 layer in float32" in c for c in causes)
+
+
+def test_pytorch_without_running_statistics_has_no_momentum_to_blame() -> None:
+    doc = bnexplore.run(
+        "?v=1&shape=8,16,4,4&input=normal&mean=1&steps=2&torch_mode=eval"
+        "&torch_track_running_stats=false&keras_training=false",
+        explain=True,
+    )
+    knobs = {s["knob"]: s["cause"] for s in doc["explain"]}
+    assert "momentum" not in knobs
+    assert knobs["mode"].startswith("PyTorch ran in eval mode with no running statistics")
+
+
+def test_a_gap_with_nan_says_so_and_gets_no_share() -> None:
+    """float16 Adam in PyTorch: β becomes NaN (a finding); max |Δ| cannot be split."""
+    doc = bnexplore.run(
+        "?v=1&shape=8,16,4,4&input=normal&dtype=float16&loss=mse&steps=1&torch_optimizer=adam"
+        "&keras_optimizer=adam&keras_training=true&keras_eps=1e-5&keras_momentum=0.9",
+        explain=True,
+    )
+    assert "values NaN or ±inf)" in doc["headline"]
+    (beta,) = [s for s in doc["explain"] if s["of"] == "beta"]
+    assert beta["share"] is None and beta["cause"] == "not finite: 16 values of β are NaN or ±inf"
