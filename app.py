@@ -396,8 +396,8 @@ def draw_explain() -> None:
             explain_gap(of, pair_gaps)
 
 
+# gap names at the start of a line (γ, β and dL/dx stay as they are)
 GAP_TITLES = {"output": "Output", "running_mean": "Running mean", "running_var": "Running variance"}
-"""Gap names at the start of a line (γ, β and dL/dx stay as they are)."""
 
 
 def explain_gap(of: str, pair_gaps: dict) -> None:

@@ -266,3 +266,17 @@ def test_training_group_shows_the_knobs_of_compared_engines_only_with_a_loss() -
     at.session_state["w_tab"] = "Training"
     at.run()
     assert len(at.get("vega_lite_chart")) >= 4  # the Training tab's gradient charts
+
+
+def test_no_bare_string_in_the_script_is_drawn_by_streamlit_magic() -> None:
+    """Streamlit's magic writes any bare expression at the top level of the script onto
+    the page: only the module docstring may be one (a docstring on a constant was drawn)."""
+    import ast
+
+    tree = ast.parse(Path(APP).read_text())
+    bare = [
+        node.lineno
+        for node in tree.body[1:]
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    ]
+    assert bare == []
