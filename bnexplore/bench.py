@@ -252,14 +252,20 @@ def _browser_first_chart() -> dict:
     return {"streamlit_run_to_first_chart_s": seconds}
 
 
-SETTLED_JS = """() => {
+def settled_js(drawn: str) -> str:
+    """A page-settled test for Playwright: the script idle, nothing stale, and either an
+    exception box or the headline and the element ``drawn`` (a CSS selector)."""
+    return f"""() => {{
     const app = document.querySelector("[data-testid='stApp']");
     if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
     if (document.querySelector("[data-stale='true'], [data-testid='stSkeleton']")) return false;
     if (document.querySelector("[data-testid='stException']")) return true;
     return document.querySelector("[data-testid='stMain'] h3") !== null
-        && document.querySelector("[role='tabpanel']:not([hidden])") !== null;
-}"""
+        && document.querySelector("{drawn}") !== null;
+}}"""
+
+
+SETTLED_JS = settled_js("[role='tabpanel']:not([hidden])")
 """The page is settled: the script idle, nothing stale, the headline and the open tab drawn."""
 
 DESK_LINKS = (

@@ -46,14 +46,7 @@ SMALL_LINK = "/?v=1&engines=torch,keras&shape=16,8,6,6&input=normal&steps=2"
 
 # The script run is over and the page drawn: either an exception box, or both the
 # headline and the sidebar (the browser tests use it too).
-SETTLED_JS = """() => {
-    const app = document.querySelector("[data-testid='stApp']");
-    if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
-    if (document.querySelector("[data-stale='true'], [data-testid='stSkeleton']")) return false;
-    if (document.querySelector("[data-testid='stException']")) return true;
-    return document.querySelector("[data-testid='stMain'] h3") !== null
-        && document.querySelector("[data-testid='stSidebar'] .st-key-w_steps input") !== null;
-}"""
+SETTLED_JS = bench.settled_js("[data-testid='stSidebar'] .st-key-w_steps input")
 # One poll of a page: [settled, shows "Waiting", shows "over the memory limit"].
 POLL_JS = (
     "() => { const text = document.body ? document.body.innerText : ''; return ["

@@ -13,13 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from bnexplore import bench
-from tests.team_server import SETTLED_JS, stop
+from tests.team_server import SETTLED_JS, free_port, healthy, stop
 
 pytestmark = pytest.mark.browser
 
@@ -98,20 +95,6 @@ PANEL_CHARTS_JS = """() => {
 # --- fixtures ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-            return r.status == 200 and r.read().decode().strip() == "ok"
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def chromium():
     """A headless Debian Chromium, driven by Playwright."""
@@ -141,7 +124,7 @@ def app_url(chromium, store_dir) -> Iterator[str]:
     Requests ``chromium`` first so that a missing browser skips before the
     server starts.
     """
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "streamlit", "run", "app.py"]
     for option, value in (
@@ -163,7 +146,7 @@ def app_url(chromium, store_dir) -> Iterator[str]:
         )
         try:
             deadline = time.monotonic() + SERVER_START_S
-            while not _healthy(url):
+            while not healthy(url):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     why = (
