@@ -138,17 +138,24 @@ def running_statistics(comparison: Comparison) -> pd.DataFrame:
 
     Columns: engine, source ("framework" or "reference"), statistic, channel, value.
     """
+    return _per_channel(
+        comparison, {"running_mean": "running mean", "running_var": "running variance"}
+    )
+
+
+def _per_channel(comparison: Comparison, labels: dict[str, str]) -> pd.DataFrame:
+    """Each per-channel array named in ``labels`` (EngineResult attribute → statistic), of
+    every engine and reference, one row per (sampled) channel."""
     rows = []
     sources = [("framework", comparison.results), ("reference", comparison.references)]
     for source, results in sources:
         for name, r in results.items():
             engine = LABELS[name.removesuffix("_reference")]
-            for statistic, values in (
-                ("running mean", r.running_mean),
-                ("running variance", r.running_var),
-            ):
+            for quantity, statistic in labels.items():
+                values = getattr(r, quantity)
                 if values is None:
                     continue
+                values = np.asarray(values, dtype=np.float64)
                 rows += [
                     {
                         "engine": engine,
@@ -736,27 +743,7 @@ def parameters(comparison: Comparison) -> pd.DataFrame:
 
     Columns: engine, source ("framework" or "reference"), statistic, channel, value.
     """
-    rows = []
-    sources = [("framework", comparison.results), ("reference", comparison.references)]
-    for source, results in sources:
-        for name, r in results.items():
-            engine = LABELS[name.removesuffix("_reference")]
-            for quantity, label in PARAMETER_LABELS.items():
-                values = getattr(r, quantity)
-                if values is None:
-                    continue
-                values = np.asarray(values, dtype=np.float64)
-                rows += [
-                    {
-                        "engine": engine,
-                        "source": source,
-                        "statistic": label,
-                        "channel": int(c),
-                        "value": float(values[c]),
-                    }
-                    for c in _sample(len(values), MAX_CHANNELS)
-                ]
-    return pd.DataFrame(rows, columns=["engine", "source", "statistic", "channel", "value"])
+    return _per_channel(comparison, PARAMETER_LABELS)
 
 
 def parameter_chart(data: pd.DataFrame, statistic: str) -> alt.LayerChart:

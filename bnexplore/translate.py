@@ -167,23 +167,33 @@ def _keras_training_to_torch(s: Scenario) -> list[str]:
     return lines
 
 
+def _torch_as_in(s: Scenario) -> list[str]:
+    """The scenario's PyTorch module and call: the source side of a translation from it."""
+    batch = uses_batch_statistics(s, "torch")
+    return [
+        "# PyTorch, as in this scenario (x is channels-first)",
+        _torch_module(s, s["torch_eps"], s["torch_momentum"], s["torch_affine"]),
+        f"bn.train({batch})" if s["torch_track_running_stats"] else "# no running statistics",
+        "y = bn(x)",
+    ]
+
+
+def _target_momentum(m: float | None) -> float:
+    """PyTorch's momentum m in the Keras and Flax convention, 1 − m; for m=None (a
+    cumulative average, which no fixed momentum equals beyond the first step) 0.9, the
+    translation of PyTorch's default 0.1."""
+    return 0.9 if m is None else _complement(m)
+
+
 def torch_to_keras(s: Scenario) -> str:
     """The scenario's PyTorch module, and the Keras 3 layer that computes the same."""
     m = s["torch_momentum"]
     batch = uses_batch_statistics(s, "torch")
     lines = [
-        "# PyTorch, as in this scenario (x is channels-first)",
-        _torch_module(s, s["torch_eps"], m, s["torch_affine"]),
-        f"bn.train({batch})" if s["torch_track_running_stats"] else "# no running statistics",
-        "y = bn(x)",
+        *_torch_as_in(s),
         "",
         "# Keras 3, the same computation (channels-last input)",
-        _keras_layer(
-            s["torch_eps"],
-            0.9 if m is None else _complement(m),
-            s["torch_affine"],
-            s["torch_affine"],
-        ),
+        _keras_layer(s["torch_eps"], _target_momentum(m), s["torch_affine"], s["torch_affine"]),
         f"y = layer({_CHANNELS_LAST[len(s.shape)]}, training={batch})",
     ]
     if s["init"] == "state":
@@ -253,19 +263,15 @@ _TWO_PASS = "use_fast_variance=False"
 
 def torch_to_flax(s: Scenario) -> str:
     """The scenario's PyTorch module, and the Flax nnx layer that computes the same."""
-    m = s["torch_momentum"]
     batch = uses_batch_statistics(s, "torch")
     lines = [
-        "# PyTorch, as in this scenario (x is channels-first)",
-        _torch_module(s, s["torch_eps"], m, s["torch_affine"]),
-        f"bn.train({batch})" if s["torch_track_running_stats"] else "# no running statistics",
-        "y = bn(x)",
+        *_torch_as_in(s),
         "",
         "# Flax nnx, the same computation (channels-last input)",
         _flax_layer(
             s,
             s["torch_eps"],
-            0.9 if m is None else _complement(m),
+            _target_momentum(s["torch_momentum"]),
             s["torch_affine"],
             s["torch_affine"],
         ).replace("rngs=", f"{_TWO_PASS}, rngs="),
