@@ -17,7 +17,7 @@ from bnexplore.explain import aligned
 from bnexplore.params import DEFAULTS, TABS
 from bnexplore.presets import matching
 from bnexplore.script import reproducer
-from bnexplore.story import GAP_NAMES, VERDICT_WORDS, percent, verdict
+from bnexplore.story import GAP_NAMES, VERDICT_WORDS, part, percent, verdict
 from bnexplore.translate import TRANSLATORS, translation_pair
 from bnexplore.view import ViewCache, chart_spec, layer_view
 from bnexplore.widgets import TAB, apply_scenario, sidebar, sweep_controls
@@ -402,11 +402,7 @@ GAP_TITLES = {"output": "Output", "running_mean": "Running mean", "running_var":
 
 def explain_gap(of: str, pair_gaps: dict) -> None:
     """One gap's causes (chart and list), or why it has none."""
-    gap = pair_gaps if of == "output" else None
-    if of == "grad_x":
-        gap = (pair_gaps.get("grad") or {}).get("x")
-    elif of != "output":
-        gap = pair_gaps["state"].get(of)
+    gap = part(pair_gaps, of)
     name = GAP_TITLES.get(of, GAP_NAMES[of])
     steps = [step for step in doc["explain"] if step["of"] == of]
     if gap is None:

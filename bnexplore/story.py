@@ -49,13 +49,15 @@ VERDICT_WORDS = {
 }
 
 
-def part(d: Divergence, of: str) -> Divergence | None:
-    """One gap of a pair: the output's, a state statistic's or dL/dx's (None: not measured)."""
+def part(d: Divergence | dict, of: str) -> Divergence | dict | None:
+    """One gap of a pair: the output's, a state statistic's or dL/dx's (None: not
+    measured). ``d`` is a measured Divergence, or a pair as the document writes it."""
+    field = d.get if isinstance(d, dict) else lambda name: getattr(d, name)
     if of == "output":
-        return None if d.reason else d
+        return None if field("reason") else d
     if of == "grad_x":
-        return (d.grad or {}).get("x")
-    return (d.state or {}).get(of)
+        return (field("grad") or {}).get("x")
+    return (field("state") or {}).get(of)
 
 
 def verdict(d: Divergence | dict | None) -> str:

@@ -17,7 +17,7 @@ from bnexplore.metrics import TOLERANCES
 from bnexplore.runner import compare
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
-from bnexplore.story import GAPS, verdict
+from bnexplore.story import GAPS, part, verdict
 from bnexplore.translate import keras_to_torch, torch_to_keras
 from tests.scenarios import random_backend_links, random_links, random_training_links
 
@@ -100,21 +100,12 @@ def test_explain_matched_leaves_the_outputs_to_rounding_and_names_the_estimator(
     assert step["cause"].startswith("what no knob aligns: the variance estimator")
 
 
-def gap_of(divergence: dict, of: str) -> dict | None:
-    """One gap of a document's pair, as story.part reads it from a Divergence."""
-    if of == "output":
-        return divergence
-    if of == "grad_x":
-        return (divergence.get("grad") or {}).get("x")
-    return divergence["state"][of]
-
-
 def test_explain_steps_are_links_that_reproduce_their_gap() -> None:
     doc = bnexplore.run("?preset=train-then-eval", explain=True)
     for step in doc["explain"]:
         if step["gap_after"] is not None:
             again = bnexplore.run(step["link"], reference=False)
-            assert gap_of(again["divergence"][0], step["of"])["max_abs"] == step["gap_after"]
+            assert part(again["divergence"][0], step["of"])["max_abs"] == step["gap_after"]
 
 
 def test_make_them_agree_aligns_every_knob_and_the_outputs_agree() -> None:
@@ -269,11 +260,11 @@ def test_explain_attributes_only_real_gaps_with_shares_that_add_up_to_at_most_on
     for step in doc["explain"]:
         by_gap.setdefault(step["of"], []).append(step)
     for of in GAPS:
-        gap = gap_of(pair, of)
+        gap = part(pair, of)
         real = gap is not None and verdict(gap) == "differ"
         assert (of in by_gap) == real, (of, gap, by_gap.get(of))
     for of, steps in by_gap.items():
-        assert gap_of(pair, of)["allclose"] is False, of
+        assert part(pair, of)["allclose"] is False, of
         shares = [step["share"] for step in steps if step["share"] is not None]
         assert all(0 < share <= 1 for share in shares), steps
         assert math.fsum(shares) <= 1, steps
