@@ -134,11 +134,18 @@ def _align_mode(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     return words, changes
 
 
-def _align_eps(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
-    eps_a, eps_b = s[f"{knobs(a)}_eps"], s[f"{knobs(b)}_eps"]
-    if eps_a == eps_b:
+def _follow(
+    a: str, b: str, knob: str, name: str, value_a: float, value_b: float
+) -> tuple[str, Changes] | None:
+    """b takes a's value of a knob both frameworks have, where the two differ."""
+    if value_a == value_b:
         return None
-    return f"eps {eps_a:g} ({LABELS[a]}) vs {eps_b:g} ({LABELS[b]})", {f"{knobs(b)}_eps": eps_a}
+    words = f"{name} {value_a:g} ({LABELS[a]}) vs {value_b:g} ({LABELS[b]})"
+    return words, {f"{knobs(b)}_{knob}": value_a}
+
+
+def _align_eps(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    return _follow(a, b, "eps", "eps", s[f"{knobs(a)}_eps"], s[f"{knobs(b)}_eps"])
 
 
 def _align_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
@@ -267,12 +274,7 @@ def _align_lr(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     if not _both_train(s, a, b):
         return None
     lr_a, lr_b = resolved(s, knobs(a), "lr"), resolved(s, knobs(b), "lr")
-    if lr_a == lr_b:
-        return None
-    return (
-        f"learning rate {lr_a:g} ({LABELS[a]}) vs {lr_b:g} ({LABELS[b]})",
-        {f"{knobs(b)}_lr": lr_a},
-    )
+    return _follow(a, b, "lr", "learning rate", lr_a, lr_b)
 
 
 def _align_weight_decay(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
@@ -300,12 +302,7 @@ def _align_adam_eps(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     if not _both_train(s, a, b) or "sgd" in kinds:
         return None
     eps_a, eps_b = resolved(s, knobs(a), "adam_eps"), resolved(s, knobs(b), "adam_eps")
-    if eps_a == eps_b:
-        return None
-    return (
-        f"Adam ε {eps_a:g} ({LABELS[a]}) vs {eps_b:g} ({LABELS[b]})",
-        {f"{knobs(b)}_adam_eps": eps_a},
-    )
+    return _follow(a, b, "adam_eps", "Adam ε", eps_a, eps_b)
 
 
 def _align_sgd_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
@@ -313,12 +310,7 @@ def _align_sgd_momentum(s: Scenario, a: str, b: str) -> tuple[str, Changes] | No
     if not _both_train(s, a, b) or kinds != {"sgd"}:
         return None
     m_a, m_b = s[f"{knobs(a)}_opt_momentum"], s[f"{knobs(b)}_opt_momentum"]
-    if m_a == m_b:
-        return None
-    return (
-        f"SGD momentum {m_a:g} ({LABELS[a]}) vs {m_b:g} ({LABELS[b]})",
-        {f"{knobs(b)}_opt_momentum": m_a},
-    )
+    return _follow(a, b, "opt_momentum", "SGD momentum", m_a, m_b)
 
 
 def _align_requires_grad(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
