@@ -56,6 +56,16 @@ def assert_running_stat_matches_reference(
     )
 
 
+def assert_running_stats_match_reference(result, reference, scenario, name: str) -> None:
+    """Both running statistics present on both sides or on neither, and within
+    assert_running_stat_matches_reference where present."""
+    for stat in ("running_mean", "running_var"):
+        got, want = getattr(result, stat), getattr(reference, stat)
+        assert (got is None) == (want is None), (name, stat)
+        if want is not None:
+            assert_running_stat_matches_reference(got, want, scenario, name, f"{name} {stat}")
+
+
 def assert_output_matches_reference(actual, reference, dtype: str, what: str) -> None:
     """assert_close's dtype tolerances, with the mean's rounding propagated.
 
@@ -104,11 +114,7 @@ def test_every_engine_follows_its_frameworks_rules(link: str) -> None:
         assert result.output.dtype.name == dtype, name
         assert result.output.shape == scenario.shape, name
         assert_output_matches_reference(result.output, reference, dtype, f"{name} output")
-        for stat in ("running_mean", "running_var"):
-            got, want = getattr(result, stat), getattr(reference, stat)
-            assert (got is None) == (want is None), (name, stat)
-            if want is not None:
-                assert_running_stat_matches_reference(got, want, scenario, name, f"{name} {stat}")
+        assert_running_stats_match_reference(result, reference, scenario, name)
         assert (result.history is None) == (reference.history is None), name
         if reference.history is not None:
             np.testing.assert_array_equal(result.history["step"], reference.history["step"])

@@ -17,6 +17,7 @@ from tests.test_engines import (
     assert_matches_reference,
     assert_output_matches_reference,
     assert_running_stat_matches_reference,
+    assert_running_stats_match_reference,
 )
 
 TRAINING_LINKS = random_training_links(40, seed=909)
@@ -38,11 +39,7 @@ def test_every_engine_trains_by_its_frameworks_rules(link: str) -> None:
         assert result.error is None and reference.error is None, (name, result.error)
         assert reference.unpredictable is None  # a normal target: no exact zero gradient
         assert_output_matches_reference(result.output, reference, dtype, f"{name} output")
-        for stat in ("running_mean", "running_var"):
-            got, want = getattr(result, stat), getattr(reference, stat)
-            assert (got is None) == (want is None), (name, stat)
-            if want is not None:
-                assert_running_stat_matches_reference(got, want, scenario, name, f"{name} {stat}")
+        assert_running_stats_match_reference(result, reference, scenario, name)
         assert_matches_reference(result.loss, reference.loss, dtype, f"{name} loss")
         assert result.grad_x.dtype.name == dtype and result.grad_x.shape == scenario.shape
         for quantity in ("gamma", "beta", "grad_x", "grad_gamma", "grad_beta"):
