@@ -533,7 +533,7 @@ def _attribute(
         value = phi.get(name)
         if value is None or value == 0:
             continue  # not computed, or moves this gap in no order of aligning (or by rounding)
-        knob, words = _cause(scenario, pair, name, of)
+        knob, words = _cause(scenario, pair, name, of, differing)
         share = value / positive * fraction if value > 0 else None
         widens = -value if value < 0 else None
         alone = frozenset({name})
@@ -567,14 +567,17 @@ def _at_most(steps: list[Step], limit: float) -> None:
         steps[top] = dataclasses.replace(steps[top], share=smaller)
 
 
-def _cause(scenario: Scenario, pair: tuple[str, str], name: str, of: str) -> tuple[str, str]:
+def _cause(
+    scenario: Scenario, pair: tuple[str, str], name: str, of: str, differing: list[str]
+) -> tuple[str, str]:
     """The knob's name and words for this gap: a switch that also picks a kernel is named
-    as the kernel path where its rule cannot reach the gap."""
+    as the kernel path where its rule cannot reach the gap. ``differing``: the knobs being
+    aligned (_differing), among which those that make this one matter are named."""
     align = dict(ALIGNMENTS)[name]
     step = align(scenario, *pair)
     if step is None:  # it comes to differ once others are aligned: say which
         words = align(_with_aligned(scenario, pair, _ALL - {name})[0], *pair)[0]
-        others = [other for other in _differing(scenario, pair) if other != name]
+        others = [other for other in differing if other != name]
         enablers = next(
             (
                 list(subset)
