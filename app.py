@@ -19,8 +19,8 @@ from bnexplore.presets import matching
 from bnexplore.script import reproducer
 from bnexplore.story import GAP_NAMES, VERDICT_WORDS, part, percent, verdict
 from bnexplore.translate import TRANSLATORS, translation_pair
-from bnexplore.view import ViewCache, chart_spec, layer_view
-from bnexplore.widgets import TAB, apply_scenario, sidebar, sweep_controls
+from bnexplore.view import EVERYTHING, PARTS_OF_TAB, ViewCache, chart_spec, layer_view
+from bnexplore.widgets import TAB, apply_scenario, open_tab, sidebar, sweep_controls
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
 
@@ -57,8 +57,10 @@ if notices:
     st.warning("Parts of the link were not used:\n\n" + "\n".join(f"- {n}" for n in notices))
 
 progress = st.progress(0.0, text="Running in each framework's worker process…")
-view = views().view(
-    scenario, report=lambda done, text: progress.progress(min(done, 1.0), text=text)
+view = views().view(  # with what the open tab draws, no more
+    scenario,
+    report=lambda done, text: progress.progress(min(done, 1.0), text=text),
+    parts=PARTS_OF_TAB[open_tab()],
 )
 progress.empty()
 doc = view.document
@@ -78,7 +80,11 @@ badges = [
     if verdict != "not compared" or what == "outputs"
 ]
 under = f" under {scenario['dtype']} tolerances" if view.verdict["output"] != "not compared" else ""
-summary = f" · **{view.explain_summary}**" if view.explain_summary else ""
+summary = ""
+if view.explain_summary:
+    summary = f" · **{view.explain_summary}**"
+elif view.differing and "differ" in view.verdict.values():
+    summary = f" · knobs that differ: {', '.join(view.differing)} (their shares: Explain)"
 st.markdown(" ".join(badges) + under + summary)
 preset = matching(scenario.values, DEFAULTS)
 if preset:
@@ -93,9 +99,14 @@ with st.expander("Share: link and JSON document", expanded=False):
     st.code(base + scenario.link, language=None)
     st.download_button(
         "Download results (JSON)",
-        json.dumps({**doc, "notices": notices}, indent=2),
+        lambda: json.dumps(
+            {**views().view(scenario, parts=EVERYTHING).document, "notices": notices}, indent=2
+        ),
         file_name="bnexplore.json",
         mime="application/json",
+        on_click="ignore",
+        help="Every figure, with the float64 references and explain's causes (computed "
+        "on the click where this tab has not run them).",
     )
     st.caption(f"The same numbers: `python -m bnexplore run --json --link '{scenario.link}'`")
 
@@ -169,19 +180,10 @@ def draw_overview() -> None:
             help=f"torch.testing.assert_close defaults for {scenario['dtype']}: rtol "
             f"{pair['rtol']:g}, atol {pair['atol']:g}; {LABELS[pair['a']]} as expected.",
         )
-
-    st.markdown("##### Each framework against its own rules, computed in float64")
-    lines = []
-    for name, ref in doc.get("reference", {}).items():
-        gap = ref["vs_engine"]
-        if gap["max_abs"] is None:
-            continue
-        where = "within" if gap["allclose"] else "**outside**"
-        lines.append(
-            f"- {LABELS[name]}: max |Δ| {fmt(gap['max_abs'])}, {where} "
-            f"{scenario['dtype']} tolerance"
-        )
-    st.markdown("\n".join(lines) or "Nothing to check: no engine produced an output.")
+    st.caption(
+        "Each framework against its own rules, computed in float64, and the gaps cause by "
+        "cause: the Explain tab."
+    )
 
 
 def draw_outputs() -> None:
@@ -372,7 +374,27 @@ def draw_explain() -> None:
     about = doc["headline_about"]
     if not about:
         st.success("Nothing to explain: only one engine ran, or the pair cannot be compared.")
-        return
+    else:
+        draw_causes(about)
+    draw_references()
+
+
+def draw_references() -> None:
+    st.markdown("##### Each framework against its own rules, computed in float64")
+    lines = []
+    for name, ref in doc.get("reference", {}).items():
+        gap = ref["vs_engine"]
+        if gap["max_abs"] is None:
+            continue
+        where = "within" if gap["allclose"] else "**outside**"
+        lines.append(
+            f"- {LABELS[name]}: max |Δ| {fmt(gap['max_abs'])}, {where} "
+            f"{scenario['dtype']} tolerance"
+        )
+    st.markdown("\n".join(lines) or "Nothing to check: no engine produced an output.")
+
+
+def draw_causes(about: dict) -> None:
     pair = f"{LABELS[about['a']]} and {LABELS[about['b']]}"
     st.markdown(
         f"The gaps between **{pair}** (the pair the headline is about) beyond "

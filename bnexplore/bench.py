@@ -175,8 +175,11 @@ FIRST_CHART_DRAWN_JS = """() => Array.from(
 
 
 @contextlib.contextmanager
-def served_app(env: dict[str, str] | None = None) -> Iterator[tuple[str, float]]:
-    """``streamlit run app.py`` on a free port: (base URL, perf_counter at its start)."""
+def served_app(
+    env: dict[str, str] | None = None, script: str = "app.py"
+) -> Iterator[tuple[str, float]]:
+    """``streamlit run app.py`` (or ``script``) on a free port: (base URL, perf_counter at
+    its start)."""
     import socket
 
     with socket.socket() as probe:
@@ -190,7 +193,7 @@ def served_app(env: dict[str, str] | None = None) -> Iterator[tuple[str, float]]
             "-m",
             "streamlit",
             "run",
-            "app.py",
+            script,
             "--server.headless",
             "true",
             "--server.port",
@@ -285,51 +288,67 @@ def browser_desk(report: Callable[[str], None] = lambda text: None) -> dict:
     For each link: ``streamlit run`` to its settled headline (cold start, the first
     link only), then 10 changes of Keras's epsilon in the sidebar, each timed from the
     key press to the settled page, then the first changed link revisited in a fresh
-    page (its view cached by the server).
+    page (its view cached by the server). Then the same on the Streamlit floor
+    (bnexplore/floor_app.py): the page's shape with nothing computed.
     """
     skipped = _browser_skip()
     if skipped:
         return {"skipped": skipped}
     from playwright.sync_api import sync_playwright
 
-    rows = []
-    with served_app() as (url, start), sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        cold = None
-        for name, link in DESK_LINKS:
-            report(f"bench: browser desk, {name}")
-            page = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
-            _goto_when_up(page, url + link)
-            _settle(page)
-            cold = cold if cold is not None else time.perf_counter() - start
-            eps = page.locator(".st-key-w_keras_eps input")
-            changes, revisit_link = [], None
-            for i in range(WIDGET_CHANGES):
-                value = f"{1e-3 + (i + 1) * 1e-4:.4g}"
-                eps.fill(value)
-                began = time.perf_counter()
-                eps.press("Enter")
-                page.wait_for_url(lambda u, v=value: f"keras_eps={v}" in u, timeout=60_000)
-                _settle(page)
-                changes.append(time.perf_counter() - began)
-                revisit_link = revisit_link or page.url
-            fresh = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
-            began = time.perf_counter()
-            fresh.goto(revisit_link)
-            _settle(fresh)
-            revisit = time.perf_counter() - began
-            rows.append(
-                {
-                    "link": link,
-                    "name": name,
-                    "widget_change_s": changes,
-                    "p50_s": float(np.percentile(changes, 50)),
-                    "p90_s": float(np.percentile(changes, 90)),
-                    "revisit_s": revisit,
-                }
-            )
+        with served_app() as (url, start):
+            rows, cold = [], None
+            for name, link in DESK_LINKS:
+                report(f"bench: browser desk, {name}")
+                rows.append(_desk_row(browser, url, name, link))
+                cold = cold if cold is not None else rows[0].pop("opened_s") - start
+        report("bench: browser desk, the Streamlit floor")
+        with served_app(script=str(Path(__file__).with_name("floor_app.py"))) as (url, _):
+            floor = _desk_row(browser, url, FLOOR, "/")
         browser.close()
-    return {"cold_start_to_headline_s": cold, "links": rows}
+    for row in (*rows, floor):
+        row.pop("opened_s", None)
+    return {"cold_start_to_headline_s": cold, "links": rows, "floor": floor}
+
+
+FLOOR = "the Streamlit floor (nothing computed)"
+
+
+def _desk_row(browser, url: str, name: str, link: str) -> dict:
+    """One link's widget changes and revisit (see browser_desk)."""
+    page = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
+    _goto_when_up(page, url + link)
+    _settle(page)
+    opened = time.perf_counter()
+    eps = page.locator(".st-key-w_keras_eps input")
+    changes, revisit_link = [], None
+    for i in range(WIDGET_CHANGES):
+        value = f"{1e-3 + (i + 1) * 1e-4:.4g}"
+        eps.fill(value)
+        began = time.perf_counter()
+        eps.press("Enter")
+        page.wait_for_url(lambda u, v=value: f"keras_eps={v}" in u, timeout=60_000)
+        _settle(page)
+        changes.append(time.perf_counter() - began)
+        revisit_link = revisit_link or page.url
+    page.context.close()
+    fresh = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
+    began = time.perf_counter()
+    fresh.goto(revisit_link)
+    _settle(fresh)
+    revisit = time.perf_counter() - began
+    fresh.context.close()
+    return {
+        "link": link,
+        "name": name,
+        "opened_s": opened,
+        "widget_change_s": changes,
+        "p50_s": float(np.percentile(changes, 50)),
+        "p90_s": float(np.percentile(changes, 90)),
+        "revisit_s": revisit,
+    }
 
 
 def desk_table(desk: dict) -> str:
@@ -340,7 +359,7 @@ def desk_table(desk: dict) -> str:
         "| link | widget change p50 | p90 | revisited link |",
         "|---|---:|---:|---:|",
     ]
-    for row in desk["links"]:
+    for row in [*desk["links"], *([desk["floor"]] if "floor" in desk else [])]:
         lines.append(
             f"| {row['name']} | {row['p50_s'] * 1000:.0f} ms | {row['p90_s'] * 1000:.0f} ms | "
             f"{row['revisit_s'] * 1000:.0f} ms |"

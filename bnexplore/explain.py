@@ -459,7 +459,7 @@ def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
     gaps = real_gaps(start)
     if not gaps:
         return []
-    differing = _differing(scenario, pair)
+    differing = differing_knobs(scenario, pair)
     runs: dict[frozenset[str], Divergence] = {}
 
     def run(names: frozenset[str]) -> Divergence:
@@ -473,7 +473,7 @@ def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
     return steps
 
 
-def _differing(scenario: Scenario, pair: tuple[str, str]) -> list[str]:
+def differing_knobs(scenario: Scenario, pair: tuple[str, str]) -> list[str]:
     """The knobs that differ, and those that come to differ once others are aligned
     (Keras trainable=True makes PyTorch's requires_grad_(False) matter), in ALIGNMENTS
     order. A knob that does not differ in some set of aligned knobs leaves it as it is."""
@@ -572,7 +572,7 @@ def _cause(
 ) -> tuple[str, str]:
     """The knob's name and words for this gap: a switch that also picks a kernel is named
     as the kernel path where its rule cannot reach the gap. ``differing``: the knobs being
-    aligned (_differing), among which those that make this one matter are named."""
+    aligned (differing_knobs), among which those that make this one matter are named."""
     align = dict(ALIGNMENTS)[name]
     step = align(scenario, *pair)
     if step is None:  # it comes to differ once others are aligned: say which

@@ -350,7 +350,10 @@ def _run_passes(
     source = "torch" if "torch" in scenario["engines"] else PORT_SOURCE
     try:
         passes = zip(batches(scenario), targets(scenario), strict=True)
-        for k, (batch, target) in enumerate(passes):
+        upcoming, k = next(passes, None), -1
+        while upcoming is not None:
+            batch, target = upcoming
+            k += 1
             ticket.check()  # a cancelled run stops at the next pass
             if lanes and time.monotonic() > deadline:
                 stopped = workers.TimeLimitReached()
@@ -366,6 +369,9 @@ def _run_passes(
                         lane.step(k, batch) if target is None else lane.step(k, batch, target)
                     ),
                 )
+            # the next pass's batch is drawn while the workers work on this one (the
+            # loop held it beside this one before, too: no more memory at once)
+            upcoming = next(passes, None)
             for name in list(lanes):
                 attempt(name, lambda lane: lane.settle())
             if report:

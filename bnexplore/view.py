@@ -3,6 +3,11 @@
 The app computes a view once per canonical link; a revisited link answers from
 the cache without running the frameworks again. Views are small: the document,
 the words and the binned chart data, never whole tensors.
+
+A view holds the parts its tab draws, and no more (PARTS_OF_TAB): the headline,
+the engines' figures and the per-channel state always; the output distributions,
+the float64 references and explain's re-runs only where a tab shows them. A tab
+that needs a part the cached view lacks runs the link again with both sets of parts.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import pandas as pd
 
 from bnexplore import admission, charts, store, sweep, workers
 from bnexplore.engines import LABELS
-from bnexplore.explain import explain, summary
+from bnexplore.explain import differing_knobs, explain, summary
 from bnexplore.formats import Layer
 from bnexplore.params import knobs
 from bnexplore.runner import Comparison, Report, admitted_need, compare, strict_json
@@ -33,14 +38,43 @@ from bnexplore.story import verdicts
 log = logging.getLogger(__name__)
 
 
+OUTPUTS, REFERENCES, EXPLAIN = "output distributions", "references", "explain"
+PARTS = (OUTPUTS, REFERENCES, EXPLAIN)
+"""What a view may leave out until a tab asks for it:
+
+- output distributions: the histograms and per-channel figures of each engine's output
+  and dL/dx, binned from the whole tensors;
+- references: each engine's float64 reference run beside it, and its gap from it;
+- explain: the headline pair's gaps cause by cause, 2^k scenarios re-run for real."""
+
+PARTS_OF_TAB: dict[str, frozenset[str]] = {
+    "overview": frozenset(),
+    "outputs": frozenset({OUTPUTS}),
+    "running": frozenset({REFERENCES}),
+    "training": frozenset({OUTPUTS, REFERENCES}),
+    "layer": frozenset(),
+    "sweep": frozenset(),
+    "explain": frozenset({REFERENCES, EXPLAIN}),
+    "code": frozenset(),
+}
+"""The parts each tab draws (by the link's ``tab`` slug); the rest stays off its path."""
+EVERYTHING = frozenset(PARTS)
+"""What the downloaded JSON document holds: the CLI's ``run --reference --explain``."""
+
+
 @dataclass(frozen=True)
 class View:
     document: dict
-    """bnexplore.run's document, with "explain"."""
+    """bnexplore.run's document: with "reference" and "explain" where ``parts`` has them."""
+    parts: frozenset[str]
+    """Which of PARTS this view holds."""
     headline: str
     verdict: dict[str, str]
     """The headline pair's {"output": V, "state": V} (story.verdicts)."""
     explain_summary: str | None
+    """The headline gap's largest cause and its share (with EXPLAIN), else None."""
+    differing: tuple[str, ...]
+    """The knobs that differ between the headline pair (explain's names), run or not."""
     histogram: pd.DataFrame
     channel_outputs: pd.DataFrame
     running: pd.DataFrame
@@ -65,6 +99,10 @@ def chart_spec(memo: dict[str, dict], name: str, build: Callable[[], object]) ->
     return spec
 
 
+NO_DATA = pd.DataFrame()
+"""A chart's data where the view leaves its part out (no tab of the view draws it)."""
+
+
 @dataclass(frozen=True)
 class SweepView:
     key: str
@@ -74,27 +112,38 @@ class SweepView:
     specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
 
-def build_view(comparison: Comparison, report: Report | None = None) -> View:
+def build_view(
+    comparison: Comparison, parts: frozenset[str] = EVERYTHING, report: Report | None = None
+) -> View:
+    """The view of a run (its references in it where ``parts`` has REFERENCES)."""
     pair = comparison.headline_pair
-    if report:
-        report(0.95, "Explaining the gaps: Shapley values over the knobs that differ")
-    steps = explain(comparison.scenario, pair)
+    steps = []
+    if EXPLAIN in parts:
+        if report:
+            report(0.95, "Explaining the gaps: Shapley values over the knobs that differ")
+        steps = explain(comparison.scenario, pair)
     document = comparison.document()
-    document["explain"] = strict_json([step.to_dict() for step in steps])
+    if EXPLAIN in parts:
+        document["explain"] = strict_json([step.to_dict() for step in steps])
     about = document["headline_about"]
+    outputs = OUTPUTS in parts
     return View(
         document=document,
+        parts=parts,
         headline=document["headline"],
         verdict=verdicts(pair) if pair else {"output": "not compared", "state": "not compared"},
         explain_summary=summary(steps, about and about["of"]),
-        histogram=charts.output_histogram(comparison),
-        channel_outputs=charts.channel_output_stats(comparison),
+        differing=tuple(differing_knobs(comparison.scenario, (pair.a, pair.b))) if pair else (),
+        histogram=charts.output_histogram(comparison) if outputs else NO_DATA,
+        channel_outputs=charts.channel_output_stats(comparison) if outputs else NO_DATA,
         running=charts.running_statistics(comparison),
         history=charts.running_history(comparison),
         step_gaps=charts.step_gaps(comparison),
         heatmap=charts.gap_heatmap(comparison),
         explain=charts.explain_steps(steps),
-        grad_histogram=charts.output_histogram(comparison, quantity="grad_x"),
+        grad_histogram=(
+            charts.output_histogram(comparison, quantity="grad_x") if outputs else NO_DATA
+        ),
         parameters=charts.parameters(comparison),
         parameter_history=charts.parameter_history(comparison),
     )
@@ -126,14 +175,19 @@ def layer_view(scenario: Scenario) -> LayerView | None:
 
 M_MMAP_THRESHOLD = -3
 """glibc's mallopt parameter number for the mmap threshold."""
+MMAP_ABOVE = 2 << 20
+"""Bytes above which this process maps a buffer of its own: 2 MiB, over the 1 MiB float64
+chunks that metrics.measure works in, which the heap then reuses. At 1 MiB each chunk was
+mapped and faulted in afresh, and measuring the seed took 85 ms instead of 33 ms."""
 
 
 def hand_big_buffers_back() -> None:
-    """Fix glibc's mmap threshold at 1 MiB in this process (the workers get the same through
-    MALLOC_MMAP_THRESHOLD_): every big buffer is mapped on its own and returned to the system
-    when freed, instead of staying on a heap that the adaptive threshold let it grow into."""
+    """Fix glibc's mmap threshold at MMAP_ABOVE in this process (the workers get 1 MiB
+    through MALLOC_MMAP_THRESHOLD_): every big buffer is mapped on its own and returned to
+    the system when freed, instead of staying on a heap that the adaptive threshold let it
+    grow into."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)
 
 
 def release_freed_memory() -> None:
@@ -222,8 +276,13 @@ class ViewCache:
             return view
 
     def put(self, link: str, view: View | SweepView) -> None:
+        """Keep ``view``, unless the link's cached view already holds every part of it (a
+        run with more parts finished first)."""
         with self._lock:
-            self._views[link] = view
+            kept = self._views.get(link)
+            if not (isinstance(kept, View) and isinstance(view, View) and view.parts <= kept.parts):
+                kept = view
+            self._views[link] = kept
             self._views.move_to_end(link)
             while len(self._views) > self.max_entries:
                 self._views.popitem(last=False)
@@ -233,16 +292,25 @@ class ViewCache:
         with self._lock:
             return len(self._flights)
 
-    def _fly(self, key: str, work: Callable[[Report], object], report: Report | None):
-        """The cached value of ``key``, or the shared flight's, waited for."""
+    def _fly(
+        self,
+        key: str,
+        work: Callable[[Report], object],
+        report: Report | None,
+        flight_key: str | None = None,
+        enough: Callable[[object], bool] = lambda cached: True,
+    ):
+        """The cached value of ``key`` where it is ``enough``, or the shared flight's
+        (``flight_key``: the key and what it computes), waited for."""
+        flight_key = flight_key or key
         with self._lock:
             cached = self._views.get(key)
-            if cached is not None:
+            if cached is not None and enough(cached):
                 self._views.move_to_end(key)
                 return cached
-            flight = self._flights.get(key)
+            flight = self._flights.get(flight_key)
             if flight is None or flight.cancelled:
-                flight = self._flights[key] = Flight(key, work)
+                flight = self._flights[flight_key] = Flight(flight_key, work)
                 flight.start()
             flight.waiters += 1
         try:
@@ -250,31 +318,50 @@ class ViewCache:
         finally:
             with self._lock:
                 flight.waiters -= 1
-                if flight.waiters == 0 and self._flights.get(key) is flight:
-                    del self._flights[key]
+                if flight.waiters == 0 and self._flights.get(flight_key) is flight:
+                    del self._flights[flight_key]
                     flight.context.ticket.cancel()  # nobody waits: it stops, or it was done
         self.put(key, value)
         return value
 
-    def view(self, scenario: Scenario, report: Report | None = None) -> View:
-        """The view of a scenario: from the cache, or run for real (once) and kept."""
+    def view(
+        self,
+        scenario: Scenario,
+        report: Report | None = None,
+        parts: frozenset[str] = EVERYTHING,
+    ) -> View:
+        """The view of a scenario with at least ``parts``: from the cache, or run for real
+        (once, with the cached view's parts too, so it replaces it) and kept."""
+        key = scenario.run_link
+        cached = self.get(key)
+        if isinstance(cached, View):
+            parts = parts | cached.parts
+        references = REFERENCES in parts
 
         def work(progress: Report) -> View:
             # one admission for the whole view: the run, its charts and explain's re-runs,
             # so the budget holds the memory until the results are let go
             context = admission.current()
-            with admission.BUDGET.admit(admitted_need(scenario), context):
+            with admission.BUDGET.admit(admitted_need(scenario, references), context):
                 inside = dataclasses.replace(context, admitted=True)
                 with admission.running(inside):
                     comparison = compare(
-                        scenario, report=lambda done, text: progress(0.9 * done, text)
+                        scenario,
+                        reference=references,
+                        report=lambda done, text: progress(0.9 * done, text),
                     )
                 # explain's re-runs share one time limit, and the run's ticket
                 limit = time.monotonic() + workers.time_limit()
                 with admission.running(dataclasses.replace(inside, deadline=limit)):
-                    return build_view(comparison, progress)
+                    return build_view(comparison, parts, progress)
 
-        return self._fly(scenario.run_link, work, report)
+        return self._fly(
+            key,
+            work,
+            report,
+            flight_key=key + "#" + ",".join(sorted(parts)),
+            enough=lambda cached: parts <= cached.parts,
+        )
 
     def sweep(self, scenario: Scenario, report: Report | None = None) -> SweepView:
         """The scenario's sweep (its sweep_* settings): from the cache, or run and kept."""

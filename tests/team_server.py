@@ -301,10 +301,14 @@ def launch_chromium(playwright):
 
 
 def share_of_budget(link: str, budget: int) -> float:
-    """The link's estimate (with references, as the app runs it) over the budget."""
+    """The link's estimate over the budget, with the float64 references: the links here
+    open on the Running statistics tab (HEAVIEST_TAB), which runs them."""
     return memory.estimate(parse_link(link)[0], True) / budget
 
 
+HEAVIEST_TAB = "&tab=running"
+"""The pages under load open where a run holds the most: beside the engines, their float64
+references (view.PARTS_OF_TAB; Overview runs the engines alone)."""
 AGREEING = "&torch_mode=eval&keras_momentum=0.9&keras_eps=1e-05"
 """PyTorch and Keras 3 set alike: the Explain step has no knob to align, so a page runs
 the frameworks once (a differing pair re-runs them per knob)."""
@@ -317,7 +321,7 @@ def near_limit_link(budget: int, share: float, seed: int, steps: int = 0) -> str
     def link(side: int) -> str:
         return (
             f"/?v=1&engines=torch,keras&shape=16,16,{side},{side}&input=normal"
-            f"&seed={seed}&steps={steps}{AGREEING}"
+            f"&seed={seed}&steps={steps}{AGREEING}{HEAVIEST_TAB}"
         )
 
     side = 1

@@ -161,10 +161,35 @@ def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
     link = "?shape=5,7,3&input=uniform&seed=424242&steps=2"
     open_link(link)
     first = len(started)
-    assert first >= 2  # both engines ran (and explain re-ran them)
+    assert first >= 2  # both engines ran
     again = open_link(link)  # a second visitor, a new session, the same link
     assert len(started) == first, "the frameworks ran again for a cached link"
     assert again.subheader[0].value.startswith("max |Δ|")
+
+
+def test_a_tab_runs_only_what_it_draws_and_the_explain_tab_adds_the_rest(monkeypatch) -> None:
+    """Overview runs the engines alone: no float64 references, no explain re-runs; the
+    headline names the knobs that differ. Explain adds both, and the page keeps them."""
+    import bnexplore.view
+
+    explained = []
+    real_explain = bnexplore.view.explain
+    monkeypatch.setattr(
+        bnexplore.view, "explain", lambda *a: explained.append(a) or real_explain(*a)
+    )
+    at = open_link("?shape=6,3,2&input=normal&seed=515151&steps=1")
+    line = at.markdown[0].value
+    assert "knobs that differ: mode, eps, momentum" in line and "of the gap" not in line
+    assert not explained
+    at.session_state["w_tab"] = "Explain"
+    at.run()
+    assert len(explained) == 1
+    assert "of the gap:" in at.markdown[0].value
+    references = next(m.value for m in at.markdown if m.value.startswith("- PyTorch: max |Δ|"))
+    assert "- Keras 3: max |Δ|" in references and "float32 tolerance" in references
+    at.session_state["w_tab"] = "Overview"
+    at.run()  # the view cached with every part serves Overview too, explained
+    assert len(explained) == 1 and "of the gap:" in at.markdown[0].value
 
 
 def test_a_20_point_sweep_from_a_link_runs_and_charts_every_point() -> None:

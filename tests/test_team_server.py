@@ -195,7 +195,7 @@ def test_closing_a_session_mid_run_gives_its_memory_back(browser, server):
 
 
 def test_a_scenario_over_the_whole_budget_is_refused_at_once(browser, server):
-    over = "/?v=1&engines=torch,keras&shape=16,16,400,400&input=normal&seed=31"
+    over = "/?v=1&engines=torch,keras&shape=16,16,400,400&input=normal&seed=31" + ts.HEAVIEST_TAB
     assert ts.share_of_budget(over, server.budget) > 1
     busy = ts.open_sessions(browser, server.url, [ts.near_limit_link(server.budget, 0.9, 32, 40)])
     try:
