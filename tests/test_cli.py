@@ -86,3 +86,21 @@ def test_bench_quick_reports_ratios_against_bare_calls(capsys) -> None:
     assert step["link"] == "?preset=seed&steps=1&loss=mse"
     assert step["baseline_link"] == "?preset=seed&steps=1"
     assert step["ratio"] == pytest.approx(step["loss_s"] / step["baseline_s"])
+
+
+def test_the_desk_table_shows_each_link_and_the_streamlit_floor() -> None:
+    from bnexplore.bench import FLOOR, desk_table
+
+    def row(name: str, p50: float, p90: float, revisit: float) -> dict:
+        return {"name": name, "p50_s": p50, "p90_s": p90, "revisit_s": revisit}
+
+    table = desk_table(
+        {
+            "cold_start_to_headline_s": 7.24,
+            "links": [row("seed", 0.45, 0.506, 2.446)],
+            "floor": row(FLOOR, 0.16, 0.218, 1.722),
+        }
+    )
+    assert "| seed | 450 ms | 506 ms | 2446 ms |" in table
+    assert f"| {FLOOR} | 160 ms | 218 ms | 1722 ms |" in table
+    assert "headline: 7.2 s" in table
