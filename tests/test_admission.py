@@ -156,9 +156,9 @@ def test_one_flight_per_link_shared_by_its_sessions_and_cancelled_when_all_leave
     built: list[str] = []
     real = bnexplore.view.build_view
 
-    def counting(comparison, report=None):
+    def counting(comparison, *args):
         built.append(comparison.scenario.link)
-        return real(comparison, report)
+        return real(comparison, *args)
 
     monkeypatch.setattr(bnexplore.view, "build_view", counting)
     cache = ViewCache()
