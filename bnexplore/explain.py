@@ -50,7 +50,7 @@ from bnexplore.conventions import (
 from bnexplore.engines import LABELS
 from bnexplore.metrics import Divergence
 from bnexplore.params import knobs, resolved
-from bnexplore.runner import compare
+from bnexplore.runner import Reuse, compare
 from bnexplore.scenario import Scenario
 from bnexplore.story import GAP_NAMES, part, percent, real_gaps, verdict
 
@@ -355,14 +355,14 @@ class GapCache:
         self._lock = threading.Lock()
         self.max_entries = max_entries
 
-    def gap(self, s: Scenario, pair: tuple[str, str]) -> Divergence:
+    def gap(self, s: Scenario, pair: tuple[str, str], reuse: Reuse | None = None) -> Divergence:
         s = s.replace(engines=pair)
         with self._lock:
             known = self._gaps.get(s.run_link)
             if known is not None:
                 self._gaps.move_to_end(s.run_link)
                 return known
-        measured = compare(s, reference=False).divergence[0]
+        measured = compare(s, reference=False, reuse=reuse).divergence[0]
         self.put(s, measured)
         return measured
 
@@ -443,13 +443,18 @@ class _NoOutput(ValueError):
     """An aligned scenario in which a gap could not be measured: no share to compute."""
 
 
-def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
+def explain(
+    scenario: Scenario, before: Divergence | None = None, reuse: Reuse | None = None
+) -> list[Step]:
     """Each real gap of the pair, cause by cause: every differing knob's Shapley share,
     then what remains; all real runs.
 
     ``before`` is the pair's measured divergence (its a and b name the pair; it saves
-    re-running the scenario); without it, the scenario's first two engines.
+    re-running the scenario); without it, the scenario's first two engines. The re-runs
+    share ``reuse`` (a new one without it): aligning one framework's knob runs that
+    framework alone again.
     """
+    reuse = reuse or Reuse()
     if len(scenario["engines"]) < 2:
         return []
     pair = (before.a, before.b) if before is not None else tuple(scenario["engines"][:2])
@@ -464,7 +469,7 @@ def explain(scenario: Scenario, before: Divergence | None = None) -> list[Step]:
 
     def run(names: frozenset[str]) -> Divergence:
         if names not in runs:
-            runs[names] = GAPS.gap(_with_aligned(scenario, pair, names)[0], pair)
+            runs[names] = GAPS.gap(_with_aligned(scenario, pair, names)[0], pair, reuse)
         return runs[names]
 
     steps: list[Step] = []

@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -218,11 +219,50 @@ def _swapped_if_asked(scenario: Scenario, state: State) -> State:
 PORT_SOURCE = "torch (port source)"
 
 
+def porting(scenario: Scenario) -> bool:
+    """Does a Keras 3 engine start from PyTorch's state (keras_init), taken mid-run?"""
+    return (
+        any(knobs(n) == "keras" for n in scenario["engines"]) and scenario["keras_init"] != "fresh"
+    )
+
+
+class Reuse:
+    """Engine results kept across the runs of one explanation or one sweep: an engine whose
+    own knobs and shared inputs a run does not change (Scenario.engine_link) is not run
+    again. Only complete results are kept, the latest ``per_engine`` of each engine, so it
+    holds at most that many runs' results beside the run under way."""
+
+    def __init__(self, per_engine: int = 2) -> None:
+        self.per_engine = per_engine
+        self._kept: dict[str, OrderedDict[str, EngineResult]] = {}
+        self.hits = 0
+
+    def get(self, scenario: Scenario, name: str) -> EngineResult | None:
+        if porting(scenario):
+            return None
+        result = self._kept.get(name, {}).get(scenario.engine_link(name))
+        self.hits += result is not None
+        return result
+
+    def keep(self, scenario: Scenario, result: EngineResult) -> None:
+        """Keep a run's result (not a refusal, an error — a lost worker, a time limit —, or
+        one of a run that ports PyTorch's state into Keras 3)."""
+        if porting(scenario) or not result.available or result.error is not None:
+            return
+        key = scenario.engine_link(result.name)
+        kept = self._kept.setdefault(result.name, OrderedDict())
+        kept[key] = result
+        kept.move_to_end(key)
+        while len(kept) > self.per_engine:
+            kept.popitem(last=False)
+
+
 def compare(
     scenario: Scenario,
     notices: Sequence[str] = (),
     reference: bool = True,
     report: Report | None = None,
+    reuse: Reuse | None = None,
 ) -> Comparison:
     """Run ``scenario`` for real in each of its engines, and their references if asked.
 
@@ -234,7 +274,8 @@ def compare(
     refused before anything is allocated, or run without its references where
     those alone would pass it (a notice says so). Then the run waits for its share
     of the process's one budget (bnexplore.admission); its time limit counts from
-    its admission.
+    its admission. With ``reuse``, an engine whose result it holds for this scenario is
+    not run again (never where Keras 3 starts from a port of PyTorch's state).
     """
     names = scenario["engines"]
     notices = list(notices)
@@ -262,7 +303,7 @@ def compare(
         return Comparison(scenario, (*notices, why), refused, {})
     context = admission.current()
     with admission.BUDGET.admit(need, context):
-        comparison = _admitted(scenario, notices, reference, report, state, context)
+        comparison = _admitted(scenario, notices, reference, report, state, context, reuse)
     return comparison
 
 
@@ -284,15 +325,19 @@ def _admitted(
     report: Report | None,
     state: State | None,
     context: admission.RunContext,
+    reuse: Reuse | None = None,
 ) -> Comparison:
     """The run, once the budget holds its memory: its time limit counts from here."""
     names = scenario["engines"]
     deadline = time.monotonic() + workers.time_limit()
     if context.deadline is not None:
         deadline = min(deadline, context.deadline)
-    porting = any(knobs(n) == "keras" for n in names) and scenario["keras_init"] != "fresh"
-    engine_of_lane = {name: name for name in names}
-    if porting and "torch" not in names:
+    is_porting = porting(scenario)
+    reused = {}
+    if reuse is not None:
+        reused = {n: r for n in names if (r := reuse.get(scenario, n)) is not None}
+    engine_of_lane = {name: name for name in names if name not in reused}
+    if is_porting and "torch" not in names:
         engine_of_lane[PORT_SOURCE] = "torch"
     in_process = workers.workers_per_engine() == 0
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
@@ -306,6 +351,7 @@ def _admitted(
                 engine_of_lane, scenario, taken, shared, deadline, ticket
             )
         done = {lane: s for lane, s in started.items() if isinstance(s, EngineResult)}
+        done.update(reused)
         lanes = {lane: s for lane, s in started.items() if not isinstance(s, EngineResult)}
         if reference:  # every engine that could be loaded, even one whose layer refused to build
             for name in names:
@@ -313,12 +359,16 @@ def _admitted(
                     lanes[f"{name}_reference"] = REFERENCES[name](scenario)
         if state is not None:
             _start_from(state, scenario, lanes, done)
-        if not _run_passes(scenario, lanes, done, porting, report, deadline, ticket):
+        if lanes and not _run_passes(scenario, lanes, done, is_porting, report, deadline, ticket):
             notices.append(str(workers.TimeLimitReached()) + "; what had not finished stopped")
     finally:
         shared.close()
         workers.POOL.release(taken.values())
     results = {name: done[name] for name in names}
+    if reuse is not None:
+        for name in names:
+            if name not in reused:
+                reuse.keep(scenario, results[name])
     references = {name: done[f"{name}_reference"] for name in names if f"{name}_reference" in done}
     return Comparison(scenario, tuple(notices), results, references)
 

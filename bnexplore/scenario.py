@@ -21,6 +21,7 @@ from bnexplore import store
 from bnexplore.params import (
     BY_KEY,
     DEFAULTS,
+    KNOB_PREFIX,
     LINK_VERSION,
     MAX_DIMS,
     MAX_ELEMENTS,
@@ -31,6 +32,9 @@ from bnexplore.params import (
 )
 from bnexplore.presets import PRESETS
 from bnexplore.store import MIN_PREFIX, short
+
+KNOB_GROUPS = frozenset(KNOB_PREFIX.values())
+"""The prefixes of the frameworks' own knobs: torch_*, keras_*, keras2_*, flax_*."""
 
 MAX_VALUE_CHARS = 200
 """Longer values are not parsed at all: no parameter needs more."""
@@ -76,6 +80,19 @@ class Scenario:
     def run_link(self) -> str:
         """The link without its sweep settings: what the engines' results depend on."""
         return self.replace(**{k: DEFAULTS[k] for k in SWEEP_KEYS}).link
+
+    def engine_link(self, engine: str) -> str:
+        """The run link as one engine sees it: its own knobs and every shared key (input,
+        shape, dtype, steps, loss, …), not the other frameworks' knobs nor the list of
+        engines. Its result depends on nothing else, except where Keras 3 starts from a
+        port of PyTorch's state (keras_init), which the runner never reuses."""
+        own = KNOB_PREFIX[engine]
+        others = {
+            p.key: DEFAULTS[p.key]
+            for p in PARAMS
+            if p.key.split("_")[0] in KNOB_GROUPS and p.key.split("_")[0] != own
+        }
+        return self.replace(**others, engines=(engine,)).run_link
 
     @property
     def values_per_channel(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnexplore.params import BY_KEY, DEFAULTS, SWEEP_KEYS, SWEEPABLE
-from bnexplore.runner import Report, compare, strict_json
+from bnexplore.runner import Report, Reuse, compare, strict_json
 from bnexplore.scenario import Scenario, format_value, scenario_from_values
 
 SWEEP_RANGES: dict[str, tuple[float, float, str]] = {
@@ -89,14 +89,15 @@ class SweepPoint:
 def run_sweep(
     scenario: Scenario, key: str, points: Sequence[float], report: Report | None = None
 ) -> list[SweepPoint]:
-    """Run the scenario at each value of ``key``; each pair's gap per point."""
-    results = []
+    """Run the scenario at each value of ``key``; each pair's gap per point. An engine
+    whose result the swept key cannot change (another framework's knob) runs once."""
+    results, reuse = [], Reuse()
     for i, value in enumerate(points):
         if report:
             shown = format_value(BY_KEY[key], value) if key in BY_KEY else str(value)
             report(i / len(points), f"Sweep point {i + 1} of {len(points)}: {key} = {shown}")
         point, notices = at(scenario, key, value)
-        comparison = compare(point, reference=False)
+        comparison = compare(point, reference=False, reuse=reuse)
         results.append(
             SweepPoint(
                 value=value,

@@ -31,7 +31,7 @@ from bnexplore.engines import LABELS
 from bnexplore.explain import differing_knobs, explain, summary
 from bnexplore.formats import Layer
 from bnexplore.params import knobs
-from bnexplore.runner import Comparison, Report, admitted_need, compare, strict_json
+from bnexplore.runner import Comparison, Report, Reuse, admitted_need, compare, strict_json
 from bnexplore.scenario import Scenario
 from bnexplore.story import verdicts
 
@@ -121,7 +121,10 @@ def build_view(
     if EXPLAIN in parts:
         if report:
             report(0.95, "Explaining the gaps: Shapley values over the knobs that differ")
-        steps = explain(comparison.scenario, pair)
+        reuse = Reuse()  # the run's own results start explain's re-runs
+        for result in comparison.results.values():
+            reuse.keep(comparison.scenario, result)
+        steps = explain(comparison.scenario, pair, reuse)
     document = comparison.document()
     if EXPLAIN in parts:
         document["explain"] = strict_json([step.to_dict() for step in steps])

@@ -14,7 +14,7 @@ import bnexplore
 from bnexplore.batches import batches
 from bnexplore.explain import EXACT_UP_TO, aligned, explain, shapley, summary
 from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import compare
+from bnexplore.runner import Reuse, compare
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
 from bnexplore.story import GAPS, part, verdict
@@ -336,3 +336,69 @@ def test_a_gap_with_nan_says_so_and_gets_no_share() -> None:
     assert "values NaN or ±inf)" in doc["headline"]
     (beta,) = [s for s in doc["explain"] if s["of"] == "beta"]
     assert beta["share"] is None and beta["cause"] == "not finite: 16 values of β are NaN or ±inf"
+
+
+# --- re-running only the framework whose knobs or inputs change -------------------------
+
+
+def _lanes_started(monkeypatch) -> list[str]:
+    """The engines each run starts in a worker, in order (recorded from now on)."""
+    import bnexplore.workers
+
+    started: list[str] = []
+    real = bnexplore.workers.start_sessions
+
+    def counting(lanes, *args, **kwargs):
+        started.extend(lanes.values())
+        return real(lanes, *args, **kwargs)
+
+    monkeypatch.setattr(bnexplore.workers, "start_sessions", counting)
+    return started
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "?shape=6,3,2&input=normal&seed=7&steps=2",
+        "?shape=6,3,2&input=normal&seed=8&steps=2&loss=mse&keras_optimizer=adam&torch_lr=0.05",
+        "?shape=5,4,3&input=uniform&seed=9&steps=1&engines=torch,keras,flax&keras_eps=0.01",
+    ],
+)
+def test_explain_with_reuse_gives_the_same_steps_running_each_framework_only_when_needed(
+    link, monkeypatch
+) -> None:
+    import bnexplore.explain
+
+    scenario = parse_link(link)[0]
+    monkeypatch.setattr(bnexplore.explain, "GAPS", bnexplore.explain.GapCache())
+    everything = [s.to_dict() for s in explain(scenario, reuse=Reuse(per_engine=0))]
+    monkeypatch.setattr(bnexplore.explain, "GAPS", bnexplore.explain.GapCache())
+    started = _lanes_started(monkeypatch)
+    reuse = Reuse()
+    assert [s.to_dict() for s in explain(scenario, reuse=reuse)] == everything
+    assert everything and reuse.hits > 0
+    # the knobs aligned here are mostly Keras's: PyTorch runs again less often than Keras
+    assert started.count("torch") < started.count("keras"), started
+
+
+def test_a_sweep_of_one_frameworks_knob_runs_the_other_framework_once(monkeypatch) -> None:
+    from bnexplore.sweep import run_sweep
+
+    scenario = parse_link("?shape=6,3,2&input=normal&seed=11&steps=2")[0]
+    started = _lanes_started(monkeypatch)
+    points = run_sweep(scenario, "keras_momentum", [0.5, 0.9, 0.99])
+    assert started.count("torch") == 1 and started.count("keras") == 3, started
+    for point in points:  # each point as its own run gives
+        alone = compare(parse_link(point.link)[0], reference=False)
+        assert point.divergence == [d.to_dict() for d in alone.divergence]
+
+
+def test_a_port_of_pytorchs_state_is_never_reused() -> None:
+    scenario = parse_link("?shape=6,3,2&input=normal&seed=12&steps=2&keras_init=torch")[0]
+    comparison = compare(scenario, reference=False)
+    reuse = Reuse()
+    for result in comparison.results.values():
+        reuse.keep(scenario, result)
+    assert reuse.get(scenario, "keras") is None and reuse.get(scenario, "torch") is None
+    fresh = scenario.replace(keras_init="fresh")
+    assert reuse.get(fresh, "torch") is None  # nothing was kept from a porting run
