@@ -72,11 +72,7 @@ def estimate(scenario: Scenario, reference: bool) -> int:
         own = 1 if knobs(engine) == "torch" else 4
         return (own + 2) * itemsize * values
 
-    porting = (
-        any(knobs(e) == "keras" for e in engines)
-        and scenario["keras_init"] != "fresh"
-        and "torch" not in engines
-    )
+    porting = scenario.ports and "torch" not in engines
     frameworks = sum(per_engine(e) for e in engines) + (per_engine("torch") if porting else 0)
     references = 16 * values * len(engines) if reference else 0
     history = 16 * scenario.channels * (scenario["steps"] + 1) * len(engines) * (1 + reference)

@@ -219,13 +219,6 @@ def _swapped_if_asked(scenario: Scenario, state: State) -> State:
 PORT_SOURCE = "torch (port source)"
 
 
-def porting(scenario: Scenario) -> bool:
-    """Does a Keras 3 engine start from PyTorch's state (keras_init), taken mid-run?"""
-    return (
-        any(knobs(n) == "keras" for n in scenario["engines"]) and scenario["keras_init"] != "fresh"
-    )
-
-
 class Reuse:
     """Engine results kept across the runs of one explanation or one sweep: an engine whose
     own knobs and shared inputs a run does not change (Scenario.engine_link) is not run
@@ -238,7 +231,7 @@ class Reuse:
         self.hits = 0
 
     def get(self, scenario: Scenario, name: str) -> EngineResult | None:
-        if porting(scenario):
+        if scenario.ports:
             return None
         result = self._kept.get(name, {}).get(scenario.engine_link(name))
         self.hits += result is not None
@@ -247,7 +240,7 @@ class Reuse:
     def keep(self, scenario: Scenario, result: EngineResult) -> None:
         """Keep a run's result (not a refusal, an error — a lost worker, a time limit —, or
         one of a run that ports PyTorch's state into Keras 3)."""
-        if porting(scenario) or not result.available or result.error is not None:
+        if scenario.ports or not result.available or result.error is not None:
             return
         key = scenario.engine_link(result.name)
         kept = self._kept.setdefault(result.name, OrderedDict())
@@ -332,12 +325,12 @@ def _admitted(
     deadline = time.monotonic() + workers.time_limit()
     if context.deadline is not None:
         deadline = min(deadline, context.deadline)
-    is_porting = porting(scenario)
+    porting = scenario.ports
     reused = {}
     if reuse is not None:
         reused = {n: r for n in names if (r := reuse.get(scenario, n)) is not None}
     engine_of_lane = {name: name for name in names if name not in reused}
-    if is_porting and "torch" not in names:
+    if porting and "torch" not in names:
         engine_of_lane[PORT_SOURCE] = "torch"
     in_process = workers.workers_per_engine() == 0
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
@@ -359,7 +352,7 @@ def _admitted(
                     lanes[f"{name}_reference"] = REFERENCES[name](scenario)
         if state is not None:
             _start_from(state, scenario, lanes, done)
-        if lanes and not _run_passes(scenario, lanes, done, is_porting, report, deadline, ticket):
+        if lanes and not _run_passes(scenario, lanes, done, porting, report, deadline, ticket):
             notices.append(str(workers.TimeLimitReached()) + "; what had not finished stopped")
     finally:
         shared.close()

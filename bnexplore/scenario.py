@@ -21,7 +21,6 @@ from bnexplore import store
 from bnexplore.params import (
     BY_KEY,
     DEFAULTS,
-    KNOB_PREFIX,
     LINK_VERSION,
     MAX_DIMS,
     MAX_ELEMENTS,
@@ -29,12 +28,11 @@ from bnexplore.params import (
     PARAMS,
     SWEEP_KEYS,
     Param,
+    engine_of,
+    knobs,
 )
 from bnexplore.presets import PRESETS
 from bnexplore.store import MIN_PREFIX, short
-
-KNOB_GROUPS = frozenset(KNOB_PREFIX.values())
-"""The prefixes of the frameworks' own knobs: torch_*, keras_*, keras2_*, flax_*."""
 
 MAX_VALUE_CHARS = 200
 """Longer values are not parsed at all: no parameter needs more."""
@@ -86,13 +84,15 @@ class Scenario:
         shape, dtype, steps, loss, …), not the other frameworks' knobs nor the list of
         engines. Its result depends on nothing else, except where Keras 3 starts from a
         port of PyTorch's state (keras_init), which the runner never reuses."""
-        own = KNOB_PREFIX[engine]
-        others = {
-            p.key: DEFAULTS[p.key]
-            for p in PARAMS
-            if p.key.split("_")[0] in KNOB_GROUPS and p.key.split("_")[0] != own
-        }
+        own = knobs(engine)
+        others = {p.key: DEFAULTS[p.key] for p in PARAMS if engine_of(p) not in (None, own)}
         return self.replace(**others, engines=(engine,)).run_link
+
+    @property
+    def ports(self) -> bool:
+        """Does a Keras 3 engine start from PyTorch's state (keras_init), taken mid-run?"""
+        keras = any(knobs(engine) == "keras" for engine in self.values["engines"])
+        return keras and self.values["keras_init"] != "fresh"
 
     @property
     def values_per_channel(self) -> int:
