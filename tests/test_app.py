@@ -146,24 +146,14 @@ def test_preset_picker_applies_the_preset() -> None:
 
 
 def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
-    monkeypatch,
+    lanes_started,
 ) -> None:
-    import bnexplore.workers
-
-    started = []
-    real_start = bnexplore.workers.start_sessions
-
-    def counting_start(lanes, *args, **kwargs):
-        started.extend(lanes)
-        return real_start(lanes, *args, **kwargs)
-
-    monkeypatch.setattr(bnexplore.workers, "start_sessions", counting_start)
     link = "?shape=5,7,3&input=uniform&seed=424242&steps=2"
     open_link(link)
-    first = len(started)
+    first = len(lanes_started)
     assert first >= 2  # both engines ran
     again = open_link(link)  # a second visitor, a new session, the same link
-    assert len(started) == first, "the frameworks ran again for a cached link"
+    assert len(lanes_started) == first, "the frameworks ran again for a cached link"
     assert again.subheader[0].value.startswith("max |Δ|")
 
 

@@ -341,21 +341,6 @@ def test_a_gap_with_nan_says_so_and_gets_no_share() -> None:
 # --- re-running only the framework whose knobs or inputs change -------------------------
 
 
-def _lanes_started(monkeypatch) -> list[str]:
-    """The engines each run starts in a worker, in order (recorded from now on)."""
-    import bnexplore.workers
-
-    started: list[str] = []
-    real = bnexplore.workers.start_sessions
-
-    def counting(lanes, *args, **kwargs):
-        started.extend(lanes.values())
-        return real(lanes, *args, **kwargs)
-
-    monkeypatch.setattr(bnexplore.workers, "start_sessions", counting)
-    return started
-
-
 @pytest.mark.parametrize(
     "link",
     [
@@ -365,7 +350,7 @@ def _lanes_started(monkeypatch) -> list[str]:
     ],
 )
 def test_explain_with_reuse_gives_the_same_steps_running_each_framework_only_when_needed(
-    link, monkeypatch
+    link, monkeypatch, lanes_started
 ) -> None:
     import bnexplore.explain
 
@@ -373,21 +358,21 @@ def test_explain_with_reuse_gives_the_same_steps_running_each_framework_only_whe
     monkeypatch.setattr(bnexplore.explain, "GAPS", bnexplore.explain.GapCache())
     everything = [s.to_dict() for s in explain(scenario, reuse=Reuse(per_engine=0))]
     monkeypatch.setattr(bnexplore.explain, "GAPS", bnexplore.explain.GapCache())
-    started = _lanes_started(monkeypatch)
+    lanes_started.clear()  # the runs of this explanation only
     reuse = Reuse()
     assert [s.to_dict() for s in explain(scenario, reuse=reuse)] == everything
     assert everything and reuse.hits > 0
     # the knobs aligned here are mostly Keras's: PyTorch runs again less often than Keras
-    assert started.count("torch") < started.count("keras"), started
+    assert lanes_started.count("torch") < lanes_started.count("keras"), lanes_started
 
 
-def test_a_sweep_of_one_frameworks_knob_runs_the_other_framework_once(monkeypatch) -> None:
+def test_a_sweep_of_one_frameworks_knob_runs_the_other_framework_once(lanes_started) -> None:
     from bnexplore.sweep import run_sweep
 
     scenario = parse_link("?shape=6,3,2&input=normal&seed=11&steps=2")[0]
-    started = _lanes_started(monkeypatch)
     points = run_sweep(scenario, "keras_momentum", [0.5, 0.9, 0.99])
-    assert started.count("torch") == 1 and started.count("keras") == 3, started
+    assert lanes_started.count("torch") == 1, lanes_started
+    assert lanes_started.count("keras") == 3, lanes_started
     for point in points:  # each point as its own run gives
         alone = compare(parse_link(point.link)[0], reference=False)
         assert point.divergence == [d.to_dict() for d in alone.divergence]
