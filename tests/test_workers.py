@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -181,5 +183,51 @@ def test_outputs_from_workers_are_writable_arrays_of_the_scenarios_dtype() -> No
         comparison = compare(parse_link(link)[0], reference=False)
         for name, result in comparison.results.items():
             assert result.output.dtype.name == dtype, (name, dtype)
+            assert result.output.flags.writeable, name  # mapped from shared memory, private
             assert result.output.shape == (32, 4, 30, 30)
             assert np.isfinite(result.output.astype(np.float64)).all(), (name, dtype)
+
+
+def test_start_early_starts_the_links_workers_and_never_waits(monkeypatch) -> None:
+    """app.py starts the link's workers before its own imports: one per engine that has
+    none (PyTorch's too where Keras 3 starts from its state), never waiting for a busy one."""
+    started: list[str] = []
+
+    class Spawned:
+        alive = True
+
+        def __init__(self, engine: str) -> None:
+            self.engine = engine
+            started.append(engine)
+
+    pool = workers.Pool()
+    monkeypatch.setattr(workers, "POOL", pool)
+    monkeypatch.setattr(workers, "Worker", Spawned)
+    workers.start_early([("engines", "torch,flax")])
+    assert sorted(started) == ["flax", "torch"]
+    pool.acquire(["torch"])  # its only worker busy with a run: start_early goes on
+    workers.start_early([("engines", "torch,keras")])
+    assert sorted(started) == ["flax", "keras", "torch"]
+    workers.start_early([("engines", "nonsense")])  # a bad link: its defaults, already up
+    assert sorted(started) == ["flax", "keras", "torch"]
+    monkeypatch.setattr(workers, "POOL", workers.Pool())
+    workers.start_early([("engines", "keras_jax"), ("keras_init", "torch")])
+    assert sorted(started[3:]) == ["keras_jax", "torch"]
+
+
+def test_keras_runs_without_the_imports_its_worker_hides() -> None:
+    """worker.UNUSED_IMPORTS: Keras 3 and Keras 2 on TensorFlow run with jax and pandas
+    unimportable, as in their workers."""
+    code = (
+        "import sys\n"
+        "from bnexplore.worker import UNUSED_IMPORTS\n"
+        "for module in UNUSED_IMPORTS['keras']: sys.modules[module] = None\n"
+        "import bnexplore\n"
+        "doc = bnexplore.run('?shape=4,3,2,2&input=normal&engines=keras,keras2&steps=1"
+        "&loss=mse&keras_optimizer=adam&keras2_optimizer=adam')\n"
+        "assert all(e['error'] is None for e in doc['engines'].values()), doc['engines']\n"
+        "assert sys.modules['jax'] is None and sys.modules['pandas'] is None\n"
+    )
+    env = {**os.environ, "BNEXPLORE_WORKERS": "0", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
