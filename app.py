@@ -11,6 +11,11 @@ import logging
 
 import streamlit as st
 
+from bnexplore.workers import start_early
+
+# the link's frameworks import in their workers (seconds) while the page imports its own
+start_early((key, value) for key in st.query_params for value in st.query_params.get_all(key))
+
 from bnexplore import charts
 from bnexplore.engines import LABELS
 from bnexplore.explain import aligned

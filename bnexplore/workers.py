@@ -40,7 +40,7 @@ import numpy as np
 
 from bnexplore.admission import Ticket
 from bnexplore.engines import LABELS, EngineResult, Session, State
-from bnexplore.scenario import Scenario
+from bnexplore.scenario import Scenario, from_pairs
 from bnexplore.shipping import discard_shipped, new_file, unship
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,18 @@ class Pool:
                 self._free[engine].remove(worker)
 
     def warm(self, engines: Iterable[str]) -> None:
-        """Start a worker for each engine that has none yet, without waiting for it."""
-        self.release(self.acquire(engines))
+        """Start a worker for each engine that has none yet; never waits (a busy engine
+        already has its workers)."""
+        if workers_per_engine() == 0:
+            return
+        with self._cond:
+            for engine in sorted(set(engines)):
+                self._prune(engine)
+                if not self._all.get(engine):
+                    worker = Worker(engine)
+                    self._all[engine] = [worker]
+                    self._free.setdefault(engine, []).append(worker)
+            self._cond.notify_all()
 
     def processes(self) -> dict[str, list[int]]:
         """Engine → pids of its live workers."""
@@ -272,6 +282,15 @@ class Pool:
 
 POOL = Pool()
 atexit.register(POOL.shutdown)
+
+
+def start_early(pairs: Iterable[tuple[str, str]]) -> None:
+    """Start the workers of a link's engines (and PyTorch's where Keras 3 starts from its
+    state) before anything else is imported: their frameworks' imports, seconds long,
+    overlap the page's own. ``pairs``: the link's raw (key, value) pairs."""
+    scenario = from_pairs(pairs)[0]
+    POOL.warm([*scenario["engines"], *(["torch"] if scenario.ports else [])])
+
 
 _session_ids = itertools.count(1)
 
