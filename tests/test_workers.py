@@ -216,8 +216,8 @@ def test_start_early_starts_the_links_workers_and_never_waits(monkeypatch) -> No
 
 
 def test_keras_runs_without_the_imports_its_worker_hides() -> None:
-    """worker.UNUSED_IMPORTS: Keras 3 and Keras 2 on TensorFlow run with jax and pandas
-    unimportable, as in their workers."""
+    """worker.UNUSED_IMPORTS: Keras 3 and Keras 2 on TensorFlow run with jax, pandas and
+    IPython unimportable, as in their workers."""
     code = (
         "import sys\n"
         "from bnexplore.worker import UNUSED_IMPORTS\n"
@@ -226,7 +226,7 @@ def test_keras_runs_without_the_imports_its_worker_hides() -> None:
         "doc = bnexplore.run('?shape=4,3,2,2&input=normal&engines=keras,keras2&steps=1"
         "&loss=mse&keras_optimizer=adam&keras2_optimizer=adam')\n"
         "assert all(e['error'] is None for e in doc['engines'].values()), doc['engines']\n"
-        "assert sys.modules['jax'] is None and sys.modules['pandas'] is None\n"
+        "assert all(sys.modules[m] is None for m in ('jax', 'pandas', 'IPython'))\n"
     )
     env = {**os.environ, "BNEXPLORE_WORKERS": "0", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
