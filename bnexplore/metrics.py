@@ -93,7 +93,8 @@ class _Summary:
         self.total = self.squares = 0.0
 
     def add(self, part: np.ndarray) -> None:
-        shifted = part - self.shift
+        """Takes ``part`` over: it is shifted in place."""
+        shifted = np.subtract(part, self.shift, out=part)
         self.total += float(shifted.sum())
         self.squares += float(np.dot(shifted, shifted))
 
@@ -140,7 +141,7 @@ class _Gap:
         abs_e = np.abs(e)
         self.close = self.close and _within(diff, float(part_max), abs_e, self.rtol, self.atol)
         scale = np.maximum(abs_e, np.abs(x), out=abs_e)
-        if scale.max() > 0 or np.isnan(scale).any():
+        if self.any_nonzero or scale.max() > 0 or np.isnan(scale).any():
             self.any_nonzero = True
             # where both are zero, diff is 0 too: 0/tiny keeps that element's ratio at 0
             np.maximum(scale, np.finfo(np.float64).tiny, out=scale)
@@ -185,11 +186,11 @@ def measure(
                 parts = {
                     name: flats[name][start : start + CHUNK].astype(np.float64) for name in names
                 }
-                for name in names:
-                    summaries[name].add(parts[name])
                 for (a, b), gap in gaps.items():
                     if a in parts:
                         gap.add(parts[a], parts[b])
+                for name in names:  # last: a summary shifts its chunk in place
+                    summaries[name].add(parts[name])
         return (
             {name: summary.result() for name, summary in summaries.items()},
             [gap.result(a, b) for (a, b), gap in gaps.items()],
