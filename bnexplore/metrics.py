@@ -1,6 +1,9 @@
 """Divergence between two outputs, and summary statistics of one.
 
-All figures are computed in float64. Tolerances are
+All figures are computed in float64. Sums of squares are ``np.einsum("i,i->", x, x)``, NumPy's
+own loop on one thread, not ``np.dot``: OpenBLAS's dot splits a long vector over its threads,
+so its last bits depend on the machine's thread count, and on a busy 2-core server its threads
+waited on each other (measuring the seed took 35–184 ms there instead of 34–54 ms). Tolerances are
 ``torch.testing.assert_close``'s defaults for the dtype; two outputs are
 *close* when, elementwise, |actual − expected| ≤ atol + rtol·|expected| with
 the expected side being PyTorch's (NaN is never close; equal infinities are).
@@ -48,7 +51,7 @@ def output_summary(output: np.ndarray) -> dict:
             part = flat[start : start + chunk].astype(np.float64)
             part -= shift
             total += float(part.sum())
-            squares += float(np.dot(part, part))
+            squares += float(np.einsum("i,i->", part, part))
         low, high = float(flat.min()), float(flat.max())
         nonfinite = (
             0 if math.isfinite(total + squares) else int(n - np.count_nonzero(np.isfinite(flat)))
@@ -96,7 +99,7 @@ class _Summary:
         """Takes ``part`` over: it is shifted in place."""
         shifted = np.subtract(part, self.shift, out=part)
         self.total += float(shifted.sum())
-        self.squares += float(np.dot(shifted, shifted))
+        self.squares += float(np.einsum("i,i->", shifted, shifted))
 
     def result(self) -> dict:
         flat, n = self.flat, self.flat.size
@@ -137,7 +140,7 @@ class _Gap:
         part_max = diff.max()
         self.worst = np.maximum(self.worst, part_max)
         self.total += part_sum
-        self.squares += float(np.dot(diff, diff))
+        self.squares += float(np.einsum("i,i->", diff, diff))
         abs_e = np.abs(e)
         self.close = self.close and _within(diff, float(part_max), abs_e, self.rtol, self.atol)
         scale = np.maximum(abs_e, np.abs(x), out=abs_e)
