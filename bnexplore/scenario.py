@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from bnexplore import store
+from bnexplore.formats import Layer
 from bnexplore.params import (
     BY_KEY,
     DEFAULTS,
@@ -393,8 +394,8 @@ def _check_files(
         elif info.shape != tuple(values["shape"]):
             if "shape" in raw:
                 notices.append(
-                    f"shape: follows the batch file, {','.join(map(str, info.shape))}; "
-                    f"{','.join(map(str, values['shape']))} ignored"
+                    f"shape: follows the batch file, {_shape_text(info.shape)}; "
+                    f"{_shape_text(values['shape'])} ignored"
                 )
             values["shape"] = info.shape
 
@@ -434,13 +435,54 @@ def _check_files(
     elif layer.problem:
         why = f"layer {layer.label}: {layer.problem}"
     elif layer.channels != values["shape"][1]:
-        why = (
-            f"layer {layer.label} has {layer.channels} channels, the batch "
-            f"{values['shape'][1]} (shape {','.join(map(str, values['shape']))})"
-        )
+        why = _follow_layer(layer, values, notices)
     if why:
         notices.append(f"init: state {why}; using fresh")
         values["init"] = "fresh"
+
+
+def shape_for_layer(shape: Sequence[int], channels: int) -> tuple[int, ...] | None:
+    """The batch shape for a layer of ``channels``: C replaced, N and the spatial dims kept,
+    N = min(N, ⌊MAX_ELEMENTS / (C·∏spatial)⌋) so the batch stays under the value cap
+    (None where not even N = 1 fits)."""
+    batch = min(shape[0], MAX_ELEMENTS // (channels * math.prod(shape[2:])))
+    return (batch, channels, *shape[2:]) if batch >= 1 else None
+
+
+def _follow_layer(layer: Layer, values: dict[str, Any], notices: list[str]) -> str | None:
+    """init=state: a drawn batch takes the layer's channel count (a batch file's shape is
+    the file's); returns why the layer cannot be used, or None with the shape set."""
+    shape, channels = tuple(values["shape"]), layer.channels
+    fitted = None if values["input"] == "file" else shape_for_layer(shape, channels)
+    if fitted is None:
+        over = ""
+        if values["input"] != "file":
+            one = (1, channels, *shape[2:])
+            over = (
+                f": even {_shape_text(one)} holds {math.prod(one):,} values, "
+                f"over the limit of {MAX_ELEMENTS:,}"
+            )
+        return (
+            f"layer {layer.label} has {channels} channels, the batch {shape[1]} "
+            f"(shape {_shape_text(shape)}){over}"
+        )
+    shrunk = ""
+    if fitted[0] != shape[0]:
+        wanted = (shape[0], *fitted[1:])
+        shrunk = (
+            f"; {_shape_text(wanted)} would hold {math.prod(wanted):,} values, over the "
+            f"limit of {MAX_ELEMENTS:,}, so the batch shrinks to {fitted[0]}"
+        )
+    notices.append(
+        f"shape: follows layer {layer.label}'s {channels} channels, not {shape[1]} "
+        f"({_shape_text(shape)}){shrunk}; using {_shape_text(fitted)}"
+    )
+    values["shape"] = fitted
+    return None
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return format_value(BY_KEY["shape"], shape)
 
 
 def scenario_from_values(values: Mapping[str, Any]) -> tuple[Scenario, list[str]]:

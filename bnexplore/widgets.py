@@ -33,7 +33,13 @@ from bnexplore.params import (
     knobs,
 )
 from bnexplore.presets import PRESETS, matching
-from bnexplore.scenario import Scenario, format_value, from_pairs, scenario_from_values
+from bnexplore.scenario import (
+    Scenario,
+    format_value,
+    from_pairs,
+    scenario_from_values,
+    shape_for_layer,
+)
 from bnexplore.sweep import start_range
 
 SWEEP_GROUP = "sweep"
@@ -145,7 +151,8 @@ def _uploaded(key: str) -> None:
 
     A state file starts every engine from its first layer (init=state), PyTorch in
     eval mode (a trained layer's use; Keras's direct call already infers), with the
-    batch's channel count set to the layer's; a batch file becomes the input.
+    batch's channel count set to the layer's (shape_for_layer: the batch size shrinks
+    where the values would pass the cap); a batch file becomes the input.
     Removing the file from the uploader stops using it.
     """
     values = st.session_state[VALUES]
@@ -166,8 +173,9 @@ def _uploaded(key: str) -> None:
     values[key] = digest
     if key == "state":
         changes = {"layer": first.name or None, "init": "state", "torch_mode": "eval"}
-        if values["input"] != "file":
-            changes["shape"] = (values_shape(values)[0], first.channels, *values_shape(values)[2:])
+        shape = shape_for_layer(values_shape(values), first.channels)
+        if values["input"] != "file" and shape is not None:
+            changes["shape"] = shape
     else:
         changes = {"input": "file", "shape": shape}
     _set_some(changes)
@@ -258,8 +266,9 @@ def _layer_picked() -> None:
     name = st.session_state[_widget_key("layer")]
     for layer in uploads.layers(values["state"]):
         if layer.name == name and values["input"] != "file":
-            shape = values_shape(values)
-            _set_some({"shape": (shape[0], layer.channels, *shape[2:])})
+            shape = shape_for_layer(values_shape(values), layer.channels)
+            if shape is not None:  # not even one sample fits: the link's notice says so
+                _set_some({"shape": shape})
 
 
 def _render(param: Param, on_change=None) -> None:

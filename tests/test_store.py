@@ -394,10 +394,12 @@ def test_nan_statistics_are_named_and_the_scenario_runs_fresh(files) -> None:
     assert doc["engines"]["keras"]["output"] is not None
 
 
-def test_a_channel_count_that_does_not_match_the_batch_is_named(files) -> None:
+def test_a_channel_count_that_does_not_match_the_batch_file_is_named(files) -> None:
     np.savez(files / "bn.npz", **{f"bn.{k}": v for k, v in trained_state(5, seed=8).items()})
     digest = bnexplore.store_file(files / "bn.npz")
-    doc = bnexplore.run(f"?state={digest}&init=state&shape=4,3")
+    np.save(files / "x.npy", np.ones((4, 3)))  # a drawn batch would take the layer's 5
+    batch = bnexplore.store_file(files / "x.npy")
+    doc = bnexplore.run(f"?state={digest}&init=state&input=file&file={batch}")
     assert (
         "init: state layer bn has 5 channels, the batch 3 (shape 4,3); using fresh"
         in (doc["notices"])
