@@ -44,6 +44,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from bnexplore import settings
 from bnexplore.params import MAX_DIMS, MAX_ELEMENTS, MIN_DIMS
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var")
@@ -106,12 +107,7 @@ def sniff(f: BinaryIO) -> str:
     if head.startswith(HDF5_MAGIC):
         return "weights.h5"
     if head.startswith(ZIP_MAGIC):
-        try:
-            names = zipfile.ZipFile(f).namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise FileProblem(f"a truncated or malformed zip file ({exc})") from None
-        finally:
-            f.seek(0)
+        names = [info.filename for info in _zip_members(f)]
         if "config.json" in names and "model.weights.h5" in names:
             return "keras"
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
@@ -132,6 +128,92 @@ def sniff(f: BinaryIO) -> str:
         "not a file bnexplore reads: expected PyTorch .pt/.pth, .safetensors, "
         ".keras, .weights.h5, .npz or .npy"
     )
+
+
+# --- limits: checked from headers, shapes and strides, before anything is materialized -----
+
+
+class Budget:
+    """What one file may make us hold: a count of objects scanned (groups, datasets, zip
+    members, tensors) and the bytes of the BatchNorm vectors read, as stored."""
+
+    def __init__(self) -> None:
+        self.objects_left = settings.max_objects()
+        self.bytes_left = settings.max_state_bytes()
+
+    def scan(self, count: int = 1) -> None:
+        self.objects_left -= count
+        if self.objects_left < 0:
+            raise FileProblem(
+                f"more than {settings.max_objects():,} objects (groups, datasets, members or "
+                "tensors) to scan: refused before reading them (BNEXPLORE_MAX_OBJECTS)"
+            )
+
+    def vector(self, what: str, shape: tuple[int, ...], itemsize: int) -> None:
+        """A vector about to be read: within the channel cap and what is left of the bytes."""
+        values = math.prod(shape)
+        if values > settings.max_channels():
+            raise FileProblem(
+                f"{what} holds {values:,} values, over the limit of "
+                f"{settings.max_channels():,} channels per layer (BNEXPLORE_MAX_CHANNELS)"
+            )
+        self.bytes_left -= values * itemsize
+        if self.bytes_left < 0:
+            raise FileProblem(
+                "its BatchNorm vectors hold more than "
+                f"{settings.exact_words(settings.max_state_bytes())} "
+                "(BNEXPLORE_MAX_STATE_BYTES): refused before reading them"
+            )
+
+
+def _zip_members(f: BinaryIO) -> list[zipfile.ZipInfo]:
+    """A zip's members, their count read from its end record before Python parses the
+    directory (a directory of millions of entries is refused, not parsed)."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - 65_557))
+    tail = f.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or len(tail) < end + 22:
+        f.seek(0)
+        raise FileProblem("a truncated or malformed zip file (no end of central directory)")
+    count = int.from_bytes(tail[end + 10 : end + 12], "little")
+    if count == 0xFFFF and end >= 20 and tail[end - 20 : end - 16] == b"PK\x06\x07":
+        f.seek(int.from_bytes(tail[end - 12 : end - 4], "little"))
+        record = f.read(56)
+        count = int.from_bytes(record[32:40], "little") if record[:4] == b"PK\x06\x06" else count
+    f.seek(0)
+    if count > settings.max_objects():
+        raise FileProblem(
+            f"a zip file of {count:,} members, over {settings.max_objects():,}: refused "
+            "before reading them (BNEXPLORE_MAX_OBJECTS)"
+        )
+    try:
+        return zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise FileProblem(f"a truncated or malformed zip file ({exc})") from None
+    finally:
+        f.seek(0)
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, most: int, what: str) -> bytes:
+    """A zip member's bytes, never more than ``most`` (its declared size is not trusted)."""
+    with archive.open(name) as member:
+        data = member.read(most + 1)
+    if len(data) > most:
+        raise FileProblem(
+            f"{what} unpacks to more than {settings.exact_words(most)}: refused before unpacking it"
+        )
+    return data
+
+
+def _json(data: bytes, what: str):
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise FileProblem(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise FileProblem(f"{what} is not valid JSON ({exc})") from None
 
 
 def _framework(module: str, what: str):
@@ -170,20 +252,38 @@ def read_layers(f: BinaryIO) -> tuple[Layer, ...]:
 
 
 def _named_arrays(kind: str, f: BinaryIO) -> dict[str, np.ndarray]:
-    if kind == "torch":
-        return _torch_arrays(f)
-    if kind == "safetensors":
-        return _safetensors_arrays(f)
-    return _npz_arrays(f)
+    reader = {"torch": _torch_arrays, "safetensors": _safetensors_arrays}.get(kind, _npz_arrays)
+    return reader(f, Budget())
 
 
 _UNSUPPORTED = re.compile(r"Unsupported (?:global|operand)[^\n]*", re.IGNORECASE)
+_SAVE_STATE = "save the state_dict instead: torch.save(model.state_dict(), 'model.pt')"
+MAX_NESTING = 64
+"""Most levels of dicts (a checkpoint), groups (HDF5) or config an honest file nests."""
 
 
-def _torch_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
-    """A PyTorch file through torch.load(weights_only=True): tensors only, never code."""
+def _torch_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
+    """A PyTorch file through torch.load(weights_only=True): tensors only, never code.
+
+    A zip's members are checked first: TorchScript is refused, and so are compressed
+    members (torch.save stores them as they are), so nothing unpacks past the file's size.
+    """
     import pickle
 
+    f.seek(0)
+    if f.read(4) == ZIP_MAGIC:
+        members = _zip_members(f)
+        budget.scan(len(members))
+        names = [m.filename for m in members]
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise FileProblem(f"a TorchScript file, refused: {_SAVE_STATE}")
+        packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise FileProblem(
+                f"a PyTorch zip with compressed members ({', '.join(packed[:3])}), which "
+                f"torch.save never writes: refused before unpacking them; {_SAVE_STATE}"
+            )
+    f.seek(0)
     torch = _framework("torch", "a PyTorch file")
 
     try:
@@ -192,56 +292,137 @@ def _torch_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
         found = _UNSUPPORTED.search(str(exc))
         what = found.group(0) if found else str(exc).splitlines()[0]
         what = what.split(" was not", 1)[0].rstrip(".")
+        kind = "a full-model file" if re.search(r"torch\.nn\.|__main__\.", what) else "a file"
         raise FileProblem(
-            "refused: its pickle asks for more than tensors, which "
+            f"refused: {kind} whose pickle asks for more than tensors, which "
             f"torch.load(weights_only=True) does not run ({what}). Nothing in it was "
-            "executed. Save a state_dict: torch.save(model.state_dict(), 'model.pt')"
+            f"executed. {_SAVE_STATE[0].upper()}{_SAVE_STATE[1:]}"
         ) from None
+    except RecursionError:
+        raise FileProblem("a PyTorch file nested too deeply to be a state_dict") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first.split(" weights_only", 1)[0] if "weights_only=False" in first else first
         raise FileProblem(f"a truncated or malformed PyTorch file ({first})") from None
     arrays: dict[str, np.ndarray] = {}
-    _flatten(loaded, "", arrays, torch)
+    _flatten(loaded, "", arrays, torch, budget, depth=0)
     return arrays
 
 
-def _flatten(value, prefix: str, into: dict[str, np.ndarray], torch) -> None:
-    """Tensors of nested dicts (checkpoints) under dotted names; anything else is skipped."""
+def _flatten(value, prefix: str, into: dict[str, np.ndarray], torch, budget, depth: int) -> None:
+    """BatchNorm-named tensors of nested dicts (checkpoints) under dotted names, each
+    checked by its shape before it is copied (a stride-0 view never expands past the
+    cap); anything else is skipped."""
+    if depth > MAX_NESTING:
+        raise FileProblem(f"a PyTorch file nested too deeply (more than {MAX_NESTING} levels)")
     if isinstance(value, torch.Tensor):
-        if not value.is_complex():
+        budget.scan()
+        if _state_name(prefix) and not value.is_complex():
+            budget.vector(repr(prefix), tuple(value.shape), 8)
             into[prefix] = value.detach().to(torch.float64).numpy()
     elif isinstance(value, Mapping):
         for key, item in value.items():
             if isinstance(key, str):
-                _flatten(item, f"{prefix}.{key}" if prefix else key, into, torch)
+                _flatten(item, f"{prefix}.{key}" if prefix else key, into, torch, budget, depth + 1)
 
 
-def _safetensors_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
-    load = _framework("safetensors.numpy", "a .safetensors file").load
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+"""safetensors' dtype names, as NumPy (and ml_dtypes, for bfloat16 and float8) call them."""
 
-    data = f.read()
-    try:
-        arrays = load(data)
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, or a dtype NumPy lacks
-        raise FileProblem(f"a truncated or malformed .safetensors file ({exc})") from None
-    # file order is the order of the tensors' bytes (the loader's dict has none)
-    where = {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-    return {k: arrays[k] for k in sorted(arrays, key=lambda k: where.get(k, 0))}
+
+def _safetensors_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
+    """A .safetensors file read from its header: each BatchNorm tensor's offsets are checked
+    against the file and its shape before its bytes are read; nothing else is read."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    header_len = int.from_bytes(f.read(8), "little")
+    if not 0 < header_len <= min(size - 8, settings.max_config_bytes()):
+        raise FileProblem(
+            f"a truncated or malformed .safetensors file (a header of {header_len:,} bytes "
+            f"in a file of {size:,})"
+        )
+    header = _json(f.read(header_len), "the .safetensors header")
+    if not isinstance(header, dict):
+        raise FileProblem("a malformed .safetensors file (its header is not a mapping)")
+    header.pop("__metadata__", None)
+    budget.scan(len(header))
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    found: list[tuple[int, str, np.ndarray]] = []
+    for name, entry in header.items():
+        if not _state_name(name):
+            continue
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise FileProblem(f"a malformed .safetensors entry for {name!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise FileProblem(f"{name!r} is of dtype {dtype_name!r}, which bnexplore does not read")
+        dtype = _numpy_dtype(SAFETENSORS_DTYPES[dtype_name])
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size:
+            raise FileProblem(
+                f"a malformed .safetensors file: {name!r} claims bytes {begin:,}–{end:,} of "
+                f"{data_size:,}"
+            )
+        budget.vector(repr(name), shape, dtype.itemsize)
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise FileProblem(
+                f"a malformed .safetensors file: {name!r} of shape {shape} ({dtype_name}) "
+                f"needs {math.prod(shape) * dtype.itemsize:,} bytes, its offsets give "
+                f"{end - begin:,}"
+            )
+        f.seek(data_start + begin)
+        array = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
+        found.append((begin, name, array.astype(np.float64)))
+    # file order is the order of the tensors' bytes
+    return {name: array for _, name, array in sorted(found, key=lambda t: t[0])}
 
 
-def _npz_arrays(f: BinaryIO) -> dict[str, np.ndarray]:
+def _numpy_dtype(name: str) -> np.dtype:
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def _npz_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
     """The BatchNorm-named arrays of an .npz; every member's header is read first, so an
-    object array anywhere is refused and no large array is ever decompressed."""
+    object array anywhere is refused, and each array's shape is checked before it is
+    decompressed."""
     try:
+        members = _zip_members(f)
+        budget.scan(len(members))
         with zipfile.ZipFile(f) as archive:
-            names = [n.removesuffix(".npy") for n in archive.namelist()]
+            names = [m.filename.removesuffix(".npy") for m in members]
+            wanted = []
             for name in names:
                 with archive.open(name + ".npy") as member:
-                    _array_header(member, repr(name))
+                    shape, dtype = _array_header(member, repr(name))
+                if _state_name(name):
+                    budget.vector(repr(name), shape, dtype.itemsize)
+                    wanted.append(name)
         f.seek(0)
         with np.load(f, allow_pickle=False) as npz:
-            return {name: npz[name] for name in names if _state_name(name)}
+            return {name: npz[name] for name in wanted}
     except FileProblem:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
@@ -282,6 +463,8 @@ def _layer(name: str, found: Mapping[str, np.ndarray | None]) -> Layer:
         return Layer(name, channels, problem=f"the vectors are not all one length ({described})")
     if not np.issubdtype(np.asarray(found["running_var"]).dtype, np.number):
         return Layer(name, channels, problem="non-numeric statistics")
+    if channels == 0:
+        return Layer(name, 0, problem="0 channels: its vectors are empty")
     state = {}
     for key in STATE_NAMES:
         value = found.get(key)
@@ -304,17 +487,24 @@ def _problem(state: Mapping[str, np.ndarray]) -> str | None:
 
 
 def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
-    """A .keras file: the config's BatchNormalization layers, their weights via h5py."""
+    """A .keras file: the config's BatchNormalization layers, their weights via h5py.
+
+    Nothing is extracted: config.json is read up to BNEXPLORE_MAX_CONFIG_BYTES and the
+    weights up to the file limit (Keras stores them as they are), both in memory.
+    """
+    _zip_members(f)  # its member count, checked before Python parses the directory
     try:
         with zipfile.ZipFile(f) as archive:
-            _check_unpacked_size(archive)
-            config = json.loads(archive.read("config.json"))
-            weights = archive.read("model.weights.h5")
+            config = _read_member(
+                archive, "config.json", settings.max_config_bytes(), "its config.json"
+            )
+            weights = _read_member(
+                archive, "model.weights.h5", settings.store_file_limit(), "its model.weights.h5"
+            )
     except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError) as exc:
         raise FileProblem(f"a truncated or malformed .keras file ({exc})") from None
-    options: dict[str, dict] = {}
-    _find_batchnorms(config, options)
-    groups = _vars_groups(io.BytesIO(weights))
+    options = _find_batchnorms(_json(config, "its config.json"))
+    groups = _vars_groups(io.BytesIO(weights), wanted=set(options))
     layers = []
     for name, opts in options.items():
         if name not in groups:
@@ -324,8 +514,17 @@ def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
         order = [*present, "running_mean", "running_var"]
         vectors = [array for _, array in groups[name]]
         if len(vectors) != len(order) or any(v is None for v in vectors):
+            shapes = ", ".join(str(shape) for shape, _ in groups[name]) or "none"
             layers.append(
-                Layer(name, 0, problem=f"{len(vectors)} variables where {len(order)} were expected")
+                Layer(
+                    name,
+                    0,
+                    problem=(
+                        f"{len(vectors)} variables (shapes {shapes}) where its config "
+                        f"(scale={opts['scale']}, center={opts['center']}) needs "
+                        f"{len(order)} vectors of one length"
+                    ),
+                )
             )
             continue
         found = dict.fromkeys(STATE_NAMES) | dict(zip(order, vectors, strict=True))
@@ -333,66 +532,140 @@ def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
-MAX_UNPACKED = 1 << 30
-"""Most bytes a .keras file may unpack to (a zip bomb is refused before it is read)."""
-
-
-def _check_unpacked_size(archive: zipfile.ZipFile) -> None:
-    unpacked = sum(info.file_size for info in archive.infolist())
-    if unpacked > MAX_UNPACKED:
-        raise FileProblem(
-            f"a .keras file that unpacks to {unpacked:,} bytes, over {MAX_UNPACKED:,}: refused"
-        )
-
-
-def _find_batchnorms(config, into: dict[str, dict]) -> None:
+def _find_batchnorms(config) -> dict[str, dict]:
     """Each BatchNormalization in a Keras config (nested models too), in order."""
-    if isinstance(config, dict):
-        if config.get("class_name") == "BatchNormalization" and isinstance(
-            config.get("config"), dict
-        ):
-            inner = config["config"]
-            name = inner.get("name")
-            if isinstance(name, str) and name not in into:
-                into[name] = {
-                    "scale": bool(inner.get("scale", True)),
-                    "center": bool(inner.get("center", True)),
-                }
-        for value in config.values():
-            _find_batchnorms(value, into)
-    elif isinstance(config, list):
-        for value in config:
-            _find_batchnorms(value, into)
+    found: dict[str, dict] = {}
+    stack: list[tuple[object, int]] = [(config, 0)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > MAX_NESTING or seen > 10 * settings.max_objects():
+            raise FileProblem("its config.json is nested too deeply or holds too much")
+        if isinstance(item, dict):
+            inner = item.get("config")
+            if item.get("class_name") == "BatchNormalization" and isinstance(inner, dict):
+                name = inner.get("name")
+                if isinstance(name, str) and name not in found:
+                    found[name] = {
+                        "scale": bool(inner.get("scale", True)),
+                        "center": bool(inner.get("center", True)),
+                    }
+            stack.extend((value, depth + 1) for value in reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend((value, depth + 1) for value in reversed(item))
+    return found
 
 
-def _vars_groups(f: BinaryIO) -> dict[str, list[tuple[tuple[int, ...], np.ndarray | None]]]:
+def _vars_groups(
+    f: BinaryIO, wanted: set[str] | None = None
+) -> dict[str, list[tuple[tuple[int, ...], np.ndarray | None]]]:
     """Keras 3 weights: every ``…/vars`` group's datasets 0, 1, … by its ``name``
-    attribute, as (shape, array); only vectors of at most MAX_STATE_VALUES are read."""
+    attribute (else its layer's group name), as (shape, array).
+
+    The whole file is walked first, without reading a byte of data: a soft or
+    external link, a dataset stored outside the file (external storage) or made of
+    other datasets (virtual), more than BNEXPLORE_MAX_OBJECTS objects or nesting past
+    MAX_NESTING levels refuse it. Then only the vectors of the ``wanted`` layers (all,
+    if None) are read: 1-D, numeric, within the channel cap and the state's bytes.
+    """
     h5py = _framework("h5py", "a Keras weights file")
+    budget = Budget()
     groups: dict[str, list] = {}
     try:
         with h5py.File(f, "r") as h5:
-
-            def visit(path: str, item) -> None:
-                if not (isinstance(item, h5py.Group) and path.split("/")[-1] == "vars"):
-                    return
-                if not len(item) or path == "vars":  # the model's own (empty) vars
-                    return
-                name = item.attrs.get("name", path.rsplit("/", 2)[0])
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                keys = sorted(item.keys(), key=lambda k: int(k) if k.isdigit() else 1 << 30)
-                found = []
-                for key in keys:
-                    data = item[key]
-                    shape = tuple(getattr(data, "shape", None) or ())
-                    small = len(shape) == 1 and shape[0] <= MAX_STATE_VALUES
-                    found.append((shape, np.asarray(data[()]) if small else None))
-                groups.setdefault(name, found)
-
-            h5.visititems(visit)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            for path, group in _walk_hdf5(h5, h5py, budget):
+                name = _name_attribute(group) or path.split("/")[-2]
+                if name in groups or (wanted is not None and name not in wanted):
+                    continue
+                keys = sorted(group.keys(), key=lambda k: int(k) if k.isdigit() else 1 << 30)
+                groups[name] = [group[key] for key in keys]
+            return {
+                name: [_read_vector(data, name, h5py, budget) for data in datasets]
+                for name, datasets in groups.items()
+            }
+    except FileProblem:
+        raise
+    except RecursionError:
+        raise FileProblem("an HDF5 file nested too deeply") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise FileProblem(f"a truncated or malformed HDF5 weights file ({exc})") from None
-    return groups
+
+
+def _read_vector(
+    data, name: str, h5py, budget: Budget
+) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """(shape, array) of a layer's variable; the array only for a numeric vector within
+    the budget (anything else is not a BatchNorm statistic: None)."""
+    shape = tuple(getattr(data, "shape", None) or ())
+    if not (isinstance(data, h5py.Dataset) and data.dtype.kind in "fiub" and len(shape) == 1):
+        return shape, None
+    budget.vector(f"{name}'s variable", shape, data.dtype.itemsize)
+    return shape, np.asarray(data[()])
+
+
+def _walk_hdf5(h5, h5py, budget: Budget) -> list[tuple[str, object]]:
+    """Every non-empty ``…/vars`` group of an HDF5 file, breadth first, after checking
+    every link and dataset (see :func:`_vars_groups`); reads no data."""
+    found = []
+    queue = [("", h5, 0)]
+    while queue:
+        path, group, depth = queue.pop(0)
+        if depth > MAX_NESTING:
+            raise FileProblem(f"an HDF5 file nested too deeply (more than {MAX_NESTING} levels)")
+        for key in group:
+            budget.scan()
+            where = f"{path}/{key}" if path else key
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                kind = {h5py.ExternalLink: "an external", h5py.SoftLink: "a soft"}.get(
+                    type(link), "a user-defined"
+                )
+                raise FileProblem(
+                    f"an HDF5 file with {kind} link at {where!r}: links are refused, as they "
+                    "may point outside the file"
+                )
+            item = group.get(key)
+            if isinstance(item, h5py.Dataset):
+                _check_dataset(item, where, h5py)
+            elif isinstance(item, h5py.Group):
+                if key == "vars" and len(item) and path:  # not the model's own (empty) vars
+                    found.append((where, item))
+                queue.append((where, item, depth + 1))
+    return found
+
+
+def _check_dataset(data, where: str, h5py) -> None:
+    """Refuse a dataset whose bytes live outside the file, or whose chunks could make
+    HDF5 allocate more than the channel cap."""
+    plist = data.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        raise FileProblem(
+            f"an HDF5 file whose dataset {where!r} is stored in an external file: refused "
+            "before reading it, as it would read a file outside the upload"
+        )
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        raise FileProblem(
+            f"an HDF5 file whose dataset {where!r} is a virtual dataset (made of other "
+            "files' data): refused before reading it"
+        )
+    if layout == h5py.h5d.CHUNKED and math.prod(plist.get_chunk()) > settings.max_channels():
+        raise FileProblem(
+            f"an HDF5 file whose dataset {where!r} has chunks of "
+            f"{math.prod(plist.get_chunk()):,} values, over the channel cap: refused"
+        )
+
+
+def _name_attribute(group) -> str | None:
+    """A Keras ``vars`` group's ``name`` attribute, if it is a short string."""
+    if "name" not in group.attrs:
+        return None
+    if group.attrs.get_id("name").shape not in ((), (1,)):
+        return None
+    name = group.attrs["name"]
+    name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return name[:1000]
 
 
 def _bare_weights_layers(f: BinaryIO) -> tuple[Layer, ...]:
@@ -426,6 +699,7 @@ def batch_info(f: BinaryIO) -> BatchInfo:
         headers = [_npy_header(f, "the .npy")]
     elif kind == "npz":
         headers = []
+        _zip_members(f)
         try:
             with zipfile.ZipFile(f) as archive:
                 names = set(archive.namelist())
@@ -445,10 +719,6 @@ def batch_info(f: BinaryIO) -> BatchInfo:
     (shape,) = shapes
     dtypes = {dtype for _, dtype in headers}
     return BatchInfo(len(headers), shape, max(dtypes, key=lambda d: np.dtype(d).itemsize))
-
-
-MAX_STATE_VALUES = 1 << 24
-"""Most values one BatchNorm vector may hold (larger is a malformed file, not a layer)."""
 
 
 def _array_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -483,6 +753,50 @@ def _npy_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], str]:
     if math.prod(shape) > MAX_ELEMENTS:
         raise FileProblem(f"{what} holds {math.prod(shape):,} values, over {MAX_ELEMENTS:,}")
     return shape, dtype.str
+
+
+def check_batch_data(f: BinaryIO, info: BatchInfo) -> None:
+    """That a batch file holds all the values its headers declare (a truncated file is
+    refused when it is stored, not when it runs): an .npy's length, and each .npz
+    member read through once, in chunks, with its CRC checked, nothing kept."""
+    f.seek(0)
+    if sniff(f) == "npy":
+        _array_header(f, "the .npy")
+        f.seek(0, io.SEEK_END)
+        data = f.tell() - _header_end(f)
+        need = info.nbytes
+        if data < need:
+            raise FileProblem(
+                f"a truncated .npy: its header declares shape {info.shape} ({need:,} bytes "
+                f"of {info.dtype}), the file holds {data:,}"
+            )
+        return
+    with zipfile.ZipFile(f) as archive:
+        for k in range(info.count):
+            member = f"batch_{k}.npy"
+            read = 0
+            try:
+                with archive.open(member) as m:
+                    while chunk := m.read(1 << 22):
+                        read += len(chunk)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                raise FileProblem(f"a truncated or malformed .npz: {member} ({exc})") from None
+            with archive.open(member) as m:
+                _array_header(m, member)
+                header = m.tell()
+            need = header + info.nbytes // info.count
+            if read < need:
+                raise FileProblem(
+                    f"a truncated .npz: {member} declares shape {info.shape}, "
+                    f"{need - header:,} bytes, and holds {read - header:,}"
+                )
+    f.seek(0)
+
+
+def _header_end(f: BinaryIO) -> int:
+    f.seek(0)
+    _array_header(f, "the .npy")
+    return f.tell()
 
 
 def read_batches(f: BinaryIO) -> tuple[np.ndarray, ...]:

@@ -17,45 +17,32 @@ dL/dx back; the target's shared-memory file sE; per reference
 32E (x̂, dy and dL/dx in float64); plus the per-pass running statistics, 16·C bytes
 per pass per engine. Metrics work in fixed chunks and add nothing that grows with E.
 
+What grows with the channels C alone, for R = engines × (1 + reference) runs over
+P = steps + 1 passes: R·C·(256 + 32·P) bytes, for the per-channel figures of each
+run (statistics, γ, β, per-channel metrics and gaps) as arrays, as the document's
+lists of Python floats, their JSON text and the page's chart tables (which sample
+past a few thousand channels).
+
 The limit is 2 GiB unless ``BNEXPLORE_MEMORY_LIMIT`` says otherwise (bytes, or
 a number with KiB, MiB or GiB).
 """
 
 from __future__ import annotations
 
-import os
-import re
-
+from bnexplore import settings
 from bnexplore.batches import numpy_dtype
 from bnexplore.params import knobs
 from bnexplore.scenario import Scenario
 
-DEFAULT_LIMIT = 2 * 1024**3
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-}
-
-
-def size_from_env(name: str, default: int) -> int:
-    """A size in bytes from an environment variable (bytes, or a number with KiB, MiB,
-    GiB, kB, MB or GB), or ``default`` when it is unset or unreadable."""
-    text = os.environ.get(name, "").strip().lower()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", text)
-    if not match:
-        return default
-    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+DEFAULT_LIMIT = settings.DEFAULT_MEMORY_LIMIT
+PER_CHANNEL = 256
+PER_CHANNEL_PASS = 32
+"""Bytes per channel per run, and per channel per run per pass (see the docstring)."""
 
 
 def limit() -> int:
     """The limit in bytes: BNEXPLORE_MEMORY_LIMIT, or 2 GiB (also when it is unreadable)."""
-    return size_from_env("BNEXPLORE_MEMORY_LIMIT", DEFAULT_LIMIT)
+    return settings.memory_limit()
 
 
 def estimate(scenario: Scenario, reference: bool) -> int:
@@ -81,7 +68,11 @@ def estimate(scenario: Scenario, reference: bool) -> int:
         target = (16 * values if scenario["target"] == "normal" else 0) + 2 * itemsize * values
         gradients = 5 * itemsize * values * len(engines)  # 3sE in the worker, 2sE shipped
         training = target + gradients + (32 * values * len(engines) if reference else 0)
-    return batch + frameworks + references + history + training
+    runs = len(engines) * (1 + reference)
+    per_channel = (
+        runs * scenario.channels * (PER_CHANNEL + PER_CHANNEL_PASS * (scenario["steps"] + 1))
+    )
+    return batch + frameworks + references + history + training + per_channel
 
 
 def _file_batches(scenario: Scenario, values: int, itemsize: int) -> int:
@@ -96,9 +87,4 @@ def _file_batches(scenario: Scenario, values: int, itemsize: int) -> int:
     return info.nbytes + 8 * values + kept * itemsize * values
 
 
-def words(size: int) -> str:
-    """Bytes for people: '2.7 GiB', '310 MiB'."""
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size >= factor:
-            return f"{size / factor:.3g} {unit}"
-    return f"{size} B"
+words = settings.words

@@ -22,24 +22,25 @@ import os
 import re
 import tempfile
 import threading
-from functools import lru_cache
 from pathlib import Path
 
+import cachetools
 import numpy as np
 
+from bnexplore import settings
 from bnexplore.formats import (
     BatchInfo,
     FileProblem,
     Layer,
     batch_info,
+    check_batch_data,
     read_batches,
     read_layers,
     sniff,
 )
 
-DEFAULT_FILE_LIMIT = 200 * 1024 * 1024
-"""Streamlit's default ``server.maxUploadSize`` (200 "MB", counted as 1024² bytes)."""
-DEFAULT_STORE_LIMIT = 2 * 1024**3
+DEFAULT_FILE_LIMIT = settings.DEFAULT_FILE_LIMIT
+DEFAULT_STORE_LIMIT = settings.DEFAULT_STORE_LIMIT
 MIN_PREFIX = 16
 DIGEST = re.compile(r"[0-9a-f]{64}")
 _lock = threading.Lock()
@@ -51,30 +52,17 @@ class NotStored(LookupError):
 
 def root() -> Path:
     """The store's folder (not created until a file is stored)."""
-    given = os.environ.get("BNEXPLORE_STORE", "").strip()
-    if given:
-        return Path(given).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
-    if not cache:
-        try:
-            cache = Path.home() / ".cache"
-        except RuntimeError:  # no home directory to be found: the system's temporary folder
-            cache = Path(tempfile.gettempdir())
-    return Path(cache) / "bnexplore" / "store"
+    return settings.store_folder()
 
 
 def file_limit() -> int:
     """Bytes one stored file may hold: BNEXPLORE_STORE_FILE_LIMIT, or 200 MiB."""
-    from bnexplore.memory import size_from_env
-
-    return size_from_env("BNEXPLORE_STORE_FILE_LIMIT", DEFAULT_FILE_LIMIT)
+    return settings.store_file_limit()
 
 
 def store_limit() -> int:
     """Bytes the whole store may hold: BNEXPLORE_STORE_LIMIT, or 2 GiB."""
-    from bnexplore.memory import size_from_env
-
-    return size_from_env("BNEXPLORE_STORE_LIMIT", DEFAULT_STORE_LIMIT)
+    return settings.store_limit()
 
 
 def short(digest: str) -> str:
@@ -119,11 +107,9 @@ def store_bytes(data: bytes) -> str:
 
 
 def _too_big(size: int, cap: int) -> str:
-    from bnexplore.memory import words
-
     return (
-        f"the file holds {words(size)}, over the limit of {words(cap)} per file "
-        "(BNEXPLORE_STORE_FILE_LIMIT)"
+        f"the file holds {settings.exact_words(size)}, over the limit of "
+        f"{settings.exact_words(cap)} per file (BNEXPLORE_STORE_FILE_LIMIT)"
     )
 
 
@@ -169,6 +155,15 @@ def describe(f) -> tuple[tuple[Layer, ...], BatchInfo | None]:
     """
     found, layer_problem = _guarded(read_layers, f)
     info, batch_problem = _guarded(batch_info, f)
+    if info is not None:
+        _, batch_problem = _guarded(lambda f: check_batch_data(f, info), f)
+        info = None if batch_problem else info
+    if found and all(layer.channels == 0 for layer in found):
+        names = ", ".join(layer.label for layer in found[:4])
+        layer_problem = (
+            f"every BatchNorm layer in it has 0 channels ({names}): its vectors are empty"
+        )
+        found = None
     if not found and info is None:
         if sniff(f) == "npz" and layer_problem != batch_problem:
             raise FileProblem(f"{layer_problem}; as batches: {batch_problem}")
@@ -182,6 +177,8 @@ def _guarded(reader, f):
         return reader(f), None
     except FileProblem as problem:
         return None, str(problem)
+    except RecursionError:
+        return None, "nested too deeply to be a BatchNorm state"
     except Exception as exc:  # noqa: BLE001 - any failure of a parser is the file's problem
         return None, f"a malformed file ({type(exc).__name__}: {exc})"
 
@@ -210,20 +207,41 @@ def _read(digest: str, reader):
     return _read_cached(digest, reader)
 
 
-@lru_cache(maxsize=32)
+def _footprint(value) -> int:
+    """Bytes a cached answer holds: its arrays, and a little for everything else."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes + 128
+    if isinstance(value, Layer):
+        return sum(_footprint(v) for v in value.state.values()) + 512
+    if isinstance(value, tuple):
+        return sum(_footprint(v) for v in value) + 64
+    return 512
+
+
+_parsed: cachetools.LRUCache = cachetools.LRUCache(
+    maxsize=settings.parsed_cache_bytes(), getsizeof=_footprint
+)
+"""What the server keeps of parsed files, bounded in bytes (BNEXPLORE_PARSED_CACHE):
+a digest's content never changes, so its answer (or its problem) is kept."""
+_parsed_lock = threading.Lock()
+
+
+@cachetools.cached(_parsed, key=lambda digest, reader: (digest, reader.__name__), lock=_parsed_lock)
 def _read_cached(digest: str, reader):
     try:
         with _open(digest) as f:
             return reader(f)
     except FileProblem as problem:
         return problem
+    except RecursionError:
+        return FileProblem("nested too deeply to be a BatchNorm state")
     except Exception as exc:  # noqa: BLE001 - a stranger's file: any failure is its problem
         return FileProblem(f"a malformed file ({type(exc).__name__}: {exc})")
 
 
-@lru_cache(maxsize=2)
+@cachetools.cached(_parsed, key=lambda digest: (digest, "batches"), lock=_parsed_lock)
 def batches(digest: str) -> tuple[np.ndarray, ...]:
-    """The batches of a stored batch file, read-only (cached: two files at most)."""
+    """The batches of a stored batch file, read-only (cached with the parsed files)."""
     with _open(digest) as f:
         arrays = read_batches(f)
     for array in arrays:

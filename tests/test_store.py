@@ -362,7 +362,8 @@ def test_a_truncated_file_is_refused_with_a_message(files) -> None:
 def test_a_file_over_the_cap_is_refused_naming_the_limit(files, monkeypatch, store_dir) -> None:
     monkeypatch.setenv("BNEXPLORE_STORE_FILE_LIMIT", "1KiB")
     np.savez(files / "big.npz", batch_0=np.ones((40, 10)))
-    with pytest.raises(FileProblem, match=r"over the limit of 1 KiB.*BNEXPLORE_STORE_FILE_LIMIT"):
+    too_big = r"over the limit of 1,024 bytes \(1 KiB\).*BNEXPLORE_STORE_FILE_LIMIT"
+    with pytest.raises(FileProblem, match=too_big):
         bnexplore.store_file(files / "big.npz")
     assert not store_dir.exists()
 
