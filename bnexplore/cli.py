@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from bnexplore.docs import link_reference
+from bnexplore.docs import LINKS_PAGE, link_reference, refresh_links_page
 from bnexplore.engines import LABELS
 from bnexplore.params import MAX_SWEEP_POINTS, SWEEPABLE
 from bnexplore.presets import PRESETS
@@ -141,15 +141,26 @@ def main(argv: list[str] | None = None) -> int:
         help="only the desk in Chromium: widget changes (p50, p90), a revisit, the cold start",
     )
     bench_cmd.add_argument("--json", action="store_true", help="print the JSON document")
-    commands.add_parser("docs", help="print the README's link reference table")
+    docs_cmd = commands.add_parser(
+        "docs", help="write the link reference into docs/links.md (--check: only check it)"
+    )
+    docs_cmd.add_argument("--check", action="store_true", help="exit 1 if docs/links.md is stale")
+    docs_cmd.add_argument("--print", action="store_true", help="print the table instead")
     store_cmd = commands.add_parser(
         "store", help="keep a file in the store; print its state= (or file=) link key"
     )
     store_cmd.add_argument("file", help=".pt/.pth, .safetensors, .keras, .weights.h5, .npz, .npy")
     args = parser.parse_args(argv)
     if args.command == "docs":
-        print(link_reference())
-        return 0
+        if args.print:
+            print(link_reference())
+            return 0
+        current = refresh_links_page(check=args.check)
+        if args.check and not current:
+            print(f"{LINKS_PAGE} is stale: run python -m bnexplore docs", file=sys.stderr)
+        elif not current:
+            print(f"wrote the link reference into {LINKS_PAGE}", file=sys.stderr)
+        return 0 if current or not args.check else 1
     if args.command == "store":
         return _store(args.file)
     if args.command == "script":

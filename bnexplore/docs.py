@@ -1,6 +1,12 @@
-"""The README's link reference, generated from the parameter table."""
+"""The link reference in docs/links.md, generated from the parameter table.
+
+``python -m bnexplore docs`` writes it between its markers; ``--check`` says whether
+the page is current (exit 1 when it is not).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from bnexplore.params import GROUPS, LINK_VERSION, PARAMS
 from bnexplore.presets import PRESETS
@@ -33,3 +39,17 @@ def link_reference() -> str:
             lines.append(f"| `{p.key}` | `{format_value(p, p.default)}` | {allowed} | {meaning} |")
     lines.append(END)
     return "\n".join(lines)
+
+
+LINKS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "links.md"
+
+
+def refresh_links_page(page: Path = LINKS_PAGE, check: bool = False) -> bool:
+    """Whether ``page`` already held the current link reference; rewrites it if not
+    (unless ``check``). The table goes between its markers, which must be there."""
+    text = page.read_text(encoding="utf-8")
+    begin, end = text.index(BEGIN), text.index(END) + len(END)
+    current = text[begin:end] == link_reference()
+    if not current and not check:
+        page.write_text(text[:begin] + link_reference() + text[end:], encoding="utf-8")
+    return current

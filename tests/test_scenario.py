@@ -184,15 +184,27 @@ def test_any_pairs_give_a_valid_scenario(pairs) -> None:
     assert all(isinstance(n, str) and n for n in notices)
 
 
-def test_readme_link_reference_is_the_generated_one() -> None:
-    from pathlib import Path
+def test_the_docs_link_reference_is_the_generated_one() -> None:
+    from bnexplore.docs import LINKS_PAGE, link_reference
 
-    from bnexplore.docs import link_reference
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    assert link_reference() in readme, "run: python -m bnexplore docs, paste into README.md"
+    page = LINKS_PAGE.read_text(encoding="utf-8")
+    assert link_reference() in page, "run: python -m bnexplore docs"
     for p in PARAMS:
         assert f"| `{p.key}` | `{format_value(p, p.default)}` |" in link_reference()
+
+
+def test_docs_check_finds_a_stale_links_page_and_docs_rewrites_it(tmp_path) -> None:
+    from bnexplore.docs import BEGIN, END, LINKS_PAGE, link_reference, refresh_links_page
+
+    page = tmp_path / "links.md"
+    page.write_text(f"# Links\n\n{BEGIN}\n| stale |\n{END}\n\nafter\n", encoding="utf-8")
+    assert refresh_links_page(page, check=True) is False
+    assert "| stale |" in page.read_text(encoding="utf-8")
+    assert refresh_links_page(page) is False
+    text = page.read_text(encoding="utf-8")
+    assert link_reference() in text and text.endswith("\n\nafter\n") and "| stale |" not in text
+    assert refresh_links_page(page, check=True) is True
+    assert refresh_links_page(LINKS_PAGE, check=True) is True
 
 
 def test_memory_guard_refuses_at_once_naming_the_estimate_and_the_limit(monkeypatch) -> None:
