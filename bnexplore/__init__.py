@@ -6,9 +6,29 @@ framework and returns the document the app and the CLI show.
 returns its digest, for ``state=`` (or ``file=``) in a link.
 """
 
-from bnexplore.runner import compare, run
+from bnexplore.document import document, headline_pair
+from bnexplore.explain import explain as explain_steps
+from bnexplore.runner import compare, strict_json
 from bnexplore.scenario import Scenario, parse_link
 from bnexplore.store import store_file
 from bnexplore.sweep import sweep_link as sweep_run
 
-__all__ = ["Scenario", "compare", "parse_link", "run", "store_file", "sweep_run"]
+__all__ = ["Scenario", "compare", "document", "parse_link", "run", "store_file", "sweep_run"]
+
+
+def run(link: str = "", reference: bool = False, explain: bool = False) -> dict:
+    """Run the scenario a link describes and return the document (strict JSON).
+
+    ``link`` is a full URL of the app or only its query string (``?a=1&b=2``).
+    With ``reference``, the document's "reference" holds each engine's float64
+    reference and its gap from it (the app always shows them).
+    With ``explain``, the document's "explain" lists the first pair's gap
+    cause by cause (see bnexplore.explain), each step re-run for real.
+    """
+    scenario, notices = parse_link(link)
+    comparison = compare(scenario, notices, reference)
+    doc = document(comparison)
+    if explain:
+        steps = explain_steps(scenario, headline_pair(comparison))
+        doc["explain"] = strict_json([step.to_dict() for step in steps])
+    return doc

@@ -11,11 +11,11 @@ from urllib.parse import quote
 
 import numpy as np
 
+from bnexplore import run
 from bnexplore.docs import LINKS_PAGE, link_reference, refresh_links_page
 from bnexplore.engines import LABELS
 from bnexplore.params import MAX_SWEEP_POINTS, SWEEPABLE
 from bnexplore.presets import PRESETS
-from bnexplore.runner import run
 from bnexplore.scenario import parse_link
 from bnexplore.script import reproducer
 from bnexplore.story import GAP_NAMES, percent

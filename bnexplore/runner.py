@@ -1,4 +1,5 @@
-"""Run a scenario in every engine and compare: the document behind app, CLI and API."""
+"""Run a scenario in every engine and measure how they diverge: the typed results
+(:class:`Comparison`) behind the app, the CLI and the API; the judging reads them."""
 
 from __future__ import annotations
 
@@ -14,20 +15,21 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import admission, memory, store, story, workers
+from bnexplore import admission, memory, store, workers
 from bnexplore.batches import batches, targets
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
 from bnexplore.metrics import Divergence, measure
 from bnexplore.params import knobs
-from bnexplore.scenario import Scenario, parse_link
+from bnexplore.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One scenario's results in memory: arrays for charts, the document for JSON."""
+    """One scenario's results in memory: the engines' arrays and their measured gaps
+    (the document, its JSON, is made from it at the edge: bnexplore.document)."""
 
     scenario: Scenario
     notices: tuple[str, ...]
@@ -46,16 +48,16 @@ class Comparison:
             for quantity in QUANTITIES:
                 value = getattr(r, quantity)
                 if value is not None:
-                    arrays[_key(r.name, quantity)] = value
+                    arrays[array_key(r.name, quantity)] = value
         engine_pairs = list(itertools.combinations(self.results, 2))
         engine_pairs += [
             (ref.name, name) for name, ref in self.references.items() if name in self.results
         ]
         pairs = [
-            (_key(a, q), _key(b, q))
+            (array_key(a, q), array_key(b, q))
             for a, b in engine_pairs
             for q in QUANTITIES
-            if _key(a, q) in arrays and _key(b, q) in arrays
+            if array_key(a, q) in arrays and array_key(b, q) in arrays
         ]
         summaries, gaps = measure(arrays, pairs, self.scenario["dtype"])
         measured = {
@@ -98,45 +100,13 @@ class Comparison:
             )
 
         def part(quantity: str) -> Divergence | None:
-            return measured.get((_key(a.name, quantity), _key(b.name, quantity)))
+            return measured.get((array_key(a.name, quantity), array_key(b.name, quantity)))
 
         grad = None
         if self.scenario["loss"] != "none":
             grad = {"x": part("grad_x"), "gamma": part("grad_gamma"), "beta": part("grad_beta")}
         state = {q: part(q) for q in STATE}
         return dataclasses.replace(output, grad=grad, state=state)
-
-    @property
-    def headline_pair(self) -> Divergence | None:
-        """The pair the headline is about (see story.headline_pair)."""
-        index = story.headline_pair(self.divergence)
-        return None if index is None else self.divergence[index]
-
-    def document(self) -> dict:
-        """The strict-JSON document of ``bnexplore.run``."""
-        headline, about = story.headline(self)
-        doc = {
-            "link": self.scenario.link,
-            "scenario": self.scenario.to_dict(),
-            "notices": list(self.notices),
-            "headline": headline,
-            "headline_about": about,
-            "engines": {
-                name: engine_document(r, self.summaries, self.scenario)
-                for name, r in self.results.items()
-            },
-            "divergence": [{**d.to_dict(), "verdict": story.verdicts(d)} for d in self.divergence],
-        }
-        if self.references:
-            doc["reference"] = {
-                name: {
-                    **engine_document(ref, self.summaries, self.scenario),
-                    "unpredictable": ref.unpredictable,
-                    "vs_engine": _to_dict(self.reference_gap(name)),
-                }
-                for name, ref in self.references.items()
-            }
-        return strict_json(doc)
 
 
 QUANTITIES = (
@@ -153,45 +123,9 @@ QUANTITIES = (
 STATE = ("gamma", "beta", "running_mean", "running_var")
 
 
-def _key(name: str, quantity: str) -> str:
+def array_key(name: str, quantity: str) -> str:
+    """An array's key in the summaries: ``name`` (the output) or ``name:quantity``."""
     return name if quantity == "output" else f"{name}:{quantity}"
-
-
-def _to_dict(d: Divergence | None) -> dict | None:
-    return None if d is None else d.to_dict()
-
-
-def engine_document(r: EngineResult, summaries: dict[str, dict], scenario: Scenario) -> dict:
-    """One engine's entry: E in the README's document format (summaries: by array key)."""
-    if not r.available:
-        return {"available": False, "reason": r.reason, "version": r.version}
-    grad = None
-    if scenario["loss"] != "none" and r.output is not None:
-        x = summaries.get(_key(r.name, "grad_x"))
-        grad = {
-            "x": x and {k: x[k] for k in ("mean", "std", "min", "max")},
-            "gamma": _floats(r.grad_gamma),
-            "beta": _floats(r.grad_beta),
-        }
-    return {
-        "available": True,
-        "version": r.version,
-        "device": r.device,
-        "device_note": r.device_note,
-        "detail": r.detail,
-        "error": r.error,
-        "output": summaries.get(r.name),
-        "running_mean": _floats(r.running_mean),
-        "running_var": _floats(r.running_var),
-        "gamma": _floats(r.gamma),
-        "beta": _floats(r.beta),
-        "loss": r.loss,
-        "grad": grad,
-    }
-
-
-def _floats(a: np.ndarray | None) -> list[float] | None:
-    return None if a is None else [float(v) for v in np.asarray(a, dtype=np.float64)]
 
 
 def strict_json(value):
@@ -484,23 +418,3 @@ def _port(scenario: Scenario, lanes: dict, done: dict, source: str) -> None:
 def run_engine(name: str, scenario: Scenario) -> EngineResult:
     """One engine alone on a scenario (a port still takes PyTorch's state)."""
     return compare(scenario.replace(engines=(name,)), reference=False).results[name]
-
-
-def run(link: str = "", reference: bool = False, explain: bool = False) -> dict:
-    """Run the scenario a link describes and return the document (strict JSON).
-
-    ``link`` is a full URL of the app or only its query string (``?a=1&b=2``).
-    With ``reference``, the document's "reference" holds each engine's float64
-    reference and its gap from it (the app always shows them).
-    With ``explain``, the document's "explain" lists the first pair's gap
-    cause by cause (see bnexplore.explain), each step re-run for real.
-    """
-    scenario, notices = parse_link(link)
-    comparison = compare(scenario, notices, reference)
-    doc = comparison.document()
-    if explain:
-        from bnexplore.explain import explain as explain_steps
-
-        steps = explain_steps(scenario, comparison.headline_pair)
-        doc["explain"] = strict_json([step.to_dict() for step in steps])
-    return doc

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from bnexplore import admission, charts, store, sweep, workers
+from bnexplore.document import document as make_document
+from bnexplore.document import headline_pair
 from bnexplore.engines import LABELS
 from bnexplore.explain import differing_knobs, explain, summary
 from bnexplore.formats import Layer
@@ -116,7 +118,7 @@ def build_view(
     comparison: Comparison, parts: frozenset[str] = EVERYTHING, report: Report | None = None
 ) -> View:
     """The view of a run (its references in it where ``parts`` has REFERENCES)."""
-    pair = comparison.headline_pair
+    pair = headline_pair(comparison)
     steps = []
     if EXPLAIN in parts:
         if report:
@@ -125,7 +127,7 @@ def build_view(
         for result in comparison.results.values():
             reuse.keep(comparison.scenario, result)
         steps = explain(comparison.scenario, pair, reuse)
-    document = comparison.document()
+    document = make_document(comparison)
     if EXPLAIN in parts:
         document["explain"] = strict_json([step.to_dict() for step in steps])
     about = document["headline_about"]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnexplore.document import document as make_document
 from bnexplore.runner import Comparison, compare
 from bnexplore.scenario import parse_link
 from bnexplore.story import VERDICT_WORDS
@@ -116,7 +117,7 @@ def pinned(comparison: Comparison, document: dict | None = None) -> dict:
     """What a golden entry keeps of a run (its document, or ``document`` in its place): see
     the module's docstring."""
     if document is None:
-        document = comparison.document()
+        document = make_document(comparison)
     kept = {
         "link": document["link"],
         "dtype": document["scenario"]["dtype"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bnexplore import workers
+from bnexplore.document import document as make_document
 from bnexplore.metrics import TOLERANCES
 from bnexplore.runner import compare
 from bnexplore.scenario import parse_link
@@ -291,7 +292,7 @@ def test_agree_and_rounding_are_one_class_and_the_headline_keeps_no_figures() ->
     """Two runs whose pairs agree exactly on one processor and by rounding on another pin the
     same: verdicts, headline, and figures within the tolerance."""
     run = comparison("?shape=4,3&engines=torch,keras,keras2")
-    document = run.document()
+    document = make_document(run)
     keras_pair = document["divergence"][2]
     assert (keras_pair["a"], keras_pair["b"]) == ("keras", "keras2")
     elsewhere = copy.deepcopy(document)

@@ -8,6 +8,7 @@ import inspect
 import numpy as np
 import pytest
 
+from bnexplore.document import document
 from bnexplore.engines.reference import adam_step_bound
 from bnexplore.params import OPTIMIZER_DEFAULTS
 from bnexplore.runner import compare
@@ -77,7 +78,7 @@ def test_frozen_layers_compute_no_parameter_gradient() -> None:
 
 def test_loss_none_reports_parameters_but_no_gradients() -> None:
     comparison = compare(parse_link("?shape=4,3&input=normal&steps=2")[0])
-    doc = comparison.document()
+    doc = document(comparison)
     for engine in doc["engines"].values():
         assert engine["loss"] is None and engine["grad"] is None
         assert engine["gamma"] == [1.0] * 3 and engine["beta"] == [0.0] * 3
