@@ -14,9 +14,11 @@ Per engine:
 
 from __future__ import annotations
 
-from bnexplore.engines.reference import FUSED_DTYPES
 from bnexplore.params import TORCH_CONVENTION, knobs
 from bnexplore.scenario import Scenario
+
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
+"""Compute dtypes tf_keras's fused kernel supports; float64 takes the non-fused path."""
 
 
 def uses_batch_statistics(s: Scenario, engine: str) -> bool:

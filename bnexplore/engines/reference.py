@@ -28,15 +28,12 @@ from collections.abc import Callable
 import numpy as np
 
 from bnexplore.batches import numpy_dtype
+from bnexplore.conventions import FUSED_DTYPES
 from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
 from bnexplore.params import ADAM_BETAS, resolved
 from bnexplore.scenario import Scenario
 
 VERSION = f"NumPy {np.__version__} float64"
-FUSED_DTYPES = ("float16", "bfloat16", "float32")
-"""Compute dtypes tf_keras's fused kernel supports; float64 takes the non-fused path."""
-
-
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel batch mean and biased variance, shaped to broadcast."""
     axes = tuple(i for i in range(x.ndim) if i != 1)
