@@ -4,6 +4,27 @@
 framework and returns the document the app and the CLI show.
 ``bnexplore.store_file(path)`` keeps a BatchNorm state (or a batch) in the store and
 returns its digest, for ``state=`` (or ``file=``) in a link.
+
+The rooms, lowest first (each module's room: tests/test_layout.py's ROOMS, while the
+package is still flat):
+
+- ``settings`` and ``engines.registry``: the environment's settings, what an engine is;
+- files: the store and the file formats (``store``, ``formats``);
+- scenario: the parameter table, presets, the link codec, batches, the frameworks'
+  conventions (``params``, ``presets``, ``scenario``, ``batches``, ``conventions``);
+- engines: one module per framework behind one interface;
+- runs: the runner and its typed results, memory, admission, the worker pool and the
+  worker, shipping, metrics, sweeps (``runner``, ``memory``, ``admission``, ``workers``,
+  ``worker``, ``shipping``, ``metrics``, ``sweep``);
+- judge: verdicts, explain, the document (``story``, ``explain``, ``document``);
+- porting: the translator and the reproducer scripts (``translate``, ``script``);
+- page: widgets, the view, charts (``widgets``, ``view``, ``charts``, ``floor_app``);
+- the edge: this package's public API and the tools (``cli``, ``bench``, ``docs``).
+
+The dependency rule: a module imports only from its own room or lower ones, so the
+run layer never imports the judging or the page, the judging never imports the page,
+and only the edge imports the page. No import circles. tests/test_layout.py walks the
+imports (lazy ones too) and keeps it.
 """
 
 from bnexplore.document import document, headline_pair

@@ -45,7 +45,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bnexplore import settings
-from bnexplore.params import MAX_DIMS, MAX_ELEMENTS, MIN_DIMS
+from bnexplore.settings import MAX_DIMS, MAX_ELEMENTS, MIN_DIMS
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var")
 TORCH_NAMES = {"weight": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}

@@ -31,6 +31,12 @@ _UNITS = {
     "gb": 1000**3,
 }
 
+MAX_ELEMENTS = 50_000_000
+"""Most values one batch may hold; a larger shape is refused before allocation (fixed,
+not read from the environment, like the dims below)."""
+MAX_DIMS = 5
+MIN_DIMS = 2
+
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3
 DEFAULT_FILE_LIMIT = 200 * 1024 * 1024
 """Streamlit's default ``server.maxUploadSize`` (200 "MB", counted as 1024² bytes)."""
