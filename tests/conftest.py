@@ -19,3 +19,25 @@ def lanes_started(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(bnexplore.workers, "start_sessions", counting)
     return started
+
+
+SLOW_MODULES = {
+    "test_backends",
+    "test_bits_workers",
+    "test_browser",
+    "test_explain",
+    "test_golden_documents",
+    "test_presets",
+    "test_robustness",
+    "test_team_server",
+    "test_training",
+}
+"""Modules outside the fast tier: browsers, servers, fresh processes per backend, and
+explain's re-runs. Everything else is marked ``fast`` (``python -m pytest -m fast``)."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module not in SLOW_MODULES and item.get_closest_marker("browser") is None:
+            item.add_marker(pytest.mark.fast)

@@ -34,6 +34,8 @@ from bnexplore.params import ADAM_BETAS, resolved
 from bnexplore.scenario import Scenario
 
 VERSION = f"NumPy {np.__version__} float64"
+
+
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel batch mean and biased variance, shaped to broadcast."""
     axes = tuple(i for i in range(x.ndim) if i != 1)
