@@ -116,13 +116,15 @@ with st.expander("Share: link and JSON document", expanded=False):
     st.caption(f"The same numbers: `python -m bnexplore run --json --link '{scenario.link}'`")
 
 
-def show(build, name: str, memo: dict | None = None) -> None:
+def show(build, name: str, memo: dict | None = None, spec=None, downloads: bool = True) -> None:
     """A chart (``build()`` makes the Altair chart), with PNG and SVG downloads rendered on
-    demand. Its spec is validated once per view (``memo``: the view's), then reused."""
-    spec = chart_spec(view.specs if memo is None else memo, name, build)
+    demand. Its spec is validated once per view (``memo``: the view's), then reused;
+    ``spec()``, where given, makes the same spec faster."""
+    spec = chart_spec(view.specs if memo is None else memo, name, build, spec)
     st.vega_lite_chart(spec, width="stretch")
-    with st.popover("Download chart", icon=":material/download:"):
-        download_chart(build, name)
+    if downloads:
+        with st.popover("Download chart", icon=":material/download:"):
+            download_chart(build, name)
 
 
 def download_chart(build, name: str) -> None:
@@ -168,6 +170,13 @@ def draw_overview() -> None:
             )
         if engine["available"]:
             st.caption(f"{LABELS[name]}: {engine['device_note']}")
+    if len(view.overview_histogram):  # on every change of a knob: cheap, no downloads
+        show(
+            lambda: charts.output_overview_chart(view.overview_histogram),
+            "output_overview",
+            spec=lambda: charts.output_overview_spec(view.overview_histogram),
+            downloads=False,
+        )
 
     for pair in doc["divergence"]:
         st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")

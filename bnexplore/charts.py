@@ -1,50 +1,81 @@
 """Chart data and chart builders: pure functions from results to small tables to Altair.
 
-Charts get only what they draw: outputs are binned here, never sent whole.
-One colour per engine, everywhere.
+Charts get only what they draw: outputs are binned here, never sent whole, and no chart
+layer holds more than MAX_ROWS rows. One colour and line style per engine, everywhere: each
+engine's row of bnexplore.engines.REGISTRY.
 """
 
 from __future__ import annotations
+
+import functools
 
 import altair as alt
 import numpy as np
 import pandas as pd
 
-from bnexplore.engines import LABELS
+from bnexplore.engines.registry import BY_LABEL, LABELS
 from bnexplore.runner import Comparison
 from bnexplore.story import GAP_NAMES
 
-COLORS = {
-    "PyTorch": "#E4572E",
-    "Keras 3": "#1F5FBF",
-    "Keras 2": "#2A9D8F",
-    "PyTorch (CUDA)": "#8E3B1F",
-}
-"""One colour per engine, on every chart."""
+MAX_ROWS = 4000
+"""Rows one chart layer holds at most, under Altair's 5000 (its MaxRowsError): lines
+sharing a layer are sampled more sparsely, however many engines draw them."""
 
 
-def _engine_scale(engines: list[str] | None = None) -> alt.Scale:
-    labels = engines or list(COLORS)
-    return alt.Scale(domain=labels, range=[COLORS[k] for k in labels])
-
-
-def _color(engines: list[str] | None = None) -> alt.Color:
-    return alt.Color(
-        "engine:N",
-        title="engine",
-        scale=_engine_scale(engines),
-        legend=alt.Legend(orient="top", title=None),
+def _engine_scale(engines: list[str], to: str = "color") -> alt.Scale:
+    """Engine label → its registry row's ``to`` (color, stroke_width, stroke_dash), each
+    exactly (an ordinal scale: a point scale would interpolate the widths)."""
+    values = [getattr(BY_LABEL[e], to) for e in engines]
+    return alt.Scale(
+        type="ordinal",
+        domain=engines,
+        range=[list(v) if isinstance(v, tuple) else v for v in values],
     )
 
 
-def _stroke_width(engines: list[str]) -> alt.StrokeWidth:
-    """Wider lines for engines drawn first, so identical lines stay visible under each other."""
-    widths = {"PyTorch": 5.0, "Keras 3": 2.5, "Keras 2": 1.2, "PyTorch (CUDA)": 1.8}
-    return alt.StrokeWidth(
-        "engine:N",
-        scale=alt.Scale(domain=engines, range=[widths[e] for e in engines]),
-        legend=None,
-    )
+def _in_registry_order(data: pd.DataFrame) -> pd.DataFrame:
+    """The rows engine by engine in the registry's order: the order the lines are drawn."""
+    order = {label: i for i, label in enumerate(BY_LABEL)}
+    return data.sort_values("engine", key=lambda e: e.map(order), kind="stable")
+
+
+ENGINE_LEGEND = alt.Legend(
+    orient="top",
+    title=None,
+    symbolType="stroke",
+    symbolStrokeWidth=3,
+    symbolOpacity=1,
+    columns=3,
+)
+"""One legend of every engine on a chart: its colour and its dash (Vega-Lite merges the
+colour and dash legends of one field into this one), three to a row so that six fit in a
+half-width chart."""
+
+
+def _color(engines: list[str]) -> alt.Color:
+    return alt.Color("engine:N", title="engine", scale=_engine_scale(engines), legend=ENGINE_LEGEND)
+
+
+def _line_style(engines: list[str]) -> dict:
+    """Each engine's colour, width and dash from its registry row, in one legend."""
+    return {
+        "color": _color(engines),
+        "strokeWidth": alt.StrokeWidth(
+            "engine:N", scale=_engine_scale(engines, "stroke_width"), legend=None
+        ),
+        "strokeDash": alt.StrokeDash(
+            "engine:N", scale=_engine_scale(engines, "stroke_dash"), legend=ENGINE_LEGEND
+        ),
+    }
+
+
+def _framework_lines(data: pd.DataFrame, x: alt.X, y: alt.Y, tooltip: list) -> alt.LayerChart:
+    """One line per engine in its colour, width and dash, a dot on each point."""
+    engines = _engines_in(data)
+    base = alt.Chart(_in_registry_order(data)).encode(x=x, y=y, tooltip=tooltip)
+    lines = base.mark_line().encode(**_line_style(engines))
+    dots = base.mark_circle(size=16, opacity=1).encode(color=_color(engines))
+    return lines + dots
 
 
 def _finish(chart, height: int, title: str, subtitle: str | None = None):
@@ -67,40 +98,104 @@ REFERENCE_NOTE = "Thin dashed black lines: each framework's rules computed in fl
 
 
 def _engines_in(data: pd.DataFrame) -> list[str]:
+    """The engines a chart's table holds, in the registry's order (each in its domain)."""
     present = set(data["engine"]) if len(data) else set()
-    return [label for label in COLORS if label in present] or list(COLORS)
+    return [label for label in BY_LABEL if label in present] or list(BY_LABEL)
+
+
+OVERVIEW_SAMPLE = 1 << 16
+"""Values of each output the Overview's distribution bins at most (a sample, drawn evenly
+at random; the Outputs tab bins every value)."""
 
 
 def output_histogram(
-    comparison: Comparison, bins: int = 60, quantity: str = "output"
+    comparison: Comparison, bins: int = 60, quantity: str = "output", sample: int | None = None
 ) -> pd.DataFrame:
     """Each engine's measured output (or ``quantity``, e.g. grad_x) binned on one shared axis.
 
-    Columns: engine, start, end, share (fraction of that engine's elements).
+    Columns: engine, start, end, share (fraction of the binned elements), binned (how many
+    elements were binned), values (how many the output holds). The axis spans the finite
+    values; NaN and ±inf fall in no bin. With ``sample``, at most that many values of each
+    output are binned: one drawn at random from each of ``sample`` equal runs of its
+    elements (a fixed seed), the axis still spanning them all. The bins are counted in
+    place, on float64 edges (NumPy's evenly spaced bins: no float64 copy of the output).
     """
     outputs = {
-        LABELS[n]: np.asarray(getattr(r, quantity), dtype=np.float64).ravel()
+        LABELS[n]: _flat_floats(getattr(r, quantity))
         for n, r in comparison.results.items()
         if getattr(r, quantity) is not None
     }
-    finite = [o[np.isfinite(o)] for o in outputs.values()]
-    finite = [o for o in finite if o.size]
-    if not finite:
-        return pd.DataFrame(columns=["engine", "start", "end", "share"])
-    lo = min(o.min() for o in finite)
-    hi = max(o.max() for o in finite)
+    spans = [_finite_span(o) for o in outputs.values()]
+    spans = [span for span in spans if span is not None]
+    columns = ["engine", "start", "end", "share", "binned", "values"]
+    if not spans:
+        return pd.DataFrame(columns=columns)
+    lo = min(low for low, _ in spans)
+    hi = max(high for _, high in spans)
     if hi - lo < 1e-6:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
-    rows = []
+    parts = []
     for label, values in outputs.items():
-        counts, _ = np.histogram(values[np.isfinite(values)], bins=edges)
-        share = counts / max(values.size, 1)
-        rows += [
-            {"engine": label, "start": edges[i], "end": edges[i + 1], "share": share[i]}
-            for i in range(bins)
-        ]
-    return pd.DataFrame(rows)
+        binned = _stratified(values, sample) if sample else values
+        counts, _ = np.histogram(binned, bins=bins, range=(np.float64(lo), np.float64(hi)))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "engine": label,
+                    "start": edges[:-1],
+                    "end": edges[1:],
+                    "share": counts / max(binned.size, 1),
+                    "binned": binned.size,
+                    "values": values.size,
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _stratified(values: np.ndarray, size: int) -> np.ndarray:
+    """At most ``size`` of the values: one at a random place in each of ``size`` equal
+    runs (a fixed seed), so no stride can fall in step with the tensor's layout."""
+    if values.size <= size:
+        return values
+    return values[_stratified_places(values.size, size)]
+
+
+@functools.lru_cache(maxsize=16)
+def _stratified_places(count: int, size: int) -> np.ndarray:
+    """The places _stratified takes (the same for every output of ``count`` values)."""
+    runs = np.arange(size) + np.random.default_rng(0).random(size)
+    places = np.minimum((runs * (count / size)).astype(np.intp), count - 1)
+    places.flags.writeable = False
+    return places
+
+
+def _flat_floats(values: np.ndarray) -> np.ndarray:
+    """The array as one flat float32 or float64 view (float16 and bfloat16 widened)."""
+    flat = np.asarray(values).reshape(-1)
+    return flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float32)
+
+
+def _finite_span(values: np.ndarray) -> tuple[float, float] | None:
+    """The smallest and largest finite value, or None where there is none."""
+    if not values.size:
+        return None
+    low, high = float(values.min()), float(values.max())
+    if np.isfinite(low) and np.isfinite(high):
+        return low, high
+    finite = values[np.isfinite(values)]
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
+def _outlined(histogram: pd.DataFrame) -> pd.DataFrame:
+    """The bins in the registry's order, each engine's closed by a point of share 0 at its
+    last bin's end: a step-after line then draws the last bin too, and drops to 0."""
+    if not len(histogram):
+        return histogram
+    last = histogram.drop_duplicates("engine", keep="last")
+    closing = last.assign(start=last["end"], share=0.0)
+    return _in_registry_order(pd.concat([histogram, closing], ignore_index=True))
 
 
 def output_distribution_chart(
@@ -108,7 +203,7 @@ def output_distribution_chart(
 ) -> alt.LayerChart:
     """Each engine's output (or ``what``) distribution as a step outline over a light fill."""
     engines = _engines_in(histogram)
-    base = alt.Chart(histogram).encode(
+    base = alt.Chart(_outlined(histogram)).encode(
         x=alt.X("start:Q", title=f"{what} value", axis=alt.Axis(format="~g")),
         y=alt.Y("share:Q", title="share of elements", axis=alt.Axis(format="%"), stack=None),
         tooltip=[
@@ -118,19 +213,81 @@ def output_distribution_chart(
             alt.Tooltip("share:Q", title="share", format=".2%"),
         ],
     )
-    fill = base.mark_area(interpolate="step-after", opacity=0.15).encode(
-        color=alt.Color("engine:N", scale=_engine_scale(engines), legend=None)
-    )
-    outline = base.mark_line(interpolate="step-after").encode(
-        color=_color(engines), strokeWidth=_stroke_width(engines)
-    )
+    fill = base.mark_area(interpolate="step-after", opacity=0.15).encode(color=_color(engines))
+    outline = base.mark_line(interpolate="step-after").encode(**_line_style(engines))
     chart = (fill + outline).interactive(bind_y=False)
     return _finish(
         chart,
         300,
         f"{title}: distribution of values",
-        "Where lines coincide, the wider one underneath is the first engine.",
+        "Where lines coincide, the legend's first engine lies underneath, the widest; "
+        "dashed lines show what they cover.",
     )
+
+
+OVERVIEW_DATA = "output_overview"
+"""The name of the Overview chart's dataset: the same for every scenario, so that the page
+swaps the rows of the chart it has drawn instead of drawing it anew on every change."""
+
+
+def output_overview_chart(histogram: pd.DataFrame) -> alt.Chart:
+    """Where the outputs part, for the Overview: each engine's output distribution as a
+    step outline (output_distribution_chart's, without its fill and zoom: one layer). Its
+    rows are the dataset OVERVIEW_DATA."""
+    chart = _overview_frame(*_overview_key(histogram))
+    # validated with the chart, by to_dict
+    chart.datasets = {OVERVIEW_DATA: _overview_rows(histogram).to_dict("records")}
+    return chart
+
+
+def output_overview_spec(histogram: pd.DataFrame) -> dict:
+    """output_overview_chart(histogram).to_dict(), fast, for st.vega_lite_chart: the chart
+    without its rows is built and validated once per set of engines (and note), then its
+    rows are set in as a table (Streamlit sends a dataset as Arrow)."""
+    return {
+        **_overview_frame_spec(*_overview_key(histogram)),
+        "datasets": {OVERVIEW_DATA: _overview_rows(histogram)},
+    }
+
+
+def _overview_rows(histogram: pd.DataFrame) -> pd.DataFrame:
+    return _outlined(histogram)[["engine", "start", "end", "share"]]
+
+
+def _overview_key(histogram: pd.DataFrame) -> tuple[tuple[str, ...], str]:
+    """What the Overview chart draws besides its rows: the engines, and its note."""
+    sampled = len(histogram) and bool((histogram["binned"] < histogram["values"]).any())
+    note = (
+        f"Binned from {int(histogram['binned'].max()):,} values of each output, drawn at "
+        "random; the Outputs tab bins them all, and zooms in channel by channel."
+        if sampled
+        else "The Outputs tab zooms in, channel by channel."
+    )
+    return tuple(_engines_in(histogram)), note
+
+
+@functools.lru_cache(maxsize=64)
+def _overview_frame_spec(engines: tuple[str, ...], note: str) -> dict:
+    return _overview_frame(engines, note).to_dict()
+
+
+def _overview_frame(engines: tuple[str, ...], note: str) -> alt.Chart:
+    """The Overview chart without its rows (the named dataset OVERVIEW_DATA). Redrawn on
+    every change of a knob, it is kept cheap to draw: on a canvas, and without tooltips
+    (the Outputs tab's chart has them)."""
+    chart = (
+        alt.Chart(alt.NamedData(name=OVERVIEW_DATA))
+        .mark_line(interpolate="step-after")
+        .encode(
+            x=alt.X("start:Q", title="output value", axis=alt.Axis(format="~g")),
+            y=alt.Y("share:Q", title="share of elements", axis=alt.Axis(format="%")),
+            **_line_style(list(engines)),
+        )
+    )
+    chart = _finish(
+        chart, 200, "Where the outputs part: each engine's distribution of values", note
+    )
+    return chart.properties(usermeta={"embedOptions": {"renderer": "canvas"}})
 
 
 def running_statistics(comparison: Comparison) -> pd.DataFrame:
@@ -164,21 +321,14 @@ def _per_channel(comparison: Comparison, labels: dict[str, str]) -> pd.DataFrame
                         "channel": int(c),
                         "value": float(values[c]),
                     }
-                    for c in _sample(len(values), MAX_CHANNELS)
+                    for c in _sample(len(values), MAX_CHANNELS, len(comparison.results))
                 ]
     return pd.DataFrame(rows, columns=["engine", "source", "statistic", "channel", "value"])
 
 
 def _engine_lines(data: pd.DataFrame, x: alt.X, y: alt.Y, tooltip: list) -> alt.LayerChart:
     """Framework lines coloured by engine, references as thin dashed black lines on top."""
-    engines = _engines_in(data)
-    framework = (
-        alt.Chart(data[data["source"] == "framework"])
-        .mark_line(point=alt.OverlayMarkDef(size=16))
-        .encode(
-            x=x, y=y, color=_color(engines), strokeWidth=_stroke_width(engines), tooltip=tooltip
-        )
-    )
+    framework = _framework_lines(data[data["source"] == "framework"], x, y, tooltip)
     reference = (
         alt.Chart(data[data["source"] == "reference"])
         .mark_line(color="#111", strokeWidth=1, strokeDash=[4, 3])
@@ -241,49 +391,112 @@ def layer_statistics(state: dict[str, np.ndarray], eps: dict[str, float]) -> pd.
     )
 
 
+LAYER_POINTS = 2000
+"""Channels of a stored layer drawn one point each at most; a larger layer is binned."""
+LAYER_BINS = 800
+"""Runs of consecutive channels a larger layer is drawn in: two bars each at most, under
+the 2000 marks past which Streamlit draws on a canvas instead of in SVG."""
+WHERE_EPS = alt.Scale(domain=["eps decides", "eps negligible"], range=["#C62828", "#777777"])
+
+
+def _where_eps(stats: pd.DataFrame) -> np.ndarray:
+    return np.where(stats["eps_matters"], "eps decides", "eps negligible")
+
+
+def layer_bins(stats: pd.DataFrame, bins: int = LAYER_BINS) -> pd.DataFrame:
+    """A layer's channels in at most ``bins`` runs of consecutive channels, each run split
+    into its channels where eps decides and the others: per part, the run's first and last
+    channel, how many channels the part holds, and their smallest, median and largest
+    running variance (as drawn: shown_var)."""
+    per_bin = max(1, -(-len(stats) // bins))
+    parts = (
+        stats.assign(run=stats["channel"] // per_bin, where=_where_eps(stats))
+        .groupby(["run", "where"], sort=True)["shown_var"]
+        .agg(channels="size", low="min", median="median", high="max")
+        .reset_index()
+    )
+    first = parts["run"] * per_bin
+    last = np.minimum(first + per_bin, len(stats)) - 1
+    return parts.assign(first=first, last=last, middle=(first + last) / 2).drop(columns="run")
+
+
 def layer_variance_chart(stats: pd.DataFrame, eps: dict[str, float], name: str) -> alt.LayerChart:
     """Running variance per channel on a log axis, each engine's eps a horizontal rule.
 
     Channels whose variance is near or below an eps (output moved by more than 0.1 %
-    between the engines) are drawn in red: there, eps decides the output.
+    between the engines) are drawn in red: there, eps decides the output. Past
+    LAYER_POINTS channels, a run of consecutive channels (LAYER_BINS runs at most) is drawn
+    as two bars, each from the smallest to the largest variance (the median in its
+    tooltip): of its channels where eps decides, in red, and of the others, in grey.
     """
     matters = int(stats["eps_matters"].sum()) if len(stats) else 0
-    where = np.where(stats["eps_matters"], "eps decides", "eps negligible")
-    points = (
-        alt.Chart(stats.assign(where=where))
-        .mark_circle(size=60, opacity=0.9)
-        .encode(
-            x=alt.X(
-                "channel:Q",
-                title="channel",
-                axis=alt.Axis(tickMinStep=1),
-                scale=alt.Scale(domain=[-0.5, max(len(stats), 1) - 0.5], nice=False),
-            ),
-            y=alt.Y(
-                "shown_var:Q",
-                title="running variance (log)",
-                scale=alt.Scale(type="log"),
-                axis=alt.Axis(format="~g"),
-            ),
-            color=alt.Color(
-                "where:N",
-                scale=alt.Scale(
-                    domain=["eps decides", "eps negligible"], range=["#C62828", "#777777"]
-                ),
-                legend=alt.Legend(title=None, orient="top"),
-            ),
+
+    def x(field: str) -> alt.X:
+        return alt.X(
+            f"{field}:Q",
+            title="channel",
+            axis=alt.Axis(tickMinStep=1),
+            scale=alt.Scale(domain=[-0.5, max(len(stats), 1) - 0.5], nice=False),
+        )
+
+    def y(field: str) -> alt.Y:
+        return alt.Y(
+            f"{field}:Q",
+            title="running variance (log)",
+            scale=alt.Scale(type="log"),
+            axis=alt.Axis(format="~g"),
+        )
+
+    where = alt.Color("where:N", scale=WHERE_EPS, legend=alt.Legend(title=None, orient="top"))
+    subtitle = [
+        f"{matters:,} of {len(stats):,} channels have a variance where eps moves the output "
+        "by more than 0.1 % between the engines (red). Dashed: each engine's eps."
+    ]
+    if len(stats) <= LAYER_POINTS:
+        channels = (
+            alt.Chart(stats.assign(where=_where_eps(stats)))
+            .mark_circle(size=60, opacity=0.9)
+            .encode(
+                x=x("channel"),
+                y=y("shown_var"),
+                color=where,
+                tooltip=[
+                    alt.Tooltip("channel:Q"),
+                    alt.Tooltip("running_var:Q", title="running variance", format=".4g"),
+                    alt.Tooltip("running_mean:Q", title="running mean", format=".4g"),
+                    alt.Tooltip("weight:Q", title="γ (weight)", format=".4g"),
+                    alt.Tooltip("bias:Q", title="β (bias)", format=".4g"),
+                    alt.Tooltip("eps_scale:Q", title="output ratio from eps", format=".4f"),
+                ],
+            )
+        )
+    else:
+        binned = layer_bins(stats)
+        per_bin = int(binned["last"].iloc[0] + 1)
+        base = alt.Chart(binned).encode(
+            x=x("middle"),
+            color=where,
             tooltip=[
-                alt.Tooltip("channel:Q"),
-                alt.Tooltip("running_var:Q", title="running variance", format=".4g"),
-                alt.Tooltip("running_mean:Q", title="running mean", format=".4g"),
-                alt.Tooltip("weight:Q", title="γ (weight)", format=".4g"),
-                alt.Tooltip("bias:Q", title="β (bias)", format=".4g"),
-                alt.Tooltip("eps_scale:Q", title="output ratio from eps", format=".4f"),
+                alt.Tooltip("first:Q", title="from channel"),
+                alt.Tooltip("last:Q", title="to channel"),
+                alt.Tooltip("where:N", title="of these, where"),
+                alt.Tooltip("channels:Q", title="channels"),
+                alt.Tooltip("low:Q", title="smallest variance", format=".4g"),
+                alt.Tooltip("median:Q", title="median variance", format=".4g"),
+                alt.Tooltip("high:Q", title="largest variance", format=".4g"),
             ],
         )
-    )
+        # round caps: a run of equal variances (a bar of no length) still shows, as a dot
+        channels = base.mark_rule(strokeWidth=2.5, strokeCap="round", opacity=0.7).encode(
+            y=y("low"), y2="high:Q"
+        )
+        runs = binned["first"].nunique()
+        subtitle.append(
+            f"{len(stats):,} channels in {runs:,} runs of {per_bin:,}: per run, one bar spans "
+            "the variances where eps decides (red), one the others' (grey)."
+        )
     lines = pd.DataFrame({"engine": list(eps), "eps": list(eps.values())})
-    engines = [label for label in COLORS if label in eps]
+    engines = [label for label in BY_LABEL if label in eps]
     rules = (
         alt.Chart(lines)
         .mark_rule(strokeDash=[6, 3], strokeWidth=2)
@@ -297,11 +510,7 @@ def layer_variance_chart(stats: pd.DataFrame, eps: dict[str, float], name: str) 
             tooltip=[alt.Tooltip("engine:N"), alt.Tooltip("eps:Q", format="g")],
         )
     )
-    chart = alt.layer(points, rules).resolve_scale(color="independent").interactive(bind_y=False)
-    subtitle = (
-        f"{matters} of {len(stats)} channels have a variance where eps moves the output by "
-        "more than 0.1 % between the engines (red). Dashed: each engine's eps."
-    )
+    chart = alt.layer(channels, rules).resolve_scale(color="independent").interactive(bind_y=False)
     return _finish(chart, 280, f"Layer {name}: running variance per channel", subtitle)
 
 
@@ -387,7 +596,10 @@ HEATMAP_CHANNELS, HEATMAP_STEPS = 64, 60
 """Cells of the channel × pass heatmap at most: 3840, under Altair's 5000-row limit."""
 
 
-def _sample(count: int, limit: int) -> np.ndarray:
+def _sample(count: int, limit: int, lines: int = 1) -> np.ndarray:
+    """Indices of at most ``limit`` of ``count`` points, evenly spread (ends kept); fewer
+    where ``lines`` lines of them share one chart layer, to keep it within MAX_ROWS."""
+    limit = min(limit, max(2, MAX_ROWS // max(lines, 1)))
     if count <= limit:
         return np.arange(count)
     return np.unique(np.linspace(0, count - 1, limit).round().astype(int))
@@ -403,7 +615,7 @@ def channel_output_stats(comparison: Comparison) -> pd.DataFrame:
         axes = tuple(i for i in range(x.ndim) if i != 1)
         with np.errstate(all="ignore"):
             stats = {"output mean": x.mean(axis=axes), "output std": x.std(axis=axes)}
-        channels = _sample(x.shape[1], MAX_CHANNELS)
+        channels = _sample(x.shape[1], MAX_CHANNELS, len(comparison.results))
         for statistic, values in stats.items():
             rows += [
                 {
@@ -417,31 +629,23 @@ def channel_output_stats(comparison: Comparison) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["engine", "statistic", "channel", "value"])
 
 
-def channel_output_chart(stats: pd.DataFrame, statistic: str) -> alt.Chart:
+def channel_output_chart(stats: pd.DataFrame, statistic: str) -> alt.LayerChart:
     """One output statistic per channel, one line per engine."""
-    data = stats[stats["statistic"] == statistic]
-    engines = _engines_in(data)
-    chart = (
-        alt.Chart(data)
-        .mark_line(point=alt.OverlayMarkDef(size=16))
-        .encode(
-            x=alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y(
-                "value:Q",
-                title=statistic,
-                scale=alt.Scale(zero=False, nice=True),
-                axis=alt.Axis(format="~g"),
-            ),
-            color=_color(engines),
-            strokeWidth=_stroke_width(engines),
-            tooltip=[
-                alt.Tooltip("engine:N"),
-                alt.Tooltip("channel:Q"),
-                alt.Tooltip("value:Q", format=".7g"),
-            ],
-        )
-        .interactive(bind_y=False)
-    )
+    chart = _framework_lines(
+        stats[stats["statistic"] == statistic],
+        alt.X("channel:Q", title="channel", axis=alt.Axis(tickMinStep=1)),
+        alt.Y(
+            "value:Q",
+            title=statistic,
+            scale=alt.Scale(zero=False, nice=True),
+            axis=alt.Axis(format="~g"),
+        ),
+        [
+            alt.Tooltip("engine:N"),
+            alt.Tooltip("channel:Q"),
+            alt.Tooltip("value:Q", format=".7g"),
+        ],
+    ).interactive(bind_y=False)
     what = statistic.removeprefix("output ")
     return _finish(chart, 240, f"Measured output: {what} of each channel")
 
@@ -466,7 +670,7 @@ def running_history(comparison: Comparison) -> pd.DataFrame:
                         "step": int(r.history["step"][i]),
                         "value": float(values[i]),
                     }
-                    for i in _sample(len(values), MAX_STEPS)
+                    for i in _sample(len(values), MAX_STEPS, len(comparison.results))
                 ]
     return pd.DataFrame(rows, columns=["engine", "source", "statistic", "step", "value"])
 
@@ -525,6 +729,7 @@ def step_gaps(comparison: Comparison) -> pd.DataFrame:
 
     rtol, atol = TOLERANCES[comparison.scenario["dtype"]]
     names = [n for n, r in comparison.results.items() if r.history is not None]
+    lines = len(names) * (len(names) - 1)  # pairs × 2 statistics, on one chart
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -544,7 +749,7 @@ def step_gaps(comparison: Comparison) -> pd.DataFrame:
                         "tolerance": float(t),
                     }
                     for k, g, t in zip(
-                        *(v[_sample(len(shared), MAX_STEPS)] for v in (shared, gap, tol)),
+                        *(v[_sample(len(shared), MAX_STEPS, lines)] for v in (shared, gap, tol)),
                         strict=True,
                     )
                 ]
@@ -785,6 +990,6 @@ def parameter_history(comparison: Comparison) -> pd.DataFrame:
                         "step": int(history["step"][i]),
                         "value": float(values[i]),
                     }
-                    for i in _sample(len(values), MAX_STEPS)
+                    for i in _sample(len(values), MAX_STEPS, len(comparison.results))
                 ]
     return pd.DataFrame(rows, columns=["engine", "source", "statistic", "step", "value"])

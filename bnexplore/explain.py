@@ -597,7 +597,7 @@ def _cause(
         return name, f"{words} — this matters only once {once} {verb} aligned"
     words = step[0]
     if name == "variance estimator" and not _estimator_reaches(scenario, pair, of):
-        side = "Keras 2"
+        side = LABELS["keras2"]
         fused = feeds_unbiased_variance(scenario, "keras2")
         return "kernel path", (
             f"kernel path: {side} ran its {'fused' if fused else 'non-fused'} kernel "

@@ -1,8 +1,8 @@
 """The scenario's parameters: one declarative table.
 
 Every knob of a scenario is one row of :data:`PARAMS`. The sidebar widgets, the
-link codec (:mod:`bnexplore.scenario`), validation, the CLI and the README's
-link reference are all derived from it, so adding a knob is adding a row.
+link codec (:mod:`bnexplore.scenario`), validation, the CLI and the link reference
+in docs/links.md are all derived from it, so adding a knob is adding a row.
 """
 
 from __future__ import annotations
@@ -10,31 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from bnexplore.engines.registry import REGISTRY
+from bnexplore.settings import MAX_DIMS, MAX_ELEMENTS, MIN_DIMS
+
 LINK_VERSION = 1
 """The link format's version, written as ``v`` into every canonical link."""
-
-MAX_ELEMENTS = 50_000_000
-"""Most values one batch may hold; a larger shape is refused before allocation."""
-
-MAX_DIMS = 5
-MIN_DIMS = 2
 
 Kind = Literal[
     "shape", "choice", "choices", "int", "float", "bool", "momentum", "digest", "name", "or_default"
 ]
 
-ENGINE_NAMES = ("torch", "keras", "keras2", "torch_gpu", "keras_jax", "keras_torch", "flax")
-"""Engines a scenario may compare; bnexplore.engines.ENGINES says how each is run."""
+ENGINE_NAMES = tuple(engine.name for engine in REGISTRY)
+"""Engines a scenario may compare: the rows of bnexplore.engines.REGISTRY."""
 
-KNOB_PREFIX = {
-    "torch": "torch",
-    "torch_gpu": "torch",
-    "keras": "keras",
-    "keras2": "keras2",
-    "keras_jax": "keras",
-    "keras_torch": "keras",
-    "flax": "flax",
-}
+KNOB_PREFIX = {engine.name: engine.knobs for engine in REGISTRY}
 """Whose knobs an engine reads: PyTorch on CUDA is configured by the torch_* keys, and
 Keras 3 on every backend by the keras_* keys (the same layer, another kernel)."""
 
@@ -162,8 +151,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 OPTIMIZER_PREFIXES = ("torch", "keras", "keras2", "flax")
 """Knob prefixes that get optimizer knobs (<prefix>_optimizer, _lr, …): one entry each."""
 
-FRAMEWORK_LABELS = {"torch": "PyTorch", "keras": "Keras 3", "keras2": "Keras 2", "flax": "Flax"}
-"""A knob prefix in words."""
+FRAMEWORK_LABELS = {e.knobs: e.label for e in REGISTRY if e.name == e.knobs}
+"""A knob prefix in words: the label of the engine of that name."""
 
 OPTIMIZER_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
     "torch": {

@@ -19,6 +19,7 @@ import inspect
 import json
 
 from bnexplore import store
+from bnexplore.engines.registry import REGISTRY
 from bnexplore.metrics import output_summary
 from bnexplore.scenario import Scenario
 
@@ -40,7 +41,7 @@ import numpy as np
 # Keras 3 on JAX or PyTorch, and Flax, run in a child process of this script (a Keras
 # backend is chosen once per process): `python this_file.py keras_jax` runs one alone.
 ENGINE = sys.argv[1] if len(sys.argv) > 1 else None
-BACKENDS = {{"keras_jax": "jax", "keras_torch": "torch", "flax": "jax"}}
+BACKENDS = {backends}
 os.environ["KERAS_BACKEND"] = BACKENDS.get(ENGINE, "tensorflow")  # before Keras is imported
 os.environ["JAX_ENABLE_X64"] = "1"  # float64 on JAX is float64
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -468,16 +469,10 @@ _TF_DEVICES = {
 }
 
 
-OTHER_BACKENDS = ("keras_jax", "keras_torch", "flax")
-NEEDS = {
-    "torch": "torch",
-    "torch_gpu": "torch",
-    "keras": "tensorflow (Keras 3)",
-    "keras2": "tf_keras (Keras 2)",
-    "keras_jax": "jax and keras",
-    "keras_torch": "torch and keras",
-    "flax": "jax and flax",
-}
+BACKENDS = {e.name: e.process_backend for e in REGISTRY if e.process_backend}
+"""Engines that run in a child process of the script, and the backend each sets there."""
+OTHER_BACKENDS = tuple(BACKENDS)
+NEEDS = {engine.name: engine.needs for engine in REGISTRY}
 EMBED_LIMIT = 8 * 1024**2
 """Batch files up to this size travel inside the script (base64); larger ones beside it."""
 
@@ -542,6 +537,7 @@ def reproducer(scenario: Scenario) -> str:
             link=scenario.link,
             scenario=json.dumps(scenario.to_dict()),
             needs="".join(f", {n}" for n in needs),
+            backends=json.dumps(BACKENDS),
             start_state=_start_state(scenario),
         ),
         _stored_batches(scenario),

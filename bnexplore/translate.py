@@ -18,6 +18,7 @@ Adam's ε with a note on where each adds it.
 from __future__ import annotations
 
 from bnexplore.conventions import feeds_unbiased_variance, uses_batch_statistics
+from bnexplore.engines.registry import REGISTRY
 from bnexplore.params import resolved
 from bnexplore.scenario import Scenario
 
@@ -351,15 +352,7 @@ def flax_to_keras(s: Scenario) -> str:
     )
 
 
-CONVENTIONS = {
-    "torch": "PyTorch",
-    "torch_gpu": "PyTorch",
-    "keras": "Keras 3",
-    "keras_jax": "Keras 3",
-    "keras_torch": "Keras 3",
-    "keras2": "Keras 3",
-    "flax": "Flax",
-}
+CONVENTIONS = {engine.name: engine.convention for engine in REGISTRY}
 """Engine → whose conventions it follows (Keras 2's are Keras 3's, its fused path aside)."""
 
 TRANSLATORS = {

@@ -5,7 +5,8 @@ the cache without running the frameworks again. Views are small: the document,
 the words and the binned chart data, never whole tensors.
 
 A view holds the parts its tab draws, and no more (PARTS_OF_TAB): the headline,
-the engines' figures and the per-channel state always; the output distributions,
+the engines' figures, the per-channel state and the Overview's sampled output
+distributions always; the output distributions,
 the float64 references and explain's re-runs only where a tab shows them. A tab
 that needs a part the cached view lacks runs the link again with both sets of parts.
 """
@@ -78,6 +79,8 @@ class View:
     differing: tuple[str, ...]
     """The knobs that differ between the headline pair (explain's names), run or not."""
     histogram: pd.DataFrame
+    overview_histogram: pd.DataFrame
+    """The Overview's: each engine's output binned from a sample of its values (cheap)."""
     channel_outputs: pd.DataFrame
     running: pd.DataFrame
     history: pd.DataFrame
@@ -92,13 +95,19 @@ class View:
     every rerun and every session (see chart_spec)."""
 
 
-def chart_spec(memo: dict[str, dict], name: str, build: Callable[[], object]) -> dict:
-    """The chart's Vega-Lite spec: built and validated by Altair the first time, then from
-    ``memo`` (Altair's JSON-schema validation costs more than drawing)."""
-    spec = memo.get(name)
-    if spec is None:
-        spec = memo[name] = build().to_dict()
-    return spec
+def chart_spec(
+    memo: dict[str, dict],
+    name: str,
+    build: Callable[[], object],
+    spec: Callable[[], dict] | None = None,
+) -> dict:
+    """The chart's Vega-Lite spec: built and validated by Altair the first time (or made by
+    ``spec``, a faster way to the same), then from ``memo`` (Altair's JSON-schema
+    validation costs more than drawing)."""
+    made = memo.get(name)
+    if made is None:
+        made = memo[name] = spec() if spec else build().to_dict()
+    return made
 
 
 NO_DATA = pd.DataFrame()
@@ -140,6 +149,7 @@ def build_view(
         explain_summary=summary(steps, about and about["of"]),
         differing=tuple(differing_knobs(comparison.scenario, (pair.a, pair.b))) if pair else (),
         histogram=charts.output_histogram(comparison) if outputs else NO_DATA,
+        overview_histogram=charts.output_histogram(comparison, sample=charts.OVERVIEW_SAMPLE),
         channel_outputs=charts.channel_output_stats(comparison) if outputs else NO_DATA,
         running=charts.running_statistics(comparison),
         history=charts.running_history(comparison),

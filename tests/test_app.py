@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from bnexplore.params import TABS
@@ -68,7 +69,8 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
     table = next(m.value for m in opened.markdown if m.value.startswith("| engine"))
     assert "| PyTorch |" in table and "| Keras 3 |" in table
     assert [m.label for m in opened.metric][:2] == ["max |Δ|", "mean |Δ|"]
-    # outputs: distribution + 2 per channel; running: 2 over steps, |Δ| per step, heatmap,
+    # overview: where the outputs part; outputs: distribution + 2 per channel; running: 2
+    # over steps, |Δ| per step, heatmap,
     # 2 per channel; explain: one per real gap (output, running mean, running variance).
     # Only the open tab draws.
     drawn = {}
@@ -79,7 +81,7 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
     opened.session_state["w_tab"] = TABS["overview"]
     opened.run()
     assert drawn == {
-        "overview": 0,
+        "overview": 1,
         "outputs": 3,
         "running": 6,
         "training": 0,  # loss=none: a note, no chart
@@ -90,6 +92,19 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
     }
     assert opened.subheader[0].value.startswith("max |Δ|")
     assert "of the gap:" in opened.markdown[0].value  # explain's top cause, on top
+
+
+def test_the_overview_charts_where_the_two_outputs_part() -> None:
+    at = open_link("?v=1")
+    (chart,) = at.get("vega_lite_chart")
+    spec = json.loads(chart.proto.spec)
+    assert spec["title"]["text"] == "Where the outputs part: each engine's distribution of values"
+    assert spec["encoding"]["color"]["scale"]["domain"] == ["PyTorch", "Keras 3"]
+    (dataset,) = chart.proto.datasets  # Streamlit sends the chart's rows as Arrow
+    rows = convert_arrow_bytes_to_pandas_df(dataset.data.data)
+    # the seed: PyTorch normalizes the ones to 0, Keras 3 infers 0.9995 — two spikes apart
+    peaks = dict(rows.loc[rows["share"] == 1.0, ["engine", "start"]].itertuples(index=False))
+    assert peaks["PyTorch"] < 0.1 < 0.9 < peaks["Keras 3"], peaks
 
 
 def test_changing_a_widget_updates_the_link() -> None:

@@ -58,7 +58,7 @@ BAD_LINK = "/?v=1&steps=abc&shape=1000,1000,1000&foo=bar&torch_eps=-1"
 PRESET_LINK = "/?preset=one-sample"
 
 TABS = {  # tab name: fewest charts it draws, screenshot
-    "Overview": (0, "tab_overview.png"),
+    "Overview": (1, "tab_overview.png"),
     "Outputs": (1, "tab_outputs.png"),
     "Running statistics": (2, "tab_running.png"),
     "Explain": (1, "tab_explain.png"),
@@ -465,3 +465,108 @@ def test_uploading_a_state_dict_links_its_digest_and_charts_its_layer(
     assert page.locator(WARNING).count() == 0, page.locator(WARNING).all_inner_texts()
     assert show_tab(page, "Your layer", 1) == 1
     screenshot(page, "your_layer.png")
+
+
+# --- every engine in every legend; a layer of any size ---------------------------------
+
+KERAS_BACKENDS_LINK = "/?preset=keras-backends&tab=outputs"
+ALL_ENGINES_LINK = "/?v=1&engines=torch,keras,keras_jax,keras_torch,keras2,flax"
+
+# The legend labels of each chart in the visible tab panel, as Vega drew them (SVG: the
+# renderer Streamlit picks for charts this small), each only where it lies inside the
+# chart's own box (a legend too wide for its chart is cut off at the chart's edge).
+PANEL_LEGENDS_JS = """() => {
+    const panel = Array.from(document.querySelectorAll("[role='tabpanel']"))
+        .find(p => p.offsetParent !== null);
+    return Array.from(panel.querySelectorAll("[data-testid='stVegaLiteChart']")).map(chart => {
+        const box = chart.getBoundingClientRect();
+        return Array.from(chart.querySelectorAll('.role-legend-label text'))
+            .filter(t => {
+                const r = t.getBoundingClientRect();
+                return r.width > 0 && r.left >= box.left - 1 && r.right <= box.right + 1;
+            })
+            .map(t => t.textContent);
+    });
+}"""
+
+
+def engines_shown(page, names: list[str]) -> list[str]:
+    """The labels of ``names`` that ran: an engine whose framework is missing here is named
+    in an error box instead, and has no line to draw."""
+    from bnexplore.engines import LABELS
+
+    missing = " ".join(page.locator(ERROR).all_inner_texts())
+    return [LABELS[n] for n in names if f"{LABELS[n]} is missing" not in missing]
+
+
+def assert_every_engine_in_every_legend(page, labels: list[str], fewest: int) -> None:
+    """Each chart of the open tab whose legend names an engine names all of them; at
+    least ``fewest`` charts do."""
+    legends = page.evaluate(PANEL_LEGENDS_JS)
+    of_engines = [legend for legend in legends if set(legend) & set(labels)]
+    assert len(of_engines) >= fewest, legends
+    for legend in of_engines:
+        assert set(labels) <= set(legend), (labels, legend)
+
+
+def test_every_keras_backend_is_in_the_outputs_legends(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + KERAS_BACKENDS_LINK)
+    labels = engines_shown(page, ["keras", "keras_jax", "keras_torch"])
+    assert len(labels) >= 2, labels
+    assert show_tab(page, "Outputs", 3) >= 3
+    assert_every_engine_in_every_legend(page, labels, fewest=3)
+    screenshot(page, "legends_keras_backends_outputs.png")
+
+
+def test_every_engine_of_the_all_engines_link_is_in_every_legend(app_url, new_page):
+    page = new_page()
+    open_app(page, app_url + ALL_ENGINES_LINK)
+    labels = engines_shown(page, ["torch", "keras", "keras_jax", "keras_torch", "keras2", "flax"])
+    assert len(labels) >= 2, labels
+    # the Overview's chart is drawn on a canvas (its legend is pixels: tests/test_charts.py
+    # reads it from the spec); Outputs: distribution and 2 per channel; Running statistics:
+    # 2 over the passes and 2 per channel (|Δ| per pass is by statistic)
+    assert show_tab(page, "Overview", 1) == 1
+    screenshot(page, "legends_all_engines_overview.png")
+    for tab, fewest in (("Outputs", 3), ("Running statistics", 4)):
+        show_tab(page, tab, fewest)
+        assert_no_exception(page)
+        assert_every_engine_in_every_legend(page, labels, fewest)
+        screenshot(page, f"legends_all_engines_{tab.lower().replace(' ', '_')}.png")
+
+
+@pytest.mark.parametrize("channels", [5001, 100_000])
+def test_a_layer_of_thousands_of_channels_draws_on_the_your_layer_tab(
+    app_url, new_page, tmp_path, store_dir, monkeypatch, channels
+):
+    import numpy as np
+
+    from bnexplore.store import store_file
+
+    rng = np.random.default_rng(channels)
+    variance = rng.lognormal(0.0, 1.0, channels)
+    variance[::9] = 1e-6  # where eps decides
+    path = tmp_path / f"bn_{channels}.npz"
+    np.savez(
+        path,
+        **{
+            "bn.running_mean": rng.normal(size=channels),
+            "bn.running_var": variance,
+            "bn.weight": np.ones(channels),
+            "bn.bias": np.zeros(channels),
+        },
+    )
+    monkeypatch.setenv("BNEXPLORE_STORE", str(store_dir))  # the test server's store
+    digest = store_file(path)
+
+    page = new_page()
+    open_app(page, app_url + f"/?v=1&state={digest}&init=state&shape=2,8&input=normal&tab=layer")
+    assert show_tab(page, "Your layer", 1) == 1
+    assert_no_exception(page)
+    panel = page.locator(ACTIVE_PANEL)
+    chart = panel.locator(CHART).first.text_content()
+    assert "Layer bn: running variance per channel" in chart, chart
+    assert f"of {channels:,} channels" in chart and "runs of" in chart, chart
+    assert f"{channels} channels" in panel.inner_text()  # the caption under the chart
+    screenshot(page, f"your_layer_{channels}_channels.png")

@@ -9,7 +9,9 @@ an engine is loaded, so a missing framework is a result (``available: False``
 with the reason), never an ImportError at start-up.
 
 Adding a framework: a module with an engine class (``name``, ``label``,
-``version``, ``start``) and its session class, and a row in :data:`ENGINES`.
+``version``, ``start``) and its session class, and a row in
+:data:`bnexplore.engines.registry.REGISTRY`: what the engine is called, whose knobs it
+reads, how every chart draws it, where its class lives.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import importlib
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from bnexplore.scenario import Scenario
+from bnexplore.engines.registry import BY_LABEL, ENGINES, LABELS, REGISTRY, EngineInfo
+
+if TYPE_CHECKING:  # bnexplore.params reads the registry: no import of the scenario here
+    from bnexplore.scenario import Scenario
+
+__all__ = ["BY_LABEL", "ENGINES", "LABELS", "REGISTRY", "EngineInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -151,24 +158,6 @@ class Engine(Protocol):
         """A fresh layer for the scenario, or the reason it cannot run (no such device)."""
 
 
-ENGINES: dict[str, tuple[str, str, str]] = {
-    "torch": ("PyTorch", "bnexplore.engines.torch_engine", "TorchEngine"),
-    "keras": ("Keras 3", "bnexplore.engines.keras_engine", "KerasEngine"),
-    "keras2": ("Keras 2", "bnexplore.engines.keras2_engine", "Keras2Engine"),
-    "torch_gpu": ("PyTorch (CUDA)", "bnexplore.engines.torch_engine", "TorchGpuEngine"),
-    "keras_jax": ("Keras 3 (JAX)", "bnexplore.engines.keras_jax_engine", "KerasJaxEngine"),
-    "keras_torch": (
-        "Keras 3 (PyTorch)",
-        "bnexplore.engines.keras_torch_engine",
-        "KerasTorchEngine",
-    ),
-    "flax": ("Flax", "bnexplore.engines.flax_engine", "FlaxEngine"),
-}
-"""name → (label, module, class). The order is the order of comparison."""
-
-LABELS: dict[str, str] = {name: row[0] for name, row in ENGINES.items()}
-
-
 def parameter_history_of(
     steps: list[int], gammas: list, betas: list
 ) -> dict[str, np.ndarray] | None:
@@ -207,14 +196,15 @@ def load(name: str) -> Engine:
     """
     with _lock:
         if name not in _loaded:
-            label, module_name, class_name = ENGINES[name]
+            info = ENGINES[name]
+            module_name, class_name = info.code.split(":")
             try:
                 module = importlib.import_module(module_name)
                 _loaded[name] = getattr(module, class_name)()
             except Exception as exc:
                 log.warning("engine %s unavailable", name, exc_info=True)
                 _loaded[name] = EngineUnavailable(
-                    f"{label} could not be loaded: {type(exc).__name__}: {exc}"
+                    f"{info.label} could not be loaded: {type(exc).__name__}: {exc}"
                 )
         engine = _loaded[name]
     if isinstance(engine, EngineUnavailable):
