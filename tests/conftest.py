@@ -22,6 +22,7 @@ def lanes_started(monkeypatch) -> list[str]:
 
 
 SLOW_MODULES = {
+    "test_app",
     "test_backends",
     "test_bits_workers",
     "test_browser",
@@ -31,9 +32,11 @@ SLOW_MODULES = {
     "test_robustness",
     "test_team_server",
     "test_training",
+    "test_workers",
 }
-"""Modules outside the fast tier: browsers, servers, fresh processes per backend, and
-explain's re-runs. Everything else is marked ``fast`` (``python -m pytest -m fast``)."""
+"""Modules outside the fast tier: browsers, servers, the app's AppTest runs, worker kills,
+fresh processes per backend, and explain's re-runs. Everything else is marked ``fast``
+(``python -m pytest -m fast``)."""
 
 
 def pytest_collection_modifyitems(config, items) -> None:
