@@ -25,6 +25,8 @@ SLOW_MODULES = {
     "test_app",
     "test_backends",
     "test_bits_workers",
+    "test_charts",
+    "test_cli",
     "test_browser",
     "test_explain",
     "test_golden_documents",
@@ -34,9 +36,9 @@ SLOW_MODULES = {
     "test_training",
     "test_workers",
 }
-"""Modules outside the fast tier: browsers, servers, the app's AppTest runs, worker kills,
-fresh processes per backend, and explain's re-runs. Everything else is marked ``fast``
-(``python -m pytest -m fast``)."""
+"""Modules outside the fast tier: browsers, servers, the app's AppTest runs, every chart
+with every engine, the CLI's and the backends' fresh processes, worker kills and explain's
+re-runs. Everything else is marked ``fast`` (``python -m pytest -m fast``)."""
 
 
 def pytest_collection_modifyitems(config, items) -> None:
