@@ -7,6 +7,7 @@ engine's row of bnexplore.engines.REGISTRY.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import altair as alt
@@ -244,8 +245,8 @@ def output_overview_spec(histogram: pd.DataFrame) -> dict:
     """output_overview_chart(histogram).to_dict(), fast, for st.vega_lite_chart: the chart
     without its rows is built and validated once per set of engines (and note), then its
     rows are set in as a table (Streamlit sends a dataset as Arrow)."""
-    return {
-        **_overview_frame_spec(*_overview_key(histogram)),
+    return {  # a copy: st.vega_lite_chart patches the spec it is given in place
+        **copy.deepcopy(_overview_frame_spec(*_overview_key(histogram))),
         "datasets": {OVERVIEW_DATA: _overview_rows(histogram)},
     }
 

@@ -293,3 +293,21 @@ def test_the_overview_spec_is_the_charts_own_with_its_rows_set_in() -> None:
         made = {**spec, "datasets": {charts.OVERVIEW_DATA: rows}}
         assert made == charts.output_overview_chart(histogram).to_dict()
         assert spec["data"] == {"name": charts.OVERVIEW_DATA}  # one name for every scenario
+
+
+def test_streamlit_patching_a_sent_overview_spec_leaves_the_next_one_as_altair_makes_it() -> None:
+    """st.vega_lite_chart patches a spec's null legend titles in place: the cached frame
+    must not be what it patches."""
+    from streamlit.elements.vega_charts import _patch_null_legend_titles
+
+    scenario, _ = parse_link("?v=1")
+    histogram = charts.output_histogram(compare(scenario), sample=charts.OVERVIEW_SAMPLE)
+    _patch_null_legend_titles(charts.output_overview_spec(histogram))
+    again = charts.output_overview_spec(histogram)
+    made = {
+        **again,
+        "datasets": {
+            charts.OVERVIEW_DATA: again["datasets"][charts.OVERVIEW_DATA].to_dict("records")
+        },
+    }
+    assert made == charts.output_overview_chart(histogram).to_dict()
