@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+
+@pytest.fixture
+def store_dir(tmp_path, monkeypatch) -> Path:
+    """A store of the test's own, and a working folder (the current one) that stays out of
+    the tree: storing must write nothing there."""
+    folder = tmp_path / "store"
+    monkeypatch.setenv("BNEXPLORE_STORE", str(folder))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return folder
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,15 +31,7 @@ EPS = {"torch": 1e-5, "keras": 1e-3}
 """Each engine's default eps: the one a scenario without eps keys runs."""
 
 
-@pytest.fixture(autouse=True)
-def store_dir(tmp_path, monkeypatch) -> Path:
-    """A store of this test's own, and a working folder that stays out of the tree."""
-    folder = tmp_path / "store"
-    monkeypatch.setenv("BNEXPLORE_STORE", str(folder))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return folder
+pytestmark = pytest.mark.usefixtures("store_dir")  # the shared fixture: tests/conftest.py
 
 
 @pytest.fixture

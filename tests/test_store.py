@@ -35,15 +35,7 @@ EPS = {"torch": 1e-5, "keras": 1e-3, "keras2": 1e-3}
 """Each engine's default eps: the one a scenario without eps keys runs."""
 
 
-@pytest.fixture(autouse=True)
-def store_dir(tmp_path, monkeypatch) -> Path:
-    """A store of this test's own, and a working folder that must stay empty."""
-    folder = tmp_path / "store"
-    monkeypatch.setenv("BNEXPLORE_STORE", str(folder))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return folder
+pytestmark = pytest.mark.usefixtures("store_dir")  # the shared fixture: tests/conftest.py
 
 
 @pytest.fixture
