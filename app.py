@@ -11,21 +11,21 @@ import logging
 
 import streamlit as st
 
-from bnexplore.workers import start_early
+from bnexplore.runs.pool import start_early
 
 # the link's frameworks import in their workers (seconds) while the page imports its own
 start_early((key, value) for key in st.query_params for value in st.query_params.get_all(key))
 
-from bnexplore import charts
 from bnexplore.engines import LABELS
-from bnexplore.explain import aligned
-from bnexplore.params import DEFAULTS, TABS
-from bnexplore.presets import matching
-from bnexplore.script import reproducer
-from bnexplore.story import GAP_NAMES, VERDICT_WORDS, part, percent, verdict
-from bnexplore.translate import TRANSLATORS, translation_pair
-from bnexplore.view import EVERYTHING, PARTS_OF_TAB, ViewCache, chart_spec, layer_view
-from bnexplore.widgets import TAB, apply_scenario, open_tab, sidebar, sweep_controls
+from bnexplore.judge.explain import aligned
+from bnexplore.judge.verdicts import GAP_NAMES, VERDICT_WORDS, part, percent, verdict
+from bnexplore.page import charts
+from bnexplore.page.view import EVERYTHING, PARTS_OF_TAB, ViewCache, chart_spec, layer_view
+from bnexplore.page.widgets import TAB, apply_scenario, open_tab, sidebar, sweep_controls
+from bnexplore.porting.script import reproducer
+from bnexplore.porting.translate import TRANSLATORS, translation_pair
+from bnexplore.scenario.params import DEFAULTS, TABS
+from bnexplore.scenario.presets import matching
 
 st.set_page_config(page_title="bnexplore · BatchNorm, PyTorch vs Keras", layout="wide")
 

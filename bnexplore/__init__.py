@@ -5,21 +5,21 @@ framework and returns the document the app and the CLI show.
 ``bnexplore.store_file(path)`` keeps a BatchNorm state (or a batch) in the store and
 returns its digest, for ``state=`` (or ``file=``) in a link.
 
-The rooms, lowest first (each module's room: tests/test_layout.py's ROOMS, while the
-package is still flat):
+The rooms, lowest first (a subpackage each):
 
 - ``settings`` and ``engines.registry``: the environment's settings, what an engine is;
-- files: the store and the file formats (``store``, ``formats``);
-- scenario: the parameter table, presets, the link codec, batches, the frameworks'
-  conventions (``params``, ``presets``, ``scenario``, ``batches``, ``conventions``);
-- engines: one module per framework behind one interface;
-- runs: the runner and its typed results, memory, admission, the worker pool and the
-  worker, shipping, metrics, sweeps (``runner``, ``memory``, ``admission``, ``workers``,
+- ``files``: the store and the file formats (``store``, ``formats``);
+- ``scenario``: the parameter table, presets, the link codec, batches, the frameworks'
+  conventions (``params``, ``presets``, ``links``, ``batches``, ``conventions``);
+- ``engines``: one module per framework behind one interface;
+- ``runs``: the runner and its typed results, memory, admission, the worker pool and
+  the worker, shipping, metrics, sweeps (``runner``, ``memory``, ``admission``, ``pool``,
   ``worker``, ``shipping``, ``metrics``, ``sweep``);
-- judge: verdicts, explain, the document (``story``, ``explain``, ``document``);
-- porting: the translator and the reproducer scripts (``translate``, ``script``);
-- page: widgets, the view, charts (``widgets``, ``view``, ``charts``, ``floor_app``);
-- the edge: this package's public API and the tools (``cli``, ``bench``, ``docs``).
+- ``judge``: verdicts, explain, the document (``verdicts``, ``explain``, ``document``);
+- ``porting``: the translator and the reproducer scripts (``translate``, ``script``);
+- ``page``: widgets, the view, charts (``widgets``, ``view``, ``charts``, ``floor_app``);
+- the edge: this package's public API and the tools (``tools.cli``, ``tools.bench``,
+  ``tools.docs``).
 
 The dependency rule: a module imports only from its own room or lower ones, so the
 run layer never imports the judging or the page, the judging never imports the page,
@@ -27,12 +27,12 @@ and only the edge imports the page. No import circles. tests/test_layout.py walk
 imports (lazy ones too) and keeps it.
 """
 
-from bnexplore.document import document, headline_pair
-from bnexplore.explain import explain as explain_steps
-from bnexplore.runner import compare, strict_json
-from bnexplore.scenario import Scenario, parse_link
-from bnexplore.store import store_file
-from bnexplore.sweep import sweep_link as sweep_run
+from bnexplore.files.store import store_file
+from bnexplore.judge.document import document, headline_pair
+from bnexplore.judge.explain import explain as explain_steps
+from bnexplore.runs.runner import compare, strict_json
+from bnexplore.runs.sweep import sweep_link as sweep_run
+from bnexplore.scenario.links import Scenario, parse_link
 
 __all__ = ["Scenario", "compare", "document", "parse_link", "run", "store_file", "sweep_run"]
 
@@ -44,7 +44,7 @@ def run(link: str = "", reference: bool = False, explain: bool = False) -> dict:
     With ``reference``, the document's "reference" holds each engine's float64
     reference and its gap from it (the app always shows them).
     With ``explain``, the document's "explain" lists the first pair's gap
-    cause by cause (see bnexplore.explain), each step re-run for real.
+    cause by cause (see bnexplore.judge.explain), each step re-run for real.
     """
     scenario, notices = parse_link(link)
     comparison = compare(scenario, notices, reference)

@@ -1,5 +1,5 @@
 import sys
 
-from bnexplore.cli import main
+from bnexplore.tools.cli import main
 
 sys.exit(main())

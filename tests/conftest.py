@@ -22,16 +22,16 @@ def store_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def lanes_started(monkeypatch) -> list[str]:
     """The engines each run starts in a worker, in order, recorded while the test runs."""
-    import bnexplore.workers
+    import bnexplore.runs.pool
 
     started: list[str] = []
-    real = bnexplore.workers.start_sessions
+    real = bnexplore.runs.pool.start_sessions
 
     def counting(lanes, *args, **kwargs):
         started.extend(lanes.values())
         return real(lanes, *args, **kwargs)
 
-    monkeypatch.setattr(bnexplore.workers, "start_sessions", counting)
+    monkeypatch.setattr(bnexplore.runs.pool, "start_sessions", counting)
     return started
 
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bnexplore.document import document as make_document
-from bnexplore.runner import Comparison, compare
-from bnexplore.scenario import parse_link
-from bnexplore.story import VERDICT_WORDS
+from bnexplore.judge.document import document as make_document
+from bnexplore.judge.verdicts import VERDICT_WORDS
+from bnexplore.runs.runner import Comparison, compare
+from bnexplore.scenario.links import parse_link
 from tests.scenarios import random_links
 
 GOLDEN = Path(__file__).parent / "golden"

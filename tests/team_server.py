@@ -32,8 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnexplore import bench, memory
-from bnexplore.scenario import parse_link
+from bnexplore.runs import memory
+from bnexplore.scenario.links import parse_link
+from bnexplore.tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024**2
@@ -119,8 +120,8 @@ def _label(pid: int, root: int) -> str:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return f"pid {pid}"
-    if "bnexplore.worker" in words:
-        return f"worker {words[words.index('bnexplore.worker') + 1]} (pid {pid})"
+    if "bnexplore.runs.worker" in words:
+        return f"worker {words[words.index('bnexplore.runs.worker') + 1]} (pid {pid})"
     return f"{Path(words[0]).name} (pid {pid})"
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 import bnexplore
-from bnexplore import admission, memory
-from bnexplore.admission import BUDGET, Cancelled, RunContext, Ticket
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
-from bnexplore.shipping import PREFIX, shm_dir
-from bnexplore.view import ViewCache
+from bnexplore.page.view import ViewCache
+from bnexplore.runs import admission, memory
+from bnexplore.runs.admission import BUDGET, Cancelled, RunContext, Ticket
+from bnexplore.runs.runner import compare
+from bnexplore.runs.shipping import PREFIX, shm_dir
+from bnexplore.scenario.links import parse_link
 
 SLOW = "?shape=32,16,16,16&input=normal&seed=9&steps=300&engines=torch,keras"
 
@@ -151,16 +151,16 @@ def test_the_time_limit_counts_from_admission_not_from_the_queue(monkeypatch) ->
 def test_one_flight_per_link_shared_by_its_sessions_and_cancelled_when_all_leave(
     monkeypatch,
 ) -> None:
-    import bnexplore.view
+    import bnexplore.page.view
 
     built: list[str] = []
-    real = bnexplore.view.build_view
+    real = bnexplore.page.view.build_view
 
     def counting(comparison, *args):
         built.append(comparison.scenario.link)
         return real(comparison, *args)
 
-    monkeypatch.setattr(bnexplore.view, "build_view", counting)
+    monkeypatch.setattr(bnexplore.page.view, "build_view", counting)
     cache = ViewCache()
     scenario = parse_link("?shape=16,8,8,8&input=normal&steps=40&seed=3&engines=torch,keras")[0]
     views: list = []

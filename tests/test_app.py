@@ -11,9 +11,9 @@ import pytest
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
-from bnexplore.params import TABS
-from bnexplore.presets import PRESETS
-from bnexplore.scenario import parse_link
+from bnexplore.scenario.links import parse_link
+from bnexplore.scenario.params import TABS
+from bnexplore.scenario.presets import PRESETS
 
 APP = str(Path(__file__).parents[1] / "app.py")
 
@@ -176,12 +176,12 @@ def test_a_revisited_link_answers_from_the_cache_without_running_the_frameworks(
 def test_a_tab_runs_only_what_it_draws_and_the_explain_tab_adds_the_rest(monkeypatch) -> None:
     """Overview runs the engines alone: no float64 references, no explain re-runs; the
     headline names the knobs that differ. Explain adds both, and the page keeps them."""
-    import bnexplore.view
+    import bnexplore.page.view
 
     explained = []
-    real_explain = bnexplore.view.explain
+    real_explain = bnexplore.page.view.explain
     monkeypatch.setattr(
-        bnexplore.view, "explain", lambda *a: explained.append(a) or real_explain(*a)
+        bnexplore.page.view, "explain", lambda *a: explained.append(a) or real_explain(*a)
     )
     at = open_link("?shape=6,3,2&input=normal&seed=515151&steps=1")
     line = at.markdown[0].value
@@ -217,7 +217,7 @@ def test_a_state_link_shows_the_files_layers_in_the_sidebar_and_charts_the_chose
 ) -> None:
     import numpy as np
 
-    from bnexplore.store import store_file
+    from bnexplore.files.store import store_file
 
     monkeypatch.setenv("BNEXPLORE_STORE", str(tmp_path / "store"))
     variance = np.array([1e-6, 0.5, 2.0, 1e-4])
@@ -243,7 +243,7 @@ def test_a_batch_file_link_shows_its_uploader_and_runs_the_files_shape(
 ) -> None:
     import numpy as np
 
-    from bnexplore.store import store_file
+    from bnexplore.files.store import store_file
 
     monkeypatch.setenv("BNEXPLORE_STORE", str(tmp_path / "store"))
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(5, 2, 3)))

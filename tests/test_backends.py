@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import bnexplore
-from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.links import parse_link
 from tests.scenarios import random_backend_links
 from tests.test_engines import (
     assert_output_matches_reference,

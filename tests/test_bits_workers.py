@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnexplore import engines, workers
+from bnexplore import engines
 from bnexplore.engines import EngineResult
-from bnexplore.runner import compare
-from bnexplore.scenario import Scenario, parse_link
-from bnexplore.worker import thread_counts
+from bnexplore.runs import pool as workers
+from bnexplore.runs.runner import compare
+from bnexplore.runs.worker import thread_counts
+from bnexplore.scenario.links import Scenario, parse_link
 from tests.record_golden import LINKS, comparison
 
 IN_THIS_PROCESS = ("torch", "keras", "keras2")
@@ -254,7 +255,7 @@ def test_workers_keep_each_frameworks_default_thread_counts() -> None:
     ):
         code = (
             f"import json, {framework}\n"
-            "from bnexplore.worker import thread_counts\n"
+            "from bnexplore.runs.worker import thread_counts\n"
             "print(json.dumps(thread_counts()))\n"
         )
         fresh = subprocess.run(

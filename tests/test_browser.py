@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from bnexplore import bench
+from bnexplore.tools import bench
 from tests.team_server import SETTLED_JS, free_port, healthy, stop
 
 pytestmark = pytest.mark.browser
@@ -542,7 +542,7 @@ def test_a_layer_of_thousands_of_channels_draws_on_the_your_layer_tab(
 ):
     import numpy as np
 
-    from bnexplore.store import store_file
+    from bnexplore.files.store import store_file
 
     rng = np.random.default_rng(channels)
     variance = rng.lognormal(0.0, 1.0, channels)

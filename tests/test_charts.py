@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bnexplore import charts
 from bnexplore.engines.registry import LABELS, REGISTRY
-from bnexplore.explain import explain
-from bnexplore.params import knobs
-from bnexplore.runner import Comparison, compare
-from bnexplore.scenario import parse_link
-from bnexplore.sweep import run_sweep, values
+from bnexplore.judge.explain import explain
+from bnexplore.page import charts
+from bnexplore.runs.runner import Comparison, compare
+from bnexplore.runs.sweep import run_sweep, values
+from bnexplore.scenario.links import parse_link
+from bnexplore.scenario.params import knobs
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import bnexplore
-from bnexplore.cli import link_of, main
-from bnexplore.presets import PRESETS
+from bnexplore.scenario.presets import PRESETS
+from bnexplore.tools.cli import link_of, main
 
 
 def test_cli_json_is_the_api_document(capsys) -> None:
@@ -89,7 +89,7 @@ def test_bench_quick_reports_ratios_against_bare_calls(capsys) -> None:
 
 
 def test_the_desk_table_shows_each_link_and_the_streamlit_floor() -> None:
-    from bnexplore.bench import FLOOR, desk_table
+    from bnexplore.tools.bench import FLOOR, desk_table
 
     def row(name: str, p50: float, p90: float, revisit: float) -> dict:
         return {"name": name, "p50_s": p50, "p90_s": p90, "revisit_s": revisit}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bnexplore.metrics import TOLERANCES
-from bnexplore.params import knobs
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.links import parse_link
+from bnexplore.scenario.params import knobs
 from tests.scenarios import random_links
 
 RANDOM_LINKS = random_links(60, seed=2026)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import bnexplore
-from bnexplore.batches import batches
-from bnexplore.explain import EXACT_UP_TO, aligned, explain, shapley, summary
-from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import Reuse, compare
-from bnexplore.scenario import parse_link
-from bnexplore.script import reproducer
-from bnexplore.story import GAPS, part, verdict
-from bnexplore.translate import keras_to_torch, torch_to_keras
+from bnexplore.judge.explain import EXACT_UP_TO, aligned, explain, shapley, summary
+from bnexplore.judge.verdicts import GAPS, part, verdict
+from bnexplore.porting.script import reproducer
+from bnexplore.porting.translate import keras_to_torch, torch_to_keras
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import Reuse, compare
+from bnexplore.scenario.batches import batches
+from bnexplore.scenario.links import parse_link
 from tests.scenarios import random_backend_links, random_links, random_training_links
 
 RTOL, ATOL = TOLERANCES["float32"]
@@ -211,7 +211,7 @@ def test_keras2_fused_feeds_unbiased_variance_non_fused_biased(seed: int) -> Non
 
 @pytest.mark.parametrize("link", ["?engines=torch,flax", "?engines=keras_jax,flax&steps=2"])
 def test_translator_covers_every_pair_of_conventions(link: str) -> None:
-    from bnexplore.translate import TRANSLATORS, translation_pair
+    from bnexplore.porting.translate import TRANSLATORS, translation_pair
 
     scenario = parse_link(link)[0]
     assert {pair for pair in TRANSLATORS} == {
@@ -352,12 +352,12 @@ def test_a_gap_with_nan_says_so_and_gets_no_share() -> None:
 def test_explain_with_reuse_gives_the_same_steps_running_each_framework_only_when_needed(
     link, monkeypatch, lanes_started
 ) -> None:
-    import bnexplore.explain
+    import bnexplore.judge.explain
 
     scenario = parse_link(link)[0]
-    monkeypatch.setattr(bnexplore.explain, "GAPS", bnexplore.explain.GapCache())
+    monkeypatch.setattr(bnexplore.judge.explain, "GAPS", bnexplore.judge.explain.GapCache())
     everything = [s.to_dict() for s in explain(scenario, reuse=Reuse(per_engine=0))]
-    monkeypatch.setattr(bnexplore.explain, "GAPS", bnexplore.explain.GapCache())
+    monkeypatch.setattr(bnexplore.judge.explain, "GAPS", bnexplore.judge.explain.GapCache())
     lanes_started.clear()  # the runs of this explanation only
     reuse = Reuse()
     assert [s.to_dict() for s in explain(scenario, reuse=reuse)] == everything
@@ -367,7 +367,7 @@ def test_explain_with_reuse_gives_the_same_steps_running_each_framework_only_whe
 
 
 def test_a_sweep_of_one_frameworks_knob_runs_the_other_framework_once(lanes_started) -> None:
-    from bnexplore.sweep import run_sweep
+    from bnexplore.runs.sweep import run_sweep
 
     scenario = parse_link("?shape=6,3,2&input=normal&seed=11&steps=2")[0]
     points = run_sweep(scenario, "keras_momentum", [0.5, 0.9, 0.99])

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bnexplore import workers
-from bnexplore.document import document as make_document
-from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
+from bnexplore.judge.document import document as make_document
+from bnexplore.runs import pool as workers
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.links import parse_link
 from tests.record_golden import WITHIN_ROUNDING, comparison, headline_words, pinned
 
 GOLDEN = json.loads(

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import run_engine
-from bnexplore.scenario import parse_link
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import run_engine
+from bnexplore.scenario.links import parse_link
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch sees no CUDA device")
 

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import bnexplore
-from bnexplore import settings, store
-from bnexplore.cli import main
-from bnexplore.formats import FileProblem
+from bnexplore import settings
+from bnexplore.files import store
+from bnexplore.files.formats import FileProblem
+from bnexplore.tools.cli import main
 from tests.team_server import TreeMemory
 
 SECRET = b"API_TOKEN=sk-hostile-0123456789abcdef-never-to-be-read\n" * 2

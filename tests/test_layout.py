@@ -34,45 +34,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-ROOMS = {
-    "params": "scenario",
-    "presets": "scenario",
-    "scenario": "scenario",
-    "batches": "scenario",
-    "conventions": "scenario",
-    "store": "files",
-    "formats": "files",
-    "runner": "runs",
-    "memory": "runs",
-    "admission": "runs",
-    "workers": "runs",
-    "worker": "runs",
-    "shipping": "runs",
-    "metrics": "runs",
-    "sweep": "runs",
-    "story": "judge",
-    "explain": "judge",
-    "document": "judge",
-    "translate": "porting",
-    "script": "porting",
-    "widgets": "page",
-    "view": "page",
-    "charts": "page",
-    "floor_app": "page",
-    "cli": "tools",
-    "bench": "tools",
-    "docs": "tools",
-}
-"""Each module's room, while the package is still flat (bnexplore/__init__.py)."""
-
-
 def room(module: str) -> str:
     """The room a module lives in: 'runs', 'engines.registry', or '' for the package."""
     inner = module.removeprefix("bnexplore").removeprefix(".")
     if inner in LAYERS:
         return inner
-    head = inner.split(".")[0]
-    return ROOMS.get(head, head)
+    return inner.split(".")[0]
 
 
 def modules() -> dict[str, Path]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnexplore.metrics import TOLERANCES, Divergence, measure, output_summary
-from bnexplore.runner import strict_json
+from bnexplore.runs.metrics import TOLERANCES, Divergence, measure, output_summary
+from bnexplore.runs.runner import strict_json
 
 TORCH_DTYPES = {
     "float16": torch.float16,

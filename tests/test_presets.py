@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import bnexplore
-from bnexplore.metrics import TOLERANCES
-from bnexplore.presets import PRESETS
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.links import parse_link
+from bnexplore.scenario.presets import PRESETS
 
 RTOL, ATOL = TOLERANCES["float32"]
 
@@ -143,7 +143,7 @@ def test_half_precision_keras_rounds_once_pytorch_to_the_outputs_scale(dtype) ->
     """Finding (CPU): Keras 3 computes in float32 and rounds the output once, within half an
     ulp of the exact result; PyTorch's CPU half kernel is accurate to one ulp of the output's
     largest magnitude, so its values near zero carry large relative errors."""
-    from bnexplore.batches import numpy_dtype
+    from bnexplore.scenario.batches import numpy_dtype
 
     half = numpy_dtype(dtype)
     scenario, _ = parse_link(f"?preset=half-precision&dtype={dtype}")

@@ -5,7 +5,7 @@ Bad links come from one generator (:func:`make_link`) over every key of the para
 ``v``, ``preset`` and unknown keys, with garbage values. :func:`expect` is this file's own
 reading of the README's link rules (a bad value is dropped or clamped with a notice naming the
 key; a valid one is used without a notice); it decodes the query string with the standard
-library only and shares no parsing code with ``bnexplore.scenario``.
+library only and shares no parsing code with ``bnexplore.scenario.links``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
 import bnexplore
-from bnexplore.params import BY_KEY, DEFAULTS, LINK_VERSION, MAX_ELEMENTS, PARAMS
-from bnexplore.presets import PRESETS
-from bnexplore.runner import compare
-from bnexplore.scenario import MAX_VALUE_CHARS, parse_link
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.links import MAX_VALUE_CHARS, parse_link
+from bnexplore.scenario.params import BY_KEY, DEFAULTS, LINK_VERSION, MAX_ELEMENTS, PARAMS
+from bnexplore.scenario.presets import PRESETS
 
 ROOT = Path(__file__).parents[1]
 APP = str(ROOT / "app.py")
@@ -888,7 +888,7 @@ def _listing() -> set[str]:
 
 
 def test_hostile_values_are_never_evaluated_or_used_as_paths(tmp_path, monkeypatch, capfd) -> None:
-    from bnexplore.script import reproducer
+    from bnexplore.porting.script import reproducer
 
     opened: list[str] = []
     real_open = open

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnexplore.params import BY_KEY, DEFAULTS, MAX_ELEMENTS, PARAMS
-from bnexplore.scenario import Scenario, format_value, parse_link
+from bnexplore.scenario.links import Scenario, format_value, parse_link
+from bnexplore.scenario.params import BY_KEY, DEFAULTS, MAX_ELEMENTS, PARAMS
 
 
 def test_defaults_give_the_shortest_link() -> None:
@@ -185,7 +185,7 @@ def test_any_pairs_give_a_valid_scenario(pairs) -> None:
 
 
 def test_the_docs_link_reference_is_the_generated_one() -> None:
-    from bnexplore.docs import LINKS_PAGE, link_reference
+    from bnexplore.tools.docs import LINKS_PAGE, link_reference
 
     page = LINKS_PAGE.read_text(encoding="utf-8")
     assert link_reference() in page, "run: python -m bnexplore docs"
@@ -194,7 +194,7 @@ def test_the_docs_link_reference_is_the_generated_one() -> None:
 
 
 def test_docs_check_finds_a_stale_links_page_and_docs_rewrites_it(tmp_path) -> None:
-    from bnexplore.docs import BEGIN, END, LINKS_PAGE, link_reference, refresh_links_page
+    from bnexplore.tools.docs import BEGIN, END, LINKS_PAGE, link_reference, refresh_links_page
 
     page = tmp_path / "links.md"
     page.write_text(f"# Links\n\n{BEGIN}\n| stale |\n{END}\n\nafter\n", encoding="utf-8")

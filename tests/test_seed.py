@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bnexplore
-from bnexplore.metrics import TOLERANCES
+from bnexplore.runs.metrics import TOLERANCES
 
 RTOL, ATOL = TOLERANCES["float32"]
 
@@ -118,8 +118,8 @@ def test_keras_seed_output_is_within_two_float32_ulps_of_the_exact_value() -> No
     others. Vectorized lanes and the scalar tail round differently; every value is a
     few float32 roundings of the exact one, never more than two ulps away.
     """
-    from bnexplore.runner import run_engine
-    from bnexplore.scenario import parse_link
+    from bnexplore.runs.runner import run_engine
+    from bnexplore.scenario.links import parse_link
 
     output = run_engine("keras", parse_link("?v=1")[0]).output
     exact = np.float32(1 / math.sqrt(1.001))

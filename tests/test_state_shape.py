@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import bnexplore
-from bnexplore.batches import batches
-from bnexplore.cli import main
-from bnexplore.metrics import TOLERANCES
-from bnexplore.params import MAX_ELEMENTS
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link, scenario_from_values, shape_for_layer
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.batches import batches
+from bnexplore.scenario.links import parse_link, scenario_from_values, shape_for_layer
+from bnexplore.scenario.params import MAX_ELEMENTS
+from bnexplore.tools.cli import main
 
 CHANNELS = 128
 LAYER = "conv2_BN"

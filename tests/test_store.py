@@ -20,15 +20,15 @@ import pytest
 import torch
 
 import bnexplore
-from bnexplore import store
-from bnexplore.batches import batches
-from bnexplore.charts import layer_statistics, layer_variance_chart
-from bnexplore.cli import main
-from bnexplore.formats import FileProblem
-from bnexplore.metrics import TOLERANCES
-from bnexplore.runner import Comparison, compare
-from bnexplore.scenario import parse_link
-from bnexplore.script import reproducer
+from bnexplore.files import store
+from bnexplore.files.formats import FileProblem
+from bnexplore.page.charts import layer_statistics, layer_variance_chart
+from bnexplore.porting.script import reproducer
+from bnexplore.runs.metrics import TOLERANCES
+from bnexplore.runs.runner import Comparison, compare
+from bnexplore.scenario.batches import batches
+from bnexplore.scenario.links import parse_link
+from bnexplore.tools.cli import main
 
 ROOT = Path(__file__).parents[1]
 EPS = {"torch": 1e-5, "keras": 1e-3, "keras2": 1e-3}
@@ -524,7 +524,7 @@ def test_the_memory_guard_counts_a_batch_files_arrays(files, monkeypatch) -> Non
     np.save(files / "x.npy", np.ones((64, 8, 16, 16)))  # 1 MiB in float64
     digest = bnexplore.store_file(files / "x.npy")
     scenario, _ = parse_link(f"?input=file&file={digest}")
-    from bnexplore import memory
+    from bnexplore.runs import memory
 
     drawn = memory.estimate(parse_link("?shape=64,8,16,16&input=ones")[0], False)
     assert memory.estimate(scenario, False) - drawn == 1024**2  # the stored float64 array

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from bnexplore import bench
-from bnexplore.scenario import parse_link
+from bnexplore.scenario.links import parse_link
+from bnexplore.tools import bench
 from tests import team_server as ts
 
 pytestmark = pytest.mark.browser
@@ -41,7 +41,7 @@ FREED_WITHIN_S = 5.0
 HOLD_S = 2.0
 """Given back means: at or under the mark, and staying there this long."""
 COMPUTING = re.compile(r"bnexplore\.view: computing (\S+)")
-"""The INFO line the app logs (logger bnexplore.view) once per computation of a link."""
+"""The INFO line the app logs (logger bnexplore.page.view) once per computation of a link."""
 
 numbers: dict[str, object] = {}
 

@@ -8,11 +8,11 @@ import inspect
 import numpy as np
 import pytest
 
-from bnexplore.document import document
 from bnexplore.engines.reference import adam_step_bound
-from bnexplore.params import OPTIMIZER_DEFAULTS
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
+from bnexplore.judge.document import document
+from bnexplore.runs.runner import compare
+from bnexplore.scenario.links import parse_link
+from bnexplore.scenario.params import OPTIMIZER_DEFAULTS
 from tests.scenarios import random_training_links
 from tests.test_engines import (
     assert_matches_reference,
@@ -122,8 +122,8 @@ def test_keras_float64_optimizer_rounds_its_hyperparameters_to_float32(prefix: s
     got, reference = comparison.results[prefix].gamma, comparison.references[prefix].gamma
     np.testing.assert_allclose(got, reference, rtol=1e-13, atol=1e-15)
 
-    from bnexplore.batches import batches, targets
     from bnexplore.engines import reference as rules
+    from bnexplore.scenario.batches import batches, targets
 
     exact = rules.REFERENCES[prefix](comparison.scenario)
     exact_optimizer = rules.ReferenceOptimizer("torch", comparison.scenario, prefix)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 import bnexplore
-from bnexplore import workers
-from bnexplore.runner import compare
-from bnexplore.scenario import parse_link
-from bnexplore.shipping import PREFIX, shm_dir
+from bnexplore.runs import pool as workers
+from bnexplore.runs.runner import compare
+from bnexplore.runs.shipping import PREFIX, shm_dir
+from bnexplore.scenario.links import parse_link
 
 
 def test_each_worker_names_bnexplore_and_its_engine_on_its_command_line() -> None:
@@ -26,7 +26,7 @@ def test_each_worker_names_bnexplore_and_its_engine_on_its_command_line() -> Non
     for engine in ("torch", "flax"):
         (pid,) = workers.POOL.processes()[engine]
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"bnexplore.worker" in words and engine.encode() in words, words
+        assert b"bnexplore.runs.worker" in words and engine.encode() in words, words
 
 
 def test_runs_leave_no_shared_memory_files_behind() -> None:
@@ -183,7 +183,7 @@ def test_keras_runs_without_the_imports_its_worker_hides() -> None:
     IPython unimportable, as in their workers."""
     code = (
         "import sys\n"
-        "from bnexplore.worker import UNUSED_IMPORTS\n"
+        "from bnexplore.runs.worker import UNUSED_IMPORTS\n"
         "for module in UNUSED_IMPORTS['keras']: sys.modules[module] = None\n"
         "import bnexplore\n"
         "doc = bnexplore.run('?shape=4,3,2,2&input=normal&engines=keras,keras2&steps=1"

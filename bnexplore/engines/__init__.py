@@ -26,8 +26,8 @@ import numpy as np
 
 from bnexplore.engines.registry import BY_LABEL, ENGINES, LABELS, REGISTRY, EngineInfo
 
-if TYPE_CHECKING:  # bnexplore.params reads the registry: no import of the scenario here
-    from bnexplore.scenario import Scenario
+if TYPE_CHECKING:  # bnexplore.scenario.params reads the registry: no import of the scenario here
+    from bnexplore.scenario.links import Scenario
 
 __all__ = ["BY_LABEL", "ENGINES", "LABELS", "REGISTRY", "EngineInfo"]
 

@@ -20,7 +20,7 @@ With loss=mse each training pass takes L = mean((y − T)²), its gradients w.r.
 layer's Params by ``nnx.value_and_grad`` (the batch statistics update as in a plain
 call) and one optax step through ``nnx.Optimizer``; the measured pass computes L and
 the gradients w.r.t. x, scale and bias, and takes no step. optax's conventions are
-PyTorch's (see bnexplore.params.TORCH_CONVENTION); it has no default learning rate.
+PyTorch's (see bnexplore.scenario.params.TORCH_CONVENTION); it has no default learning rate.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import optax
 from flax import nnx
 
 from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
-from bnexplore.params import ADAM_BETAS, resolved
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import ADAM_BETAS, resolved
 
 NAMES = (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var"))
 """Flax variable ← PyTorch state name."""

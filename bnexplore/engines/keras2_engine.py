@@ -11,7 +11,7 @@ from __future__ import annotations
 import tf_keras
 
 from bnexplore.engines.tf_common import TensorFlowKerasEngine, tf
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.links import Scenario
 
 _FUSED = {"auto": None, "true": True, "false": False}
 

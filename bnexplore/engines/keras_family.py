@@ -21,8 +21,8 @@ import contextlib
 import numpy as np
 
 from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
-from bnexplore.params import ADAM_BETAS
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import ADAM_BETAS
 
 TRAINING = {"none": None, "true": True, "false": False}
 PORT_ORDER = (

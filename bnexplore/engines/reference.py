@@ -27,11 +27,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnexplore.batches import numpy_dtype
-from bnexplore.conventions import FUSED_DTYPES
 from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
-from bnexplore.params import ADAM_BETAS, resolved
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.batches import numpy_dtype
+from bnexplore.scenario.conventions import FUSED_DTYPES
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import ADAM_BETAS, resolved
 
 VERSION = f"NumPy {np.__version__} float64"
 

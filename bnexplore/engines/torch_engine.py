@@ -28,8 +28,8 @@ from bnexplore.engines import (
     history_of,
     parameter_history_of,
 )
-from bnexplore.params import ADAM_BETAS
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import ADAM_BETAS
 
 _DTYPES = {
     "float32": torch.float32,

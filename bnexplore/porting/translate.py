@@ -17,10 +17,10 @@ Adam's ε with a note on where each adds it.
 
 from __future__ import annotations
 
-from bnexplore.conventions import feeds_unbiased_variance, uses_batch_statistics
 from bnexplore.engines.registry import REGISTRY
-from bnexplore.params import resolved
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.conventions import feeds_unbiased_variance, uses_batch_statistics
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import resolved
 
 _TORCH_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 _CHANNELS_LAST = {

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnexplore.params import BY_KEY, DEFAULTS, SWEEP_KEYS, SWEEPABLE
-from bnexplore.runner import Report, Reuse, compare, strict_json
-from bnexplore.scenario import Scenario, format_value, scenario_from_values
+from bnexplore.runs.runner import Report, Reuse, compare, strict_json
+from bnexplore.scenario.links import Scenario, format_value, scenario_from_values
+from bnexplore.scenario.params import BY_KEY, DEFAULTS, SWEEP_KEYS, SWEEPABLE
 
 SWEEP_RANGES: dict[str, tuple[float, float, str]] = {
     "batch_size": (1, 64, "linear"),
@@ -125,7 +125,7 @@ def sweep_link(
     report: Report | None = None,
 ) -> dict:
     """The sweep a link describes (or ``param`` over ``points``), as its JSON document."""
-    from bnexplore.scenario import parse_link
+    from bnexplore.scenario.links import parse_link
 
     scenario, _ = parse_link(link)
     key = param or scenario["sweep"]

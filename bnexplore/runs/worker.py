@@ -1,6 +1,6 @@
 """A worker process: one engine's framework, imported once, serving sessions over a socket.
 
-Started by :mod:`bnexplore.workers` as ``python -m bnexplore.worker ENGINE FD``, so
+Started by :mod:`bnexplore.runs.pool` as ``python -m bnexplore.runs.worker ENGINE FD``, so
 ``ps`` shows which engine a process serves. It imports the framework, says it is
 ready (or why it cannot be), then answers requests until the socket closes:
 
@@ -25,11 +25,11 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from bnexplore import engines
-from bnexplore.batches import numpy_dtype
-from bnexplore.scenario import Scenario
-from bnexplore.shipping import ship
+from bnexplore.runs.shipping import ship
+from bnexplore.scenario.batches import numpy_dtype
+from bnexplore.scenario.links import Scenario
 
-log = logging.getLogger("bnexplore.worker")
+log = logging.getLogger("bnexplore.runs.worker")
 
 
 class BatchViews:
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> None:
     name, fd = argv[0], int(argv[1])
     for module in UNUSED_IMPORTS.get(name, ()):
         sys.modules.setdefault(module, None)  # type: ignore[assignment]
-    logging.basicConfig(level=logging.WARNING, format=f"bnexplore.worker[{name}] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"bnexplore.runs.worker[{name}] %(message)s")
     serve(name, Connection(fd))
 
 

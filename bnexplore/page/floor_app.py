@@ -3,12 +3,12 @@
 As many sidebar number inputs as a scenario has knobs, Keras's epsilon among them, a
 headline that echoes it, the address bar following it, and the page's tabs: what
 Streamlit and Chromium alone take on this machine to answer a widget change and to open
-a fresh page. Run by the bench with ``streamlit run bnexplore/floor_app.py``.
+a fresh page. Run by the bench with ``streamlit run bnexplore/page/floor_app.py``.
 """
 
 import streamlit as st
 
-from bnexplore.params import PARAMS, TABS
+from bnexplore.scenario.params import PARAMS, TABS
 
 st.set_page_config(page_title="bnexplore · the Streamlit floor", layout="wide")
 with st.sidebar:

@@ -2,14 +2,14 @@
 
 A Keras 3 backend is fixed once per process, and a framework that crashes, runs
 out of memory or hangs must not take the caller with it. So every engine runs in
-worker processes of its own (``python -m bnexplore.worker ENGINE FD``):
+worker processes of its own (``python -m bnexplore.runs.worker ENGINE FD``):
 
 - started on first use, all of a run's at once, so their imports overlap; then
   reused across runs. ``BNEXPLORE_WORKERS`` (default 1) is the number of workers
   per engine: runs for the same engine queue for its workers, first come first
   served, each holding its workers for the whole run.
 - batches reach a worker through one shared-memory file per run, rewritten for
-  each pass; outputs come back the same way (see :mod:`bnexplore.shipping`).
+  each pass; outputs come back the same way (see :mod:`bnexplore.runs.shipping`).
 - a worker that dies, or does not answer within ``BNEXPLORE_TIME_LIMIT`` seconds
   (default 120) of the run's start, is stopped: the engine's result is an error
   that starts with "worker", and the next run starts a fresh worker.
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bnexplore.admission import Ticket
 from bnexplore.engines import LABELS, EngineResult, Session, State
-from bnexplore.scenario import Scenario, from_pairs
-from bnexplore.shipping import discard_shipped, new_file, unship
+from bnexplore.runs.admission import Ticket
+from bnexplore.runs.shipping import discard_shipped, new_file, unship
+from bnexplore.scenario.links import Scenario, from_pairs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ POLL_S = 0.2
 """How often a wait for a worker looks at its run's ticket."""
 CANCEL_GRACE_S = 1.0
 """How long a cancelled run's worker may take to finish its pass before it is stopped."""
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def time_limit() -> float:
@@ -107,7 +107,7 @@ class Worker:
         # worker's footprint stays flat across passes and runs (the budget counts on it)
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bnexplore.worker", engine, str(theirs.fileno())],
+            [sys.executable, "-m", "bnexplore.runs.worker", engine, str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

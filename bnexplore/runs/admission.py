@@ -1,6 +1,6 @@
 """One memory budget for every run in this process, a first-come queue, and cancellation.
 
-A run is admitted when its estimated need (bnexplore.memory.estimate, which
+A run is admitted when its estimated need (bnexplore.runs.memory.estimate, which
 counts the engines' worker processes too) fits beside the runs in flight, under
 ``BNEXPLORE_MEMORY_LIMIT``; the others wait in arrival order (no run overtakes
 one that arrived before it), told their place and what is in flight. A run
@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from bnexplore import memory
+from bnexplore.runs import memory
 
 Waiting = Callable[[int, int], None]
 """Called while a run waits: (runs ahead of it, bytes in flight)."""

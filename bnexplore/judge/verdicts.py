@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnexplore.conventions import uses_batch_statistics
 from bnexplore.engines import LABELS
-from bnexplore.metrics import Divergence
-from bnexplore.params import knobs
-from bnexplore.scenario import Scenario
+from bnexplore.runs.metrics import Divergence
+from bnexplore.scenario.conventions import uses_batch_statistics
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import knobs
 
 if TYPE_CHECKING:
-    from bnexplore.runner import Comparison
+    from bnexplore.runs.runner import Comparison
 
 STATE = ("running_mean", "running_var", "gamma", "beta")
 GAPS = ("output", *STATE, "grad_x")

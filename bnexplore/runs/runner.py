@@ -15,13 +15,15 @@ from functools import cached_property
 
 import numpy as np
 
-from bnexplore import admission, memory, store, workers
-from bnexplore.batches import batches, targets
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
-from bnexplore.metrics import Divergence, measure
-from bnexplore.params import knobs
-from bnexplore.scenario import Scenario
+from bnexplore.files import store
+from bnexplore.runs import admission, memory
+from bnexplore.runs import pool as workers
+from bnexplore.runs.metrics import Divergence, measure
+from bnexplore.scenario.batches import batches, targets
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import knobs
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Comparison:
     """One scenario's results in memory: the engines' arrays and their measured gaps
-    (the document, its JSON, is made from it at the edge: bnexplore.document)."""
+    (the document, its JSON, is made from it at the edge: bnexplore.judge.document)."""
 
     scenario: Scenario
     notices: tuple[str, ...]
@@ -200,7 +202,7 @@ def compare(
     The memory guard runs first: a scenario whose estimate exceeds the limit is
     refused before anything is allocated, or run without its references where
     those alone would pass it (a notice says so). Then the run waits for its share
-    of the process's one budget (bnexplore.admission); its time limit counts from
+    of the process's one budget (bnexplore.runs.admission); its time limit counts from
     its admission. With ``reuse``, an engine whose result it holds for this scenario is
     not run again (never where Keras 3 starts from a port of PyTorch's state).
     """

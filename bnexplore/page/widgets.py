@@ -19,9 +19,17 @@ from typing import Any
 
 import streamlit as st
 
-from bnexplore import store as uploads
 from bnexplore.engines import LABELS
-from bnexplore.params import (
+from bnexplore.files import store as uploads
+from bnexplore.runs.sweep import start_range
+from bnexplore.scenario.links import (
+    Scenario,
+    format_value,
+    from_pairs,
+    scenario_from_values,
+    shape_for_layer,
+)
+from bnexplore.scenario.params import (
     BY_KEY,
     DEFAULTS,
     GROUPS,
@@ -32,15 +40,7 @@ from bnexplore.params import (
     engine_of,
     knobs,
 )
-from bnexplore.presets import PRESETS, matching
-from bnexplore.scenario import (
-    Scenario,
-    format_value,
-    from_pairs,
-    scenario_from_values,
-    shape_for_layer,
-)
-from bnexplore.sweep import start_range
+from bnexplore.scenario.presets import PRESETS, matching
 
 SWEEP_GROUP = "sweep"
 

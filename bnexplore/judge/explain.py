@@ -22,7 +22,7 @@ A knob whose alignment changes only the kernel that computes a gap, not the rule
 (Keras 2's fused path where its variance estimator cannot reach the gap; PyTorch's
 device between CPU and CUDA; Flax's fast variance), is named "kernel path".
 
-The frameworks' conventions the knobs select are in bnexplore.conventions.
+The frameworks' conventions the knobs select are in bnexplore.scenario.conventions.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from bnexplore.conventions import (
+from bnexplore.engines import LABELS
+from bnexplore.judge.verdicts import GAP_NAMES, part, percent, real_gaps, verdict
+from bnexplore.runs.metrics import Divergence
+from bnexplore.runs.runner import Reuse, compare
+from bnexplore.scenario.conventions import (
     decay_coupling,
     fast_variance,
     feeds_unbiased_variance,
@@ -47,12 +51,8 @@ from bnexplore.conventions import (
     trains_parameters,
     uses_batch_statistics,
 )
-from bnexplore.engines import LABELS
-from bnexplore.metrics import Divergence
-from bnexplore.params import knobs, resolved
-from bnexplore.runner import Reuse, compare
-from bnexplore.scenario import Scenario
-from bnexplore.story import GAP_NAMES, part, percent, real_gaps, verdict
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import knobs, resolved
 
 Changes = dict[str, Any]
 

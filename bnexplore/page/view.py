@@ -27,16 +27,19 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bnexplore import admission, charts, store, sweep, workers
-from bnexplore.document import document as make_document
-from bnexplore.document import headline_pair
 from bnexplore.engines import LABELS
-from bnexplore.explain import differing_knobs, explain, summary
-from bnexplore.formats import Layer
-from bnexplore.params import knobs
-from bnexplore.runner import Comparison, Report, Reuse, admitted_need, compare, strict_json
-from bnexplore.scenario import Scenario
-from bnexplore.story import verdicts
+from bnexplore.files import store
+from bnexplore.files.formats import Layer
+from bnexplore.judge.document import document as make_document
+from bnexplore.judge.document import headline_pair
+from bnexplore.judge.explain import differing_knobs, explain, summary
+from bnexplore.judge.verdicts import verdicts
+from bnexplore.page import charts
+from bnexplore.runs import admission, sweep
+from bnexplore.runs import pool as workers
+from bnexplore.runs.runner import Comparison, Report, Reuse, admitted_need, compare, strict_json
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import knobs
 
 log = logging.getLogger(__name__)
 

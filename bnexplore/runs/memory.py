@@ -30,9 +30,9 @@ a number with KiB, MiB or GiB).
 from __future__ import annotations
 
 from bnexplore import settings
-from bnexplore.batches import numpy_dtype
-from bnexplore.params import knobs
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.batches import numpy_dtype
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import knobs
 
 DEFAULT_LIMIT = settings.DEFAULT_MEMORY_LIMIT
 PER_CHANNEL = 256
@@ -77,7 +77,7 @@ def estimate(scenario: Scenario, reference: bool) -> int:
 
 def _file_batches(scenario: Scenario, values: int, itemsize: int) -> int:
     """A batch file: its arrays as stored, a float64 widening, and each pass's cast kept."""
-    from bnexplore import store
+    from bnexplore.files import store
 
     try:
         info = store.batches_info(scenario["file"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnexplore.batches import numpy_dtype
+from bnexplore.scenario.batches import numpy_dtype
 
 SHIP_ABOVE = 64 * 1024
 """Arrays larger than this many bytes go through a shared-memory file."""

@@ -1,7 +1,7 @@
 """The scenario's parameters: one declarative table.
 
 Every knob of a scenario is one row of :data:`PARAMS`. The sidebar widgets, the
-link codec (:mod:`bnexplore.scenario`), validation, the CLI and the link reference
+link codec (:mod:`bnexplore.scenario.links`), validation, the CLI and the link reference
 in docs/links.md are all derived from it, so adding a knob is adding a row.
 """
 

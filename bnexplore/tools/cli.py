@@ -12,14 +12,14 @@ from urllib.parse import quote
 import numpy as np
 
 from bnexplore import run
-from bnexplore.docs import LINKS_PAGE, link_reference, refresh_links_page
 from bnexplore.engines import LABELS
-from bnexplore.params import MAX_SWEEP_POINTS, SWEEPABLE
-from bnexplore.presets import PRESETS
-from bnexplore.scenario import parse_link
-from bnexplore.script import reproducer
-from bnexplore.story import GAP_NAMES, percent
-from bnexplore.sweep import sweep_link
+from bnexplore.judge.verdicts import GAP_NAMES, percent
+from bnexplore.porting.script import reproducer
+from bnexplore.runs.sweep import sweep_link
+from bnexplore.scenario.links import parse_link
+from bnexplore.scenario.params import MAX_SWEEP_POINTS, SWEEPABLE
+from bnexplore.scenario.presets import PRESETS
+from bnexplore.tools.docs import LINKS_PAGE, link_reference, refresh_links_page
 
 
 def link_of(preset: str | None, link: str | None) -> str:
@@ -213,7 +213,7 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _store(path: str) -> int:
     """``state=<digest>`` first (``file=`` for a batch file alone), then what the file holds."""
-    from bnexplore import store
+    from bnexplore.files import store
 
     try:
         digest = store.store_file(path)
@@ -235,7 +235,7 @@ def _store(path: str) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from bnexplore.bench import bench, browser_desk, desk_table, table
+    from bnexplore.tools.bench import bench, browser_desk, desk_table, table
 
     if args.browser:
         desk = browser_desk(report=lambda text: print(text, file=sys.stderr, flush=True))

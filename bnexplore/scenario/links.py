@@ -17,9 +17,10 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from bnexplore import store
-from bnexplore.formats import Layer
-from bnexplore.params import (
+from bnexplore.files import store
+from bnexplore.files.formats import Layer
+from bnexplore.files.store import MIN_PREFIX, short
+from bnexplore.scenario.params import (
     BY_KEY,
     DEFAULTS,
     LINK_VERSION,
@@ -32,8 +33,7 @@ from bnexplore.params import (
     engine_of,
     knobs,
 )
-from bnexplore.presets import PRESETS
-from bnexplore.store import MIN_PREFIX, short
+from bnexplore.scenario.presets import PRESETS
 
 MAX_VALUE_CHARS = 200
 """Longer values are not parsed at all: no parameter needs more."""

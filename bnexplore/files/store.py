@@ -28,7 +28,7 @@ import cachetools
 import numpy as np
 
 from bnexplore import settings
-from bnexplore.formats import (
+from bnexplore.files.formats import (
     BatchInfo,
     FileProblem,
     Layer,

@@ -85,7 +85,7 @@ def bare_calls(link: str) -> Callable[[], None]:
     """
     import torch
 
-    from bnexplore.scenario import parse_link
+    from bnexplore.scenario.links import parse_link
 
     s, _ = parse_link(link)
     with_keras = "keras" in s["engines"]
@@ -131,8 +131,8 @@ def bare_calls(link: str) -> Callable[[], None]:
 
 
 def _bare_sweep(link: str) -> Callable[[], None]:
-    from bnexplore import sweep
-    from bnexplore.scenario import parse_link
+    from bnexplore.runs import sweep
+    from bnexplore.scenario.links import parse_link
 
     scenario, _ = parse_link(link)
     points = [sweep.at(scenario, scenario["sweep"], v)[0].link for v in sweep.values(scenario)]
@@ -156,7 +156,7 @@ def _cold_start() -> dict:
         text=True,
         timeout=600,
         check=True,
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
     )
     return {
         "process_to_first_result_s": time.perf_counter() - start,
@@ -190,7 +190,7 @@ def served_app(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     start = time.perf_counter()
     server = subprocess.Popen(
         [
@@ -294,7 +294,7 @@ def browser_desk(report: Callable[[str], None] = lambda text: None) -> dict:
     link only), then 10 changes of Keras's epsilon in the sidebar, each timed from the
     key press to the settled page, then the first changed link revisited in a fresh
     page (its view cached by the server). Then the same on the Streamlit floor
-    (bnexplore/floor_app.py): the page's shape with nothing computed.
+    (bnexplore/page/floor_app.py): the page's shape with nothing computed.
     """
     skipped = _browser_skip()
     if skipped:
@@ -309,7 +309,10 @@ def browser_desk(report: Callable[[str], None] = lambda text: None) -> dict:
                 report(f"bench: browser desk, {name}")
                 rows.append(_desk_row(browser, url, name, link))
         report("bench: browser desk, the Streamlit floor")
-        with served_app(script=str(Path(__file__).with_name("floor_app.py"))) as (url, _):
+        with served_app(script=str(Path(__file__).parents[1] / "page" / "floor_app.py")) as (
+            url,
+            _,
+        ):
             floor = _desk_row(browser, url, FLOOR, "/")
         browser.close()
     cold = rows[0]["opened_s"] - start  # the first link: streamlit run → its headline
@@ -409,8 +412,8 @@ def bench(
     """Run the benchmark; the result is the JSON document ``bench --json`` prints."""
     import bnexplore
     from bnexplore.engines import EngineUnavailable, load
-    from bnexplore.scenario import parse_link
-    from bnexplore.view import ViewCache
+    from bnexplore.page.view import ViewCache
+    from bnexplore.scenario.links import parse_link
 
     load("torch")
     try:

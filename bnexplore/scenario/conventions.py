@@ -14,8 +14,8 @@ Per engine:
 
 from __future__ import annotations
 
-from bnexplore.params import TORCH_CONVENTION, knobs
-from bnexplore.scenario import Scenario
+from bnexplore.scenario.links import Scenario
+from bnexplore.scenario.params import TORCH_CONVENTION, knobs
 
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 """Compute dtypes tf_keras's fused kernel supports; float64 takes the non-fused path."""

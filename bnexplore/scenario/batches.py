@@ -6,7 +6,7 @@ in order, in float64, then cast to the scenario's dtype:
 - ``normal``: ``rng.standard_normal(shape) * std + mean``
 - ``uniform``: ``rng.uniform(low, high, shape)``
 - ``ones`` and ``constant``: ``value`` everywhere (ones: 1); nothing is drawn.
-- ``file``: the stored file's arrays (bnexplore.store): an ``.npy`` for every pass,
+- ``file``: the stored file's arrays (bnexplore.files.store): an ``.npy`` for every pass,
   an ``.npz``'s ``batch_k`` for pass k (its last for any pass beyond), widened to
   float64, then cast. The scenario's shape is the file's (the link codec sees to it).
 
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bnexplore import store
-from bnexplore.scenario import Scenario
+from bnexplore.files import store
+from bnexplore.scenario.links import Scenario
 
 
 def numpy_dtype(name: str) -> np.dtype:

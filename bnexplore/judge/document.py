@@ -1,7 +1,7 @@
 """The document: a comparison as strict JSON, made once, at the edge.
 
-The run layer measures (:class:`bnexplore.runner.Comparison`); this module reads its
-typed results with the verdicts and the headline (:mod:`bnexplore.story`) and writes
+The run layer measures (:class:`bnexplore.runs.runner.Comparison`); this module reads its
+typed results with the verdicts and the headline (:mod:`bnexplore.judge.verdicts`) and writes
 the document of ``bnexplore.run``, the CLI's ``--json`` and the page's download.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnexplore import story
 from bnexplore.engines import EngineResult
-from bnexplore.metrics import Divergence
-from bnexplore.runner import Comparison, array_key, strict_json
-from bnexplore.scenario import Scenario
+from bnexplore.judge import verdicts as story
+from bnexplore.runs.metrics import Divergence
+from bnexplore.runs.runner import Comparison, array_key, strict_json
+from bnexplore.scenario.links import Scenario
 
 
 def headline_pair(comparison: Comparison) -> Divergence | None:

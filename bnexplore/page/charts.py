@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from bnexplore.engines.registry import BY_LABEL, LABELS
-from bnexplore.runner import Comparison
-from bnexplore.story import GAP_NAMES
+from bnexplore.judge.verdicts import GAP_NAMES
+from bnexplore.runs.runner import Comparison
 
 MAX_ROWS = 4000
 """Rows one chart layer holds at most, under Altair's 5000 (its MaxRowsError): lines
@@ -726,7 +726,7 @@ def history_chart(history: pd.DataFrame, statistic: str) -> alt.LayerChart:
 def step_gaps(comparison: Comparison) -> pd.DataFrame:
     """Per pass and pair: max over channels of |Δ| of each running statistic, and the
     assert_close tolerance there (atol + rtol·max |expected|)."""
-    from bnexplore.metrics import TOLERANCES
+    from bnexplore.runs.metrics import TOLERANCES
 
     rtol, atol = TOLERANCES[comparison.scenario["dtype"]]
     names = [n for n, r in comparison.results.items() if r.history is not None]

@@ -18,10 +18,10 @@ import base64
 import inspect
 import json
 
-from bnexplore import store
 from bnexplore.engines.registry import REGISTRY
-from bnexplore.metrics import output_summary
-from bnexplore.scenario import Scenario
+from bnexplore.files import store
+from bnexplore.runs.metrics import output_summary
+from bnexplore.scenario.links import Scenario
 
 _HEADER = '''"""bnexplore reproducer for {link}
 
@@ -496,7 +496,7 @@ def stored_batches():
 
 def _start_state(scenario: Scenario) -> str:
     """init=state: the layer's four vectors as a literal (float repr is exact)."""
-    from bnexplore.runner import initial_state
+    from bnexplore.runs.runner import initial_state
 
     try:
         state = initial_state(scenario)

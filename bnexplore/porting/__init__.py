@@ -1,0 +1,1 @@
+"""Porting: the translator between frameworks' knobs and the reproducer scripts."""
