@@ -38,7 +38,7 @@ import math
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import BinaryIO
 
@@ -68,12 +68,17 @@ class Layer:
 
     ``problem`` is set (and the layer cannot start a run) when a statistic holds
     NaN or ±inf, the variance is negative, or the four vectors disagree in length.
+    ``eps`` and ``momentum`` are the file's own, where its format carries them (a
+    ``.keras`` or legacy ``.h5`` config, an ONNX node; None elsewhere), momentum in
+    the Keras/ONNX convention: new_running = m·running + (1 − m)·batch.
     """
 
     name: str
     channels: int
     state: Mapping[str, np.ndarray] = field(default_factory=dict)
     problem: str | None = None
+    eps: float | None = None
+    momentum: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", MappingProxyType(dict(self.state)))
@@ -82,6 +87,29 @@ class Layer:
     def label(self) -> str:
         """The name as people read it: the bare layer of a single module's state_dict."""
         return self.name or "(top level)"
+
+
+MODEL_FORMATS = ("pytorch", "safetensors", "npz", "keras", "keras_weights", "keras_h5", "onnx")
+"""What :attr:`ModelFile.format` may say: a ``.pt``/``.pth``, a ``.safetensors``, an
+``.npz``, a Keras 3 ``.keras`` zip, a weights-only HDF5 (Keras 3 ``.weights.h5`` or a
+legacy ``save_weights("x.h5")``), a legacy full model (``model.save("x.h5")``), an ``.onnx``."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """What a whole checkpoint holds for bnexplore: its BatchNorm layers, in file order.
+
+    ``source`` is the framework the file itself names: "torch" (PyTorch's names, or an
+    ONNX file produced by "pytorch"), "keras" (Keras 3, or Keras's names in a
+    name → array file), "keras2" (a legacy ``.h5`` of Keras 2.x, or an ONNX file from
+    "tf2onnx"), or None where the file does not say. ``notices`` are for a person:
+    what the file could not tell (a weights-only file has no eps), and how it was read.
+    """
+
+    format: str
+    source: str | None
+    layers: tuple[Layer, ...]
+    notices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,8 @@ def sniff(f: BinaryIO) -> str:
         header_len = int.from_bytes(head[:8], "little")
         if head[8:9] == b"{" and 0 < header_len < 100_000_000:
             return "safetensors"
+    if _looks_like_onnx(f):  # no magic bytes: the last resort, a parse of its top level
+        return "onnx"
     raise FileProblem(
         "not a file bnexplore reads: expected PyTorch .pt/.pth, .safetensors, "
         ".keras, .weights.h5, .npz or .npy"
@@ -231,6 +261,18 @@ def _framework(module: str, what: str):
 
 def read_layers(f: BinaryIO) -> tuple[Layer, ...]:
     """Every BatchNorm layer in a file, in file order; raises FileProblem."""
+    return read_model(f).layers
+
+
+NO_LAYER = (
+    "no BatchNorm layer found: expected P.running_mean and P.running_var "
+    "(or P.moving_mean and P.moving_variance)"
+)
+
+
+def read_model(f: BinaryIO) -> ModelFile:
+    """A whole checkpoint's BatchNorm layers, its format and the framework it names;
+    raises FileProblem (a file with no BatchNorm layer among them)."""
     kind = sniff(f)
     if kind == "npy":
         raise FileProblem(
@@ -238,17 +280,29 @@ def read_layers(f: BinaryIO) -> tuple[Layer, ...]:
             "P.running_mean, P.running_var (and P.weight, P.bias)"
         )
     if kind == "keras":
-        layers = _keras_layers(f)
+        model = ModelFile("keras", "keras", _keras_layers(f))
     elif kind == "weights.h5":
-        layers = _bare_weights_layers(f)
+        model = _hdf5_model(f)
+    elif kind == "onnx":
+        model = _onnx_model(f)
     else:
-        layers = _named_layers(_named_arrays(kind, f))
-    if not layers:
-        raise FileProblem(
-            "no BatchNorm layer found: expected P.running_mean and P.running_var "
-            "(or P.moving_mean and P.moving_variance)"
-        )
-    return layers
+        arrays = _named_arrays(kind, f)
+        layers = _named_layers(arrays)
+        fmt = {"torch": "pytorch"}.get(kind, kind)
+        model = ModelFile(fmt, _named_source(arrays, layers), layers)
+    if not model.layers:
+        raise FileProblem(NO_LAYER)
+    return model
+
+
+def _named_source(arrays: Mapping[str, np.ndarray], layers: tuple[Layer, ...]) -> str | None:
+    """ "torch" when every layer has PyTorch's names, "keras" when every one has Keras's."""
+    found = set()
+    for layer in layers:
+        prefix = f"{layer.name}." if layer.name else ""
+        torch_names = prefix + TORCH_NAMES["mean"] in arrays
+        found.add("torch" if torch_names else "keras")
+    return found.pop() if len(found) == 1 else None
 
 
 def _named_arrays(kind: str, f: BinaryIO) -> dict[str, np.ndarray]:
@@ -454,8 +508,19 @@ def _named_layers(arrays: Mapping[str, np.ndarray]) -> tuple[Layer, ...]:
 _PAIRS = (("weight", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var"))
 
 
-def _layer(name: str, found: Mapping[str, np.ndarray | None]) -> Layer:
-    """A layer from its four arrays (γ, β may be None), checked."""
+def _layer(
+    name: str,
+    found: Mapping[str, np.ndarray | None],
+    eps: float | None = None,
+    momentum: float | None = None,
+) -> Layer:
+    """A layer from its four arrays (γ, β may be None), checked; with the file's eps and
+    momentum where it has them."""
+    layer = _checked_layer(name, found)
+    return replace(layer, eps=eps, momentum=momentum) if (eps, momentum) != (None, None) else layer
+
+
+def _checked_layer(name: str, found: Mapping[str, np.ndarray | None]) -> Layer:
     shapes = {k: np.shape(v) for k, v in found.items() if v is not None}
     channels = int(np.size(found["running_var"]))
     if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
@@ -528,12 +593,23 @@ def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:
             )
             continue
         found = dict.fromkeys(STATE_NAMES) | dict(zip(order, vectors, strict=True))
-        layers.append(_layer(name, found))
+        layers.append(_layer(name, found, eps=opts["eps"], momentum=opts["momentum"]))
     return tuple(layers)
 
 
+BATCHNORM_CLASSES = {
+    "BatchNormalization",
+    "BatchNormalizationV1",
+    "BatchNormalizationV2",
+    "SyncBatchNormalization",
+}
+"""The class names Keras 3, tf.keras and Keras 2 write for a BatchNorm layer."""
+
+
 def _find_batchnorms(config) -> dict[str, dict]:
-    """Each BatchNormalization in a Keras config (nested models too), in order."""
+    """Each BatchNormalization in a Keras config (nested models too), in order: its
+    ``scale`` and ``center`` switches, ``eps``, ``momentum`` (None where missing or not
+    a finite number) and ``axis`` (as written)."""
     found: dict[str, dict] = {}
     stack: list[tuple[object, int]] = [(config, 0)]
     seen = 0
@@ -544,17 +620,28 @@ def _find_batchnorms(config) -> dict[str, dict]:
             raise FileProblem("its config.json is nested too deeply or holds too much")
         if isinstance(item, dict):
             inner = item.get("config")
-            if item.get("class_name") == "BatchNormalization" and isinstance(inner, dict):
+            if item.get("class_name") in BATCHNORM_CLASSES and isinstance(inner, dict):
                 name = inner.get("name")
                 if isinstance(name, str) and name not in found:
                     found[name] = {
                         "scale": bool(inner.get("scale", True)),
                         "center": bool(inner.get("center", True)),
+                        "eps": _number(inner.get("epsilon")),
+                        "momentum": _number(inner.get("momentum")),
+                        "axis": inner.get("axis", -1),
                     }
             stack.extend((value, depth + 1) for value in reversed(list(item.values())))
         elif isinstance(item, list):
             stack.extend((value, depth + 1) for value in reversed(item))
     return found
+
+
+def _number(value) -> float | None:
+    """A config's or attribute's number as a float; None if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _vars_groups(
@@ -668,10 +755,21 @@ def _name_attribute(group) -> str | None:
     return name[:1000]
 
 
-def _bare_weights_layers(f: BinaryIO) -> tuple[Layer, ...]:
+def _hdf5_model(f: BinaryIO) -> ModelFile:
+    """An HDF5 file: Keras 3 weights (``…/vars`` groups), else a legacy Keras ``.h5``."""
     groups = _vars_groups(f)
-    if not groups:
-        raise FileProblem("an HDF5 file without Keras 3 layer weights (layers/…/vars)")
+    if groups:
+        return ModelFile("keras_weights", "keras", _bare_weights_layers(groups), (NO_CONFIG,))
+    return _legacy_h5_model(f)
+
+
+NO_CONFIG = (
+    "a weights-only file carries no config: each layer's eps and momentum are unknown "
+    "(the full model, model.save(...), carries them)"
+)
+
+
+def _bare_weights_layers(groups: Mapping[str, list]) -> tuple[Layer, ...]:
     odd = [
         name
         for name, found in groups.items()
@@ -687,6 +785,402 @@ def _bare_weights_layers(f: BinaryIO) -> tuple[Layer, ...]:
         _layer(name, dict(zip(STATE_NAMES, [a for _, a in found], strict=True)))
         for name, found in groups.items()
     )
+
+
+# --- legacy Keras .h5 (Keras 2 / tf.keras model.save("x.h5") and save_weights("x.h5")) -----
+
+NOT_KERAS_H5 = (
+    "an HDF5 file without Keras layer weights: neither Keras 3's layers/…/vars groups nor "
+    "a legacy Keras .h5's layer_names"
+)
+_INDEX_SUFFIX = re.compile(r":\d+$")
+LEGACY_NAMES = {
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+}
+"""A legacy weight's last name (``bn1/gamma:0`` → ``gamma``) → our name."""
+
+
+def _legacy_h5_model(f: BinaryIO) -> ModelFile:
+    """A legacy Keras ``.h5``: the layer groups under ``model_weights/`` (a full model) or
+    at the root (weights only), in ``layer_names`` order; each layer's vectors named by its
+    ``weight_names`` (``bn1/gamma:0``). A BatchNorm is a weight-name prefix with
+    ``moving_mean`` and ``moving_variance``; a full model's ``model_config`` gives its eps
+    and momentum. The whole file is walked and checked first, as for Keras 3 weights."""
+    h5py = _framework("h5py", "a Keras .h5 file")
+    budget = Budget()
+    try:
+        with h5py.File(f, "r") as h5:
+            _walk_hdf5(h5, h5py, budget)  # every link and dataset checked; no data read
+            full = isinstance(h5.get("model_weights"), h5py.Group)
+            top = h5["model_weights"] if full else h5
+            layer_names = _strings_attribute(top, "layer_names", budget)
+            if layer_names is None:
+                raise FileProblem(NOT_KERAS_H5)
+            version = _string_attribute(h5, "keras_version", 1000, "its keras_version")
+            source = {"2": "keras2", "3": "keras"}.get((version or "").split(".", 1)[0])
+            options: dict[str, dict] = {}
+            if full:
+                raw = _string_attribute(
+                    h5, "model_config", settings.max_config_bytes(), "its model_config"
+                )
+                if raw is not None:
+                    options = _find_batchnorms(_json(raw.encode(), "its model_config"))
+            found = _legacy_batchnorms(top, layer_names, h5py, budget)
+            layers, notices = _legacy_layers(found, options, h5py, budget)
+    except FileProblem:
+        raise
+    except RecursionError:
+        raise FileProblem("an HDF5 file nested too deeply") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise FileProblem(f"a truncated or malformed Keras .h5 file ({exc})") from None
+    if not full:
+        notices.insert(0, NO_CONFIG)
+    elif not options:
+        notices.insert(0, "its model_config names no BatchNormalization: eps and momentum unknown")
+    return ModelFile("keras_h5" if full else "keras_weights", source, layers, tuple(notices))
+
+
+def _legacy_batchnorms(top, layer_names: list[str], h5py, budget: Budget) -> list[tuple]:
+    """(prefix, {last name: dataset}) of each BatchNorm, in layer_names then weight_names
+    order; a nested model's group holds its inner layers' weights (``ibn/beta:0``)."""
+    found: dict[str, dict] = {}
+    for layer_name in layer_names:
+        group = top.get(layer_name)
+        if not isinstance(group, h5py.Group):
+            continue
+        for weight in _strings_attribute(group, "weight_names", budget) or ():
+            prefix, _, last = weight.rpartition("/")
+            data = group.get(weight)
+            if isinstance(data, h5py.Dataset):
+                found.setdefault(prefix or layer_name, {})[_INDEX_SUFFIX.sub("", last)] = data
+    return [
+        (prefix, variables)
+        for prefix, variables in found.items()
+        if {"moving_mean", "moving_variance"} <= set(variables)
+    ]
+
+
+def _legacy_layers(
+    found: list[tuple], options: Mapping[str, dict], h5py, budget: Budget
+) -> tuple[tuple[Layer, ...], list[str]]:
+    """Each BatchNorm's layer, named by its weight-name prefix (by its config name when
+    the prefix ends in one: Keras 3 writes ``sequential/bn1``), with its config's eps and
+    momentum."""
+
+    def short(prefix: str) -> str:
+        last = prefix.rsplit("/", 1)[-1]
+        return last if prefix not in options and last in options else prefix
+
+    names = [short(prefix) for prefix, _ in found]
+    layers, notices = [], []
+    for (prefix, variables), name in zip(found, names, strict=True):
+        name = name if names.count(name) == 1 else prefix
+        opts = options.get(prefix) or options.get(name) or {}
+        arrays = {
+            ours: _read_vector(variables[theirs], name, h5py, budget)[1]
+            if theirs in variables
+            else None
+            for theirs, ours in LEGACY_NAMES.items()
+        }
+        unread = [t for t, o in LEGACY_NAMES.items() if t in variables and arrays[o] is None]
+        mismatch = [
+            f"{switch}={opts[switch]} but {'a' if opts[switch] else 'no'} {vector}"
+            for switch, vector in (("scale", "gamma"), ("center", "beta"))
+            if switch in opts and opts[switch] != (vector in variables)
+        ]
+        if unread or mismatch:
+            what = (
+                f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not numeric vectors"
+                if unread
+                else f"its config says {' and '.join(mismatch)} in the file"
+            )
+            layers.append(Layer(name, 0, problem=what))
+            continue
+        layers.append(_layer(name, arrays, eps=opts.get("eps"), momentum=opts.get("momentum")))
+        if opts.get("axis") in (1, [1]):
+            notices.append(f"{name} normalizes axis 1 (a channels-first Keras model)")
+    return tuple(layers), notices
+
+
+def _attribute_id(obj, key: str):
+    return obj.attrs.get_id(key) if key in obj.attrs else None
+
+
+def _text(value) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size else ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _string_attribute(obj, key: str, most: int, what: str) -> str | None:
+    """A scalar string attribute, at most ``most`` bytes: a fixed-length one is measured
+    before it is read; a variable-length one lives in the file (bounded by its size) and
+    is measured before it is parsed."""
+    aid = _attribute_id(obj, key)
+    if aid is None or aid.shape not in ((), (1,)):
+        return None
+    if aid.dtype.kind in "SU" and aid.get_storage_size() > most:
+        raise FileProblem(f"{what} holds more than {settings.exact_words(most)}: refused")
+    value = obj.attrs[key]
+    if not isinstance(value, str | bytes | np.ndarray):
+        return None
+    text = _text(value)
+    if len(text) > most:
+        raise FileProblem(
+            f"{what} holds more than {settings.exact_words(most)} "
+            "(BNEXPLORE_MAX_CONFIG_BYTES): refused before parsing it"
+        )
+    return text
+
+
+def _strings_attribute(obj, key: str, budget: Budget) -> list[str] | None:
+    """A 1-D attribute of names (``layer_names``, ``weight_names``), counted against the
+    object budget before it is read; an empty one may be stored as float64."""
+    aid = _attribute_id(obj, key)
+    if aid is None or len(aid.shape) > 1:
+        return None
+    count = math.prod(aid.shape)
+    budget.scan(count)
+    if count == 0:
+        return []
+    if aid.dtype.kind not in "SUO":
+        return None
+    values = np.asarray(obj.attrs[key]).reshape(-1)
+    return [_text(value)[:1000] for value in values]
+
+
+# --- ONNX ------------------------------------------------------------------------------
+
+NO_BN_NODE = (
+    "no BatchNormalization node: exporters fold eval BatchNorm into the preceding Conv; "
+    "re-export with optimize=False"
+)
+_ONNX_FIELDS = {1: 0, 5: 0, 2: 2, 3: 2, 4: 2, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+"""ModelProto's top-level fields and their wire types (0 varint, 2 length-delimited)."""
+ONNX_ROLES = ("weight", "bias", "running_mean", "running_var")
+"""A BatchNormalization node's inputs 1–4 (scale, B, input_mean, input_var), our names."""
+
+
+def _looks_like_onnx(f: BinaryIO) -> bool:
+    """Whether the whole file parses as a protobuf ModelProto's top-level fields, with an
+    ir_version and a graph: length-delimited fields are skipped by seeking, nothing is kept."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    seen: set[int] = set()
+    count = 0
+    try:
+        while f.tell() < size:
+            tag = _varint(f)
+            number, wire = tag >> 3, tag & 7
+            if wire != _ONNX_FIELDS.get(number, wire) or wire not in (0, 1, 2, 5) or not number:
+                return False
+            if wire == 0:
+                _varint(f)
+            else:
+                skip = {1: 8, 5: 4}.get(wire) or _varint(f)
+                if f.tell() + skip > size:
+                    return False
+                f.seek(skip, io.SEEK_CUR)
+            seen.add(number)
+            count += 1
+            if count > settings.max_objects():
+                return False
+        return {1, 7} <= seen
+    except ValueError:
+        return False
+    finally:
+        f.seek(0)
+
+
+def _varint(f: BinaryIO) -> int:
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("truncated varint")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+    raise ValueError("a varint of more than 10 bytes")
+
+
+def _onnx_model(f: BinaryIO) -> ModelFile:
+    """An ``.onnx``: each BatchNormalization node in graph order, its epsilon and momentum
+    attributes, its four vectors from initializers (or Constant nodes, through Identity
+    nodes). Every initializer's location and dims are checked before any tensor is
+    converted; external data is refused, never loaded."""
+    onnx = _framework("onnx", "an ONNX file")
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    try:
+        model = onnx.load_model_from_string(f.read())
+    except RecursionError:
+        raise FileProblem("an ONNX file nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise FileProblem(f"a truncated or malformed ONNX file ({exc})") from None
+    graph = model.graph
+    budget = Budget()
+    budget.scan(len(graph.initializer) + len(graph.node))
+    stored = {tensor.name: tensor for tensor in graph.initializer}
+    made: dict[str, object] = {}
+    for tensor in graph.initializer:
+        _check_onnx_tensor(tensor, size, onnx)
+    for node in graph.node:
+        if node.op_type in ("Identity", "Constant") and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    _check_onnx_tensor(attribute.t, size, onnx)
+            if node.output:
+                made[node.output[0]] = node
+    nodes = [
+        node
+        for node in graph.node
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+    ]
+    if not nodes:
+        raise FileProblem(
+            f"{NO_BN_NODE} (torch.onnx.export(..., optimize=False); with dynamo=False, "
+            "do_constant_folding=False)"
+        )
+    used: set[str] = set()
+    layers = []
+    for k, node in enumerate(nodes):
+        name = _onnx_layer_name(node, used, k)
+        used.add(name)
+        layers.append(_onnx_layer(node, name, stored, made, onnx, budget))
+    notices = [
+        "ONNX stores epsilon and momentum as float32 (1e-5 as 9.99999975e-06): each is read "
+        "as the shortest decimal that rounds to it (1e-05)"
+    ]
+    source = {"pytorch": "torch", "tf2onnx": "keras2"}.get(model.producer_name)
+    return ModelFile("onnx", source, tuple(layers), tuple(notices))
+
+
+def _check_onnx_tensor(tensor, size: int, onnx) -> None:
+    """Refuse a tensor whose data lives outside the file, or whose dims declare more values
+    than it holds (checked before it is ever converted)."""
+    name = repr(tensor.name[:200])
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+        where = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        raise FileProblem(
+            f"an ONNX file whose tensor {name} keeps its data in an external file "
+            f"({where[:100]!r}): refused, as reading it would read a file outside the upload. "
+            "Re-export with the weights inside: torch.onnx.export(..., external_data=False)"
+        )
+    dims = tuple(int(d) for d in tensor.dims)
+    if any(d < 0 for d in dims):
+        raise FileProblem(f"a malformed ONNX file: tensor {name} has dims {dims}")
+    values = math.prod(dims)
+    if tensor.HasField("raw_data"):
+        held = len(tensor.raw_data)
+    else:
+        held = sum(
+            len(getattr(tensor, typed))
+            for typed in (
+                "float_data",
+                "int32_data",
+                "string_data",
+                "int64_data",
+                "double_data",
+                "uint64_data",
+            )
+        )
+    if values > 2 * held + 1 or values > 2 * size:
+        raise FileProblem(
+            f"a malformed ONNX file: tensor {name} declares dims {list(dims)} ({values:,} "
+            f"values) and holds {held:,}: refused before reading it"
+        )
+
+
+def _onnx_layer(node, name: str, stored, made, onnx, budget: Budget) -> Layer:
+    """A BatchNormalization node's layer: its four vectors, checked then converted."""
+    inputs = list(node.input)
+    if len(inputs) < 5:
+        return Layer(name, 0, problem=f"a BatchNormalization node with {len(inputs)} inputs")
+    found: dict[str, np.ndarray | None] = {}
+    for role, source in zip(ONNX_ROLES, inputs[1:5], strict=True):
+        tensor = _onnx_tensor(source, stored, made)
+        if tensor is None:
+            return Layer(
+                name,
+                0,
+                problem=(
+                    f"its {role} ({source[:200]!r}) is computed in the graph, not stored: "
+                    "bnexplore reads initializers and Constant nodes"
+                ),
+            )
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, ValueError, TypeError):
+            return Layer(name, 0, problem=f"its {role} has ONNX data type {tensor.data_type}")
+        if dtype.kind not in "fiub":
+            return Layer(name, 0, problem=f"its {role} holds {dtype}, not real numbers")
+        budget.vector(f"{name}'s {role}", tuple(int(d) for d in tensor.dims), dtype.itemsize)
+        try:
+            found[role] = onnx.numpy_helper.to_array(tensor).astype(np.float64)
+        except (ValueError, TypeError) as exc:
+            return Layer(name, 0, problem=f"its {role} cannot be read ({exc})")
+    attributes = {a.name: a for a in node.attribute}
+    eps = _float32_number(attributes["epsilon"].f) if "epsilon" in attributes else 1e-5
+    momentum = _float32_number(attributes["momentum"].f) if "momentum" in attributes else 0.9
+    return _layer(name, found, eps=eps, momentum=momentum)
+
+
+def _onnx_tensor(name: str, stored, made, depth: int = 0):
+    """The TensorProto an input names: an initializer, or a Constant node's value, through
+    Identity nodes; None if it is computed."""
+    while depth <= MAX_NESTING:
+        if name in stored:
+            return stored[name]
+        node = made.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            values = (a.t for a in node.attribute if a.name == "value" and a.HasField("t"))
+            return next(values, None)
+        if not node.input:
+            return None
+        name, depth = node.input[0], depth + 1
+    return None
+
+
+def _float32_number(value: float) -> float | None:
+    """A float32 attribute as the shortest decimal that rounds to it (9.99999975e-06 →
+    1e-05), so that a file's 1e-5 reads as 1e-5."""
+    return _number(float(str(np.float32(value))))
+
+
+_SEPARATORS = "._/"
+
+
+def _onnx_layer_name(node, used: set[str], k: int) -> str:
+    """A BatchNorm node's layer name: the common prefix of its four vectors' names ("bn1"
+    from bn1.weight, bn1.bias, …), cut back to a separator; else the node's name."""
+    names = [n for n in list(node.input)[1:5] if n]
+    prefix = ""
+    if len(names) == 4:
+        prefix = names[0][: len(_common_prefix(names))]
+        if prefix and prefix[-1] not in _SEPARATORS and any(n != prefix for n in names):
+            cut = max(prefix.rfind(s) for s in _SEPARATORS)
+            prefix = prefix[: cut + 1] if cut >= 0 else ""
+        prefix = prefix.rstrip(_SEPARATORS)
+    for name in (prefix, node.name, f"batchnorm_{k}"):
+        if name and name not in used:
+            return name[:1000]
+    return f"batchnorm_{k}_{len(used)}"
+
+
+def _common_prefix(names: list[str]) -> str:
+    first, last = min(names), max(names)
+    end = 0
+    while end < min(len(first), len(last)) and first[end] == last[end]:
+        end += 1
+    return first[:end]
 
 
 # --- input batches -------------------------------------------------------------------------

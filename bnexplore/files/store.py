@@ -32,10 +32,12 @@ from bnexplore.files.formats import (
     BatchInfo,
     FileProblem,
     Layer,
+    ModelFile,
     batch_info,
     check_batch_data,
     read_batches,
     read_layers,
+    read_model,
     sniff,
 )
 
@@ -185,7 +187,13 @@ def _guarded(reader, f):
 
 def layers(digest: str) -> tuple[Layer, ...]:
     """The BatchNorm layers of a stored file; raises FileProblem."""
-    return _answer(_read(digest, read_layers))
+    return model(digest).layers
+
+
+def model(digest: str) -> ModelFile:
+    """A stored file as a whole checkpoint: its format, the framework it names, its
+    BatchNorm layers and notices (cached with the parsed files); raises FileProblem."""
+    return _answer(_read(digest, read_model))
 
 
 def batches_info(digest: str) -> BatchInfo:
@@ -213,6 +221,8 @@ def _footprint(value) -> int:
         return value.nbytes + 128
     if isinstance(value, Layer):
         return sum(_footprint(v) for v in value.state.values()) + 512
+    if isinstance(value, ModelFile):
+        return _footprint(value.layers) + sum(len(n) for n in value.notices) + 512
     if isinstance(value, tuple):
         return sum(_footprint(v) for v in value) + 64
     return 512
