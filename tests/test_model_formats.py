@@ -1,0 +1,363 @@
+"""Whole-model checkpoints: read_model on every format, with the file's own eps and
+momentum, the framework it names, and the refusals of the new formats (legacy Keras .h5,
+ONNX). The files are real: exported by torch, Keras 3 and tf_keras (tests/checkpoints.py)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from bnexplore.files import store
+from bnexplore.files.formats import (
+    NO_BN_NODE,
+    FileProblem,
+    ModelFile,
+    read_layers,
+    read_model,
+    sniff,
+)
+from tests import checkpoints
+from tests.team_server import TreeMemory
+
+SECRET = b"API_TOKEN=sk-model-formats-0123456789abcdef-never-to-be-read\n" * 4
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return checkpoints.small_cnn()
+
+
+@pytest.fixture(scope="module")
+def files(cnn, tmp_path_factory) -> Path:
+    """The small CNN in every format bnexplore reads."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    checkpoints.save_state_dict(cnn, folder / "m.pt")
+    checkpoints.save_npz(cnn, folder / "m.npz")
+    checkpoints.save_onnx(cnn, folder / "m.onnx")
+    checkpoints.save_onnx(cnn, folder / "legacy.onnx", dynamo=False)
+    checkpoints.save_keras(cnn, folder / "m.keras")
+    checkpoints.save_keras_h5(cnn, folder / "m.h5")
+    checkpoints.save_keras_h5(cnn, folder / "w.h5", weights_only=True)
+    return folder
+
+
+def read(path: Path) -> ModelFile:
+    with open(path, "rb") as f:
+        return read_model(f)
+
+
+TORCH_NAMES = ["bn1", "bn2", "bn3", "bn4"]
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "source", "eps", "momentum"),
+    [
+        ("m.pt", "pytorch", "torch", None, None),
+        ("m.npz", "npz", "torch", None, None),
+        ("m.onnx", "onnx", "torch", 1e-5, 0.9),
+        ("legacy.onnx", "onnx", "torch", 1e-5, 0.9),
+        ("m.keras", "keras", "keras", 1e-5, 0.9),
+        ("m.h5", "keras_h5", "keras2", 1e-5, 0.9),
+        ("w.h5", "keras_weights", "keras2", None, None),
+    ],
+)
+def test_every_format_gives_the_torch_layers(cnn, files, name, fmt, source, eps, momentum):
+    model = read(files / name)
+    assert (model.format, model.source) == (fmt, source)
+    assert [layer.name for layer in model.layers] == TORCH_NAMES
+    want = checkpoints.bn_layers(cnn)
+    for layer in model.layers:
+        assert layer.problem is None
+        assert (layer.eps, layer.momentum) == (eps, momentum)
+        for key, value in want[layer.name].items():
+            np.testing.assert_array_equal(layer.state[key], value.astype(np.float64))
+    with open(files / name, "rb") as f:
+        again = read_layers(f)
+    assert [(x.name, x.channels, x.eps) for x in again] == [
+        (x.name, x.channels, x.eps) for x in model.layers
+    ]
+    if eps is None and fmt.startswith("keras"):
+        assert any("no config" in notice for notice in model.notices)
+
+
+def test_the_tiny_layer_has_tiny_variances(cnn) -> None:
+    var = checkpoints.bn_layers(cnn)[checkpoints.TINY_LAYER]["running_var"]
+    assert var.min() >= 1e-5 and var.max() <= 1e-3
+    others = [v["running_var"] for n, v in checkpoints.bn_layers(cnn).items() if n != "bn3"]
+    assert min(v.min() for v in others) > 1e-2
+
+
+def test_a_keras_port_with_torch_momentum_and_mutations(cnn, tmp_path) -> None:
+    checkpoints.save_keras(cnn, tmp_path / "m01.keras", momentum=checkpoints.AS_TORCH)
+    assert {layer.momentum for layer in read(tmp_path / "m01.keras").layers} == {0.1}
+    layers = checkpoints.bn_layers(cnn)
+    swapped = checkpoints.swap_mean_var(layers, "bn2")
+    assert swapped["bn2"]["running_var"] is not layers["bn2"]["running_var"]
+    np.testing.assert_array_equal(swapped["bn2"]["running_var"], layers["bn2"]["running_mean"])
+    np.testing.assert_array_equal(swapped["bn1"]["running_var"], layers["bn1"]["running_var"])
+    np.testing.assert_array_equal(
+        checkpoints.swap_gamma_beta(layers, "bn1")["bn1"]["weight"], layers["bn1"]["bias"]
+    )
+    np.testing.assert_allclose(
+        checkpoints.std_for_var(layers, "bn4")["bn4"]["running_var"] ** 2,
+        layers["bn4"]["running_var"],
+        rtol=1e-6,
+    )
+    assert list(checkpoints.drop_layer(layers, "bn3")) == ["bn1", "bn2", "bn4"]
+    checkpoints.save_keras(checkpoints.std_for_var(layers, "bn4"), tmp_path / "std.keras")
+    found = {layer.name: layer for layer in read(tmp_path / "std.keras").layers}
+    np.testing.assert_allclose(
+        found["bn4"].state["running_var"], np.sqrt(layers["bn4"]["running_var"]), rtol=1e-6
+    )
+    assert found["bn1"].eps == 1e-5 and found["bn1"].momentum == 0.9
+    checkpoints.save_keras_h5(checkpoints.drop_layer(layers, "bn1"), tmp_path / "d.h5")
+    assert [layer.name for layer in read(tmp_path / "d.h5").layers] == ["bn2", "bn3", "bn4"]
+
+
+def test_resnet50_state(tmp_path) -> None:
+    state = checkpoints.resnet50_state()
+    layers = checkpoints.bn_layers(state)
+    assert len(layers) == 53 and sum(len(v["running_var"]) for v in layers.values()) == 26_560
+    assert list(layers)[:3] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+    assert "layer4.0.downsample.1" in layers and "layer4.2.bn3" in layers
+    checkpoints.save_npz(state, tmp_path / "r.npz")
+    checkpoints.save_torch(state, tmp_path / "r.pt")
+    for name in ("r.npz", "r.pt"):
+        model = read(tmp_path / name)
+        assert model.source == "torch"
+        assert [layer.name for layer in model.layers] == list(layers)
+        assert all(layer.problem is None for layer in model.layers)
+
+
+def test_keras_names_in_a_name_file_mean_keras(tmp_path) -> None:
+    arrays = {"b.moving_mean": np.zeros(3), "b.moving_variance": np.ones(3)}
+    np.savez(tmp_path / "k.npz", **arrays)
+    model = read(tmp_path / "k.npz")
+    assert (model.format, model.source, model.layers[0].eps) == ("npz", "keras", None)
+
+
+# --- legacy Keras .h5 -----------------------------------------------------------------------
+
+
+def test_a_nested_tf_keras_model(tmp_path) -> None:
+    import tf_keras as k
+
+    inner_in = k.Input((4, 4, 3))
+    x = k.layers.Conv2D(4, 3, padding="same", name="iconv")(inner_in)
+    x = k.layers.BatchNormalization(name="ibn", epsilon=1e-4, momentum=0.8, scale=False)(x)
+    inner = k.Model(inner_in, x, name="inner")
+    model = k.Sequential(
+        [
+            k.Input((4, 4, 3)),
+            k.layers.BatchNormalization(name="bn0", epsilon=2e-3, momentum=0.95),
+            inner,
+            k.layers.BatchNormalization(name="bn2", center=False),
+        ]
+    )
+    ibn = model.get_layer("inner").get_layer("ibn")
+    ibn.set_weights([np.full(4, 0.5), np.arange(4.0), np.full(4, 3.0)])
+    model.save(tmp_path / "n.h5")
+    model.save_weights(tmp_path / "nw.h5")
+    full, weights = read(tmp_path / "n.h5"), read(tmp_path / "nw.h5")
+    assert [layer.name for layer in full.layers] == ["bn0", "ibn", "bn2"]
+    assert [layer.name for layer in weights.layers] == ["bn0", "ibn", "bn2"]
+    assert [(layer.eps, layer.momentum) for layer in full.layers] == [
+        (2e-3, 0.95),
+        (1e-4, 0.8),
+        (1e-3, 0.99),
+    ]
+    inner_layer = full.layers[1]
+    np.testing.assert_array_equal(inner_layer.state["weight"], np.ones(4))  # scale=False
+    np.testing.assert_array_equal(inner_layer.state["bias"], np.full(4, 0.5))
+    np.testing.assert_array_equal(inner_layer.state["running_var"], np.full(4, 3.0))
+    np.testing.assert_array_equal(full.layers[2].state["bias"], np.zeros(4))  # center=False
+    assert weights.format == "keras_weights" and weights.layers[1].eps is None
+
+
+def test_a_keras3_legacy_h5_is_keras(tmp_path) -> None:
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.BatchNormalization(name="bn", epsilon=1e-5)]
+    )
+    model.save(tmp_path / "k3.h5")
+    found = read(tmp_path / "k3.h5")
+    assert (found.format, found.source) == ("keras_h5", "keras")
+    assert [(layer.name, layer.eps, layer.momentum) for layer in found.layers] == [
+        ("bn", 1e-5, 0.99)
+    ]
+
+
+def legacy_h5(path: Path, **extra) -> None:
+    """A hand-made weights-only legacy .h5: one BatchNorm "bn" of 3 channels."""
+    with h5py.File(path, "w") as h5:
+        h5.attrs["keras_version"] = "2.15.0"
+        h5.attrs["layer_names"] = ["bn"]
+        group = h5.create_group("bn")
+        group.attrs["weight_names"] = ["bn/moving_mean:0", "bn/moving_variance:0"]
+        group.create_dataset("bn/moving_mean:0", data=np.zeros(3, "f4"))
+        if "external" in extra:
+            group.create_dataset(
+                "bn/moving_variance:0", shape=(3,), dtype="f4", external=[extra["external"]]
+            )
+        else:
+            group.create_dataset("bn/moving_variance:0", data=np.ones(3, "f4"))
+        if "link" in extra:
+            h5["elsewhere"] = h5py.ExternalLink(extra["link"], "/")
+
+
+def test_a_hand_made_legacy_h5_and_its_hostile_twins(tmp_path) -> None:
+    legacy_h5(tmp_path / "ok.h5")
+    model = read(tmp_path / "ok.h5")
+    assert (model.format, model.source, [layer.name for layer in model.layers]) == (
+        "keras_weights",
+        "keras2",
+        ["bn"],
+    )
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET)
+    legacy_h5(tmp_path / "ext.h5", external=(str(secret), 0, 12))
+    with pytest.raises(FileProblem, match="external file") as refused:
+        read(tmp_path / "ext.h5")
+    assert "API_TOKEN" not in str(refused.value)
+    legacy_h5(tmp_path / "link.h5", link=str(tmp_path / "ok.h5"))
+    with pytest.raises(FileProblem, match="external link"):
+        read(tmp_path / "link.h5")
+    with h5py.File(tmp_path / "none.h5", "w") as h5:
+        h5.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(FileProblem, match="neither Keras 3's layers/…/vars"):
+        read(tmp_path / "none.h5")
+
+
+def test_a_legacy_model_config_is_bounded(files, monkeypatch) -> None:
+    monkeypatch.setenv("BNEXPLORE_MAX_CONFIG_BYTES", "1KiB")
+    with pytest.raises(FileProblem, match=r"model_config holds more than 1 KiB|1,024"):
+        read(files / "m.h5")
+
+
+# --- ONNX -----------------------------------------------------------------------------------
+
+
+def test_a_folded_onnx_is_refused_with_the_way_out(cnn, tmp_path) -> None:
+    checkpoints.save_onnx(cnn, tmp_path / "folded.onnx", optimize=True)
+    checkpoints.save_onnx(cnn, tmp_path / "folded_legacy.onnx", optimize=True, dynamo=False)
+    for name in ("folded.onnx", "folded_legacy.onnx"):
+        with pytest.raises(FileProblem) as refused:
+            read(tmp_path / name)
+        assert NO_BN_NODE in str(refused.value)
+        assert (
+            "no BatchNormalization node: exporters fold eval BatchNorm into the preceding Conv; "
+            "re-export with optimize=False"
+        ) in str(refused.value)
+
+
+def test_onnx_eps_is_float32_read_as_its_shortest_decimal(files) -> None:
+    import onnx
+
+    model = onnx.load(files / "m.onnx", load_external_data=False)
+    (eps,) = {
+        a.f
+        for n in model.graph.node
+        if n.op_type == "BatchNormalization"
+        for a in n.attribute
+        if a.name == "epsilon"
+    }
+    assert eps == np.float32(1e-5) and eps != 1e-5  # 9.99999975e-06 as stored
+    assert {layer.eps for layer in read(files / "m.onnx").layers} == {1e-5}
+
+
+def edited_onnx(files: Path, edit) -> bytes:
+    import onnx
+
+    model = onnx.load(files / "m.onnx", load_external_data=False)
+    edit(model, onnx)
+    return model.SerializeToString()
+
+
+def test_onnx_constant_and_computed_inputs(files) -> None:
+    def constant(model, onnx):
+        (tensor,) = [t for t in model.graph.initializer if t.name == "bn2.running_var"]
+        model.graph.initializer.remove(tensor)
+        node = onnx.helper.make_node("Constant", [], ["bn2.running_var"], value=tensor)
+        model.graph.node.insert(0, node)
+
+    layers = read_model(io.BytesIO(edited_onnx(files, constant))).layers
+    assert [layer.name for layer in layers] == TORCH_NAMES and layers[1].problem is None
+
+    def computed(model, onnx):
+        (tensor,) = [t for t in model.graph.initializer if t.name == "bn2.running_var"]
+        tensor.name = "raw_var"
+        node = onnx.helper.make_node("Abs", ["raw_var"], ["bn2.running_var"])
+        model.graph.node.insert(0, node)
+
+    layers = read_model(io.BytesIO(edited_onnx(files, computed))).layers
+    assert "computed in the graph" in layers[1].problem and layers[0].problem is None
+
+
+def test_onnx_external_data_is_never_followed(files, tmp_path, store_dir) -> None:
+    (tmp_path / "secret.bin").write_bytes(SECRET)
+
+    def external(model, onnx):
+        for tensor in model.graph.initializer:
+            if tensor.name == "bn1.running_var":
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", "../../secret.bin"), ("offset", "0")):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+
+    data = edited_onnx(files, external)
+    (store_dir / "a" / "b").mkdir(parents=True)
+    (store_dir / "secret.bin").write_bytes(SECRET)  # where ../../ from inside the store points
+    with pytest.raises(FileProblem) as refused:
+        store.store_bytes(data)
+    message = str(refused.value)
+    assert "external_data=False" in message and "API_TOKEN" not in message
+    assert not any(chunk in message.encode() for chunk in (SECRET[:12], SECRET[20:32]))
+
+
+def test_onnx_enormous_dims_are_refused_without_allocating(files) -> None:
+    def enormous(model, onnx):
+        for tensor in model.graph.initializer:
+            if tensor.name in ("bn3.running_var", "conv2.weight"):
+                del tensor.dims[:]
+                tensor.dims.append(2**40)
+
+    data = edited_onnx(files, enormous)
+    with TreeMemory(os.getpid(), every=0.02, for_s=60) as memory:
+        start = memory.now()
+        with pytest.raises(FileProblem, match=r"declares dims \[1099511627776\]"):
+            read_model(io.BytesIO(data))
+    assert memory.peak - start < 256 * 1024**2
+
+
+def test_onnx_vectors_count_against_the_channel_cap(files, monkeypatch) -> None:
+    monkeypatch.setenv("BNEXPLORE_MAX_CHANNELS", "12")
+    with pytest.raises(FileProblem, match="over the limit of 12 channels"):
+        read(files / "m.onnx")
+
+
+def test_sniff_tells_onnx_by_parsing_it_last(files) -> None:
+    with open(files / "m.onnx", "rb") as f:
+        assert sniff(f) == "onnx"
+    for junk in (b"\x08\x07" + b"\x00" * 40, b"hello, not a model at all", b"\x08"):
+        with pytest.raises(FileProblem, match="not a file bnexplore reads"):
+            sniff(io.BytesIO(junk))
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+def test_store_model_is_cached(files, store_dir) -> None:
+    digest = store.store_file(files / "m.h5")
+    first = store.model(digest)
+    assert first is store.model(digest)
+    assert (first.format, first.source) == ("keras_h5", "keras2")
+    assert store.layers(digest) is first.layers
+    assert store._footprint(first) >= sum(8 * 4 * layer.channels for layer in first.layers)
