@@ -31,13 +31,13 @@ import dataclasses
 import itertools
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import factorial
 from typing import Any
 
 import numpy as np
+from cachetools import LRUCache
 
 from bnexplore.engines import LABELS
 from bnexplore.judge.verdicts import GAP_NAMES, part, percent, real_gaps, verdict
@@ -351,16 +351,18 @@ class GapCache:
     """A pair's divergence by canonical link, each link run once (thread-safe, bounded)."""
 
     def __init__(self, max_entries: int = 1024) -> None:
-        self._gaps: OrderedDict[str, Divergence] = OrderedDict()
+        self._gaps: LRUCache[str, Divergence] = LRUCache(maxsize=max_entries)
         self._lock = threading.Lock()
-        self.max_entries = max_entries
+
+    @property
+    def max_entries(self) -> int:
+        return int(self._gaps.maxsize)
 
     def gap(self, s: Scenario, pair: tuple[str, str], reuse: Reuse | None = None) -> Divergence:
         s = s.replace(engines=pair)
         with self._lock:
             known = self._gaps.get(s.run_link)
             if known is not None:
-                self._gaps.move_to_end(s.run_link)
                 return known
         measured = compare(s, reference=False, reuse=reuse).divergence[0]
         self.put(s, measured)
@@ -369,9 +371,6 @@ class GapCache:
     def put(self, s: Scenario, gap: Divergence) -> None:
         with self._lock:
             self._gaps[s.run_link] = gap
-            self._gaps.move_to_end(s.run_link)
-            while len(self._gaps) > self.max_entries:
-                self._gaps.popitem(last=False)
 
 
 _ALL = frozenset(name for name, _ in ALIGNMENTS)

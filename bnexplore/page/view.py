@@ -21,11 +21,11 @@ import logging
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
+from cachetools import LRUCache
 
 from bnexplore.engines import LABELS
 from bnexplore.files import store
@@ -281,17 +281,17 @@ class ViewCache:
 
     def __init__(self, max_entries: int = 32) -> None:
         hand_big_buffers_back()  # the server's share of "memory goes back"
-        self._views: OrderedDict[str, View | SweepView] = OrderedDict()
+        self._views: LRUCache[str, View | SweepView] = LRUCache(maxsize=max_entries)
         self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
-        self.max_entries = max_entries
+
+    @property
+    def max_entries(self) -> int:
+        return int(self._views.maxsize)
 
     def get(self, link: str) -> View | SweepView | None:
         with self._lock:
-            view = self._views.get(link)
-            if view is not None:
-                self._views.move_to_end(link)
-            return view
+            return self._views.get(link)
 
     def put(self, link: str, view: View | SweepView) -> None:
         """Keep ``view``, unless the link's cached view already holds every part of it (a
@@ -301,9 +301,6 @@ class ViewCache:
             if not (isinstance(kept, View) and isinstance(view, View) and view.parts <= kept.parts):
                 kept = view
             self._views[link] = kept
-            self._views.move_to_end(link)
-            while len(self._views) > self.max_entries:
-                self._views.popitem(last=False)
 
     def flights(self) -> int:
         """Computations under way (for tests and the operator)."""
@@ -324,7 +321,6 @@ class ViewCache:
         with self._lock:
             cached = self._views.get(key)
             if cached is not None and enough(cached):
-                self._views.move_to_end(key)
                 return cached
             flight = self._flights.get(flight_key)
             if flight is None or flight.cancelled:

@@ -8,12 +8,12 @@ import itertools
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+from cachetools import FIFOCache
 
 from bnexplore.engines import LABELS, EngineResult, Session, State, start
 from bnexplore.engines.reference import REFERENCES
@@ -163,7 +163,8 @@ class Reuse:
 
     def __init__(self, per_engine: int = 2) -> None:
         self.per_engine = per_engine
-        self._kept: dict[str, OrderedDict[str, EngineResult]] = {}
+        # first in, first out: keeping a result again makes it the latest; a hit does not
+        self._kept: dict[str, FIFOCache[str, EngineResult]] = {}
         self.hits = 0
 
     def get(self, scenario: Scenario, name: str) -> EngineResult | None:
@@ -178,12 +179,10 @@ class Reuse:
         one of a run that ports PyTorch's state into Keras 3)."""
         if scenario.ports or not result.available or result.error is not None:
             return
-        key = scenario.engine_link(result.name)
-        kept = self._kept.setdefault(result.name, OrderedDict())
-        kept[key] = result
-        kept.move_to_end(key)
-        while len(kept) > self.per_engine:
-            kept.popitem(last=False)
+        if self.per_engine < 1:  # keeps nothing
+            return
+        kept = self._kept.setdefault(result.name, FIFOCache(maxsize=self.per_engine))
+        kept[scenario.engine_link(result.name)] = result
 
 
 def compare(
