@@ -18,7 +18,17 @@ never by the file's name:
 - A bare ``.weights.h5``: accepted only when every layer's ``vars`` group holds
   exactly four vectors of one length (γ, β, mean, variance); otherwise there is
   no telling which groups are BatchNorm, and the ``.keras`` is asked for.
+- A legacy Keras ``.h5`` (Keras 2 / tf.keras ``model.save("x.h5")``, or
+  ``save_weights("x.h5")``): h5py, the layer groups under ``model_weights/`` (or at the
+  root) in ``layer_names`` order, each layer's vectors named by ``weight_names``
+  (``bn1/gamma:0``); a full model's ``model_config`` gives eps and momentum.
+- ONNX ``.onnx`` (no magic bytes: told last, by parsing its top-level fields): the
+  ``onnx`` package, never run; each ``BatchNormalization`` node's initializers.
 - NumPy ``.npz``/``.npy``: ``np.load(allow_pickle=False)``.
+
+:func:`read_model` reads a file as a whole checkpoint (:class:`ModelFile`: its format, the
+framework it names, its layers with their eps and momentum where the format has them);
+:func:`read_layers` is its layers.
 
 In name → array files (state_dicts, safetensors, npz) a BatchNorm layer is a
 prefix P with ``P.running_mean`` and ``P.running_var`` (PyTorch: γ, β are
