@@ -361,3 +361,41 @@ def test_store_model_is_cached(files, store_dir) -> None:
     assert (first.format, first.source) == ("keras_h5", "keras2")
     assert store.layers(digest) is first.layers
     assert store._footprint(first) >= sum(8 * 4 * layer.channels for layer in first.layers)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _onnx_of(graph: bytes) -> bytes:
+    """A ModelProto: ir_version 8, producer "pytorch", the given GraphProto bytes."""
+    return b"\x08\x08" + _field(2, b"pytorch") + _field(7, graph)
+
+
+@pytest.mark.parametrize(
+    ("graph", "refusal"),
+    [
+        (_field(1, b"") * 1_000_000, "more than 20,000 objects"),  # a million empty nodes
+        (_field(5, b"\x08\x04" + _field(7, b"\x00" * 20_000_000)), "its own size"),  # int64s
+        (_field(1, _field(5, _field(1, b"e")) * 600_000), "its own size"),  # attributes
+    ],
+    ids=["nodes", "packed-varints", "messages"],
+)
+def test_onnx_bombs_are_refused_before_protobuf_parses_them(graph, refusal) -> None:
+    data = _onnx_of(graph)
+    assert sniff(io.BytesIO(data)) == "onnx"
+    with TreeMemory(os.getpid(), every=0.02, for_s=60) as memory:
+        start = memory.now()
+        with pytest.raises(FileProblem, match=refusal):
+            read_model(io.BytesIO(data))
+    assert memory.peak - start < 128 * 1024**2

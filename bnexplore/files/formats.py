@@ -1024,18 +1024,19 @@ def _onnx_model(f: BinaryIO) -> ModelFile:
     nodes). Every initializer's location and dims are checked before any tensor is
     converted; external data is refused, never loaded."""
     onnx = _framework("onnx", "an ONNX file")
-    f.seek(0, io.SEEK_END)
-    size = f.tell()
     f.seek(0)
+    data = f.read()
+    size = len(data)
+    budget = Budget()
+    _onnx_prescan(data, onnx.ModelProto.DESCRIPTOR, budget)
     try:
-        model = onnx.load_model_from_string(f.read())
+        model = onnx.load_model_from_string(data)
     except RecursionError:
         raise FileProblem("an ONNX file nested too deeply") from None
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise FileProblem(f"a truncated or malformed ONNX file ({exc})") from None
+    del data
     graph = model.graph
-    budget = Budget()
-    budget.scan(len(graph.initializer) + len(graph.node))
     stored = {tensor.name: tensor for tensor in graph.initializer}
     made: dict[str, object] = {}
     for tensor in graph.initializer:
@@ -1069,6 +1070,96 @@ def _onnx_model(f: BinaryIO) -> ModelFile:
     ]
     source = {"pytorch": "torch", "tf2onnx": "keras2"}.get(model.producer_name)
     return ModelFile("onnx", source, tuple(layers), tuple(notices))
+
+
+ONNX_PARSE_ALLOWANCE = 32 * 1024**2
+"""What parsing an ONNX file may hold beyond its own bytes (messages, numbers unpacked)."""
+_VARINT_TYPES = {3, 4, 5, 8, 13, 14, 17, 18}
+"""protobuf's int64, uint64, int32, bool, uint32, enum, sint32, sint64: 1 to 10 bytes each
+on the wire, 8 in memory."""
+_MESSAGE_COST = 128
+"""Bytes a parsed protobuf message is counted as (upb's arena, generously)."""
+ONNX_FIELDS_PER_OBJECT = 50
+"""Protobuf fields an ONNX file may hold per object of BNEXPLORE_MAX_OBJECTS (1,000,000 at
+the default): walking them takes a few seconds."""
+
+
+def _onnx_prescan(data: bytes, descriptor, budget: Budget) -> None:
+    """Walk an ONNX file's protobuf wire format by ModelProto's descriptor, before protobuf
+    parses it: every node and initializer (subgraphs too) counts against the object budget,
+    and what parsing would hold (each message, each number unpacked, each string) may pass
+    the file's own size by at most ONNX_PARSE_ALLOWANCE: a file of millions of empty
+    messages, or of packed varints that unpack eightfold, is refused unparsed."""
+    view = memoryview(data)
+    most = len(data) + ONNX_PARSE_ALLOWANCE
+    graph_name = "onnx.GraphProto"
+    cost, elements, most_elements = 0, 0, ONNX_FIELDS_PER_OBJECT * settings.max_objects()
+    stack = [(0, len(data), descriptor, 0)]
+    while stack:
+        pos, end, desc, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise FileProblem(f"an ONNX file nested too deeply (more than {MAX_NESTING} levels)")
+        fields = desc.fields_by_number
+        counted = desc.full_name == graph_name
+        cost += _MESSAGE_COST
+        while pos < end:
+            tag = data[pos]
+            pos += 1
+            if tag > 0x7F:
+                tag, pos = _varint_at(data, pos - 1, end)
+            number, wire = tag >> 3, tag & 7
+            field = fields.get(number)
+            if wire == 0:
+                while pos < end and data[pos] > 0x7F:
+                    pos += 1
+                pos += 1
+                cost += 8
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+                cost += 8
+            elif wire == 2:
+                length = data[pos] if pos < end else 0x80
+                if length > 0x7F:
+                    length, pos = _varint_at(data, pos, end)
+                else:
+                    pos += 1
+                start, pos = pos, pos + length
+                if pos > end:
+                    raise FileProblem("a truncated or malformed ONNX file (a field past its end)")
+                if field is not None and field.type == field.TYPE_MESSAGE:
+                    if counted and number in (1, 5):  # GraphProto.node, .initializer
+                        budget.scan()
+                    stack.append((start, pos, field.message_type, depth + 1))
+                elif field is not None and field.type in _VARINT_TYPES:  # packed numbers
+                    chunk = np.frombuffer(view[start:pos], np.uint8)
+                    cost += 8 * int(np.count_nonzero(chunk < 0x80)) + 48
+                else:
+                    cost += length + 48
+            else:
+                raise FileProblem(f"a malformed ONNX file (protobuf wire type {wire})")
+            elements += 1
+            if pos > end or cost > most or elements > most_elements:
+                if pos > end:
+                    raise FileProblem("a truncated or malformed ONNX file (a field past its end)")
+                raise FileProblem(
+                    "an ONNX file whose parse would hold more than its own size and "
+                    f"{settings.exact_words(ONNX_PARSE_ALLOWANCE)}, or more than "
+                    f"{most_elements:,} protobuf fields (millions of messages or numbers): "
+                    "refused before parsing it"
+                )
+
+
+def _varint_at(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= end:
+            raise FileProblem("a truncated or malformed ONNX file (a truncated number)")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise FileProblem("a malformed ONNX file (a number of more than 10 bytes)")
 
 
 def _check_onnx_tensor(tensor, size: int, onnx) -> None:
