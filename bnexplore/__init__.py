@@ -28,13 +28,31 @@ imports (lazy ones too) and keeps it.
 """
 
 from bnexplore.files.store import store_file
+from bnexplore.judge.audit import audit as audit_model
 from bnexplore.judge.document import document, headline_pair
 from bnexplore.judge.explain import explain as explain_steps
 from bnexplore.runs.runner import compare, strict_json
 from bnexplore.runs.sweep import sweep_link as sweep_run
 from bnexplore.scenario.links import Scenario, parse_link
 
-__all__ = ["Scenario", "compare", "document", "parse_link", "run", "store_file", "sweep_run"]
+__all__ = [
+    "Scenario",
+    "audit",
+    "compare",
+    "document",
+    "parse_link",
+    "run",
+    "store_file",
+    "sweep_run",
+]
+
+
+def audit(link: str = "") -> dict:
+    """Audit every BatchNorm of the model in the link's ``state=…`` (and check the port in
+    ``port=…``), for real in each engine: the document of ``audit --json`` (strict JSON;
+    bnexplore.judge.audit)."""
+    scenario, notices = parse_link(link)
+    return audit_model(scenario, notices).to_dict()
 
 
 def run(link: str = "", reference: bool = False, explain: bool = False) -> dict:

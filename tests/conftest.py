@@ -37,6 +37,7 @@ def lanes_started(monkeypatch) -> list[str]:
 
 SLOW_MODULES = {
     "test_app",
+    "test_audit",
     "test_backends",
     "test_bits_workers",
     "test_charts",

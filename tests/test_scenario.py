@@ -77,7 +77,7 @@ def scenario_values():
     )
 
 
-NEEDS_A_FILE = {"input": ("file",), "init": ("state",)}
+NEEDS_A_FILE = {"input": ("file", "running"), "init": ("state",)}
 """Choices that need a stored file (tests/test_store.py covers them)."""
 
 

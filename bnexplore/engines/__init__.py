@@ -225,3 +225,22 @@ def start(name: str, scenario: Scenario) -> Session | EngineResult:
         return EngineResult(
             name, available=True, version=engine.version, error=str(exc) or type(exc).__name__
         )
+
+
+def infer(name: str, scenario: Scenario, state: State, batch: np.ndarray) -> EngineResult:
+    """One measured pass of a fresh layer of engine ``name`` loaded with ``state``, on
+    ``batch``: what the runner does for ``init=state`` with ``steps=0`` and no loss (port
+    before pass 0, step, settle, finish), in one call. Never raises: a framework's error
+    is the result."""
+    started = start(name, scenario)
+    if isinstance(started, EngineResult):
+        return started
+    try:
+        started.port(state)
+        started.step(0, batch)
+        started.settle()
+        started.begin_finish()
+        return started.finish()
+    except Exception as exc:  # a framework refusing the state or the batch is its result
+        log.info("%s failed on %s", name, scenario.link, exc_info=True)
+        return started.failed(exc)

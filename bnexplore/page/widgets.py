@@ -43,6 +43,7 @@ from bnexplore.scenario.params import (
 from bnexplore.scenario.presets import PRESETS, matching
 
 SWEEP_GROUP = "sweep"
+MODEL_GROUP = "model"
 
 VALUES = "scenario_values"
 TAB = "w_tab"
@@ -320,6 +321,14 @@ def _render(param: Param, on_change=None) -> None:
     _read_widget(param, store)
 
 
+def model_controls() -> None:
+    """The audit's widgets (the model group), in the current container (the Model tab)."""
+    params = [p for p in PARAMS if p.group == MODEL_GROUP and p.key != "port"]
+    for column, param in zip(st.columns(len(params)), params, strict=True):
+        with column:
+            _render(param)
+
+
 def sweep_controls() -> None:
     """The sweep's widgets, side by side, in the current container (the Sweep tab)."""
     store = st.session_state[VALUES]
@@ -400,7 +409,7 @@ def sidebar() -> tuple[Scenario, list[str]]:
         )
         engines = scenario_from_values(store)[0]["engines"]
         for group, title in GROUPS.items():
-            if group == SWEEP_GROUP:
+            if group in (SWEEP_GROUP, MODEL_GROUP):  # shown in their own tabs
                 continue
             shown = [p for p in PARAMS if p.group == group and _shown(p, store, engines)]
             if shown:

@@ -10,6 +10,9 @@ ready (or why it cannot be), then answers requests until the socket closes:
   (loss=mse; else None) likewise from its (path, shape, dtype)
 - ``("state", sid)`` → ``("state", sid, state)``; ``("port", sid, state)`` → ``("ok", sid)``
 - ``("finish", sid)`` → ``("result", sid, result)``, large arrays in shared-memory files
+- ``("infer", sid, jobs)`` → ``("inferred", sid, results)``: many layers in one message, each
+  job ``(values, state, (path, offset, shape, dtype))`` one measured pass from a state
+  (bnexplore.engines.infer), its batch read in place at ``offset`` of the shared file
 - ``("drop", sid)``: forget a session (no answer); ``("ping", sid)`` → ``("pong", sid, info)``
 """
 
@@ -38,13 +41,22 @@ class BatchViews:
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
 
-    def view(self, path: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    def _map(self, path: str) -> mmap.mmap:
         mapped = self._maps.get(path)
         if mapped is None:
             with open(path, "rb") as file:
                 mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
             self._maps[path] = mapped
-        return np.frombuffer(mapped, dtype=numpy_dtype(dtype)).reshape(shape)
+        return mapped
+
+    def view(self, path: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.frombuffer(self._map(path), dtype=numpy_dtype(dtype)).reshape(shape)
+
+    def view_at(self, path: str, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """One of several batches laid out in one file, from byte ``offset``."""
+        count = int(np.prod(shape))
+        flat = np.frombuffer(self._map(path), numpy_dtype(dtype), count=count, offset=offset)
+        return flat.reshape(shape)
 
     def close(self) -> None:
         for mapped in self._maps.values():
@@ -92,6 +104,16 @@ def handle(name: str, op: str, sid: int, args: list, sessions: dict, views: dict
     """One request's answer; a framework's exception is the session's failed result."""
     if op == "ping":
         return ("pong", sid, {"pid": os.getpid(), "sessions": len(sessions), **thread_counts()})
+    if op == "infer":
+        batches = BatchViews()
+        try:
+            results = [
+                ship(engines.infer(name, Scenario(values), state, batches.view_at(*where)))
+                for values, state, where in args[0]
+            ]
+        finally:
+            batches.close()
+        return ("inferred", sid, results)
     if op == "start":
         started = engines.start(name, Scenario(args[0]))
         if isinstance(started, engines.EngineResult):

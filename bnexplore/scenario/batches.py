@@ -62,6 +62,9 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
             yield cast[index]
         return
     rng = np.random.default_rng(scenario["seed"])
+    if kind == "running":
+        yield from _running_batches(scenario, rng, count, dtype)
+        return
     for _ in range(count):
         if kind == "normal":
             batch = rng.standard_normal(shape) * scenario["std"] + scenario["mean"]
@@ -70,6 +73,30 @@ def batches(scenario: Scenario) -> Iterator[np.ndarray]:
         with np.errstate(over="ignore"):
             batch = batch.astype(dtype, copy=False)
         yield batch
+
+
+def running_batch(
+    mean: np.ndarray, var: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """A float64 batch drawn from a layer's own statistics: x[:, c] = mean[c] + √var[c]·z,
+    z = rng.standard_normal(shape) (channels-first)."""
+    expand = (1, -1, *([1] * (len(shape) - 2)))
+    z = rng.standard_normal(shape)
+    z *= np.sqrt(np.asarray(var, dtype=np.float64)).reshape(expand)
+    z += np.asarray(mean, dtype=np.float64).reshape(expand)
+    return z
+
+
+def _running_batches(scenario: Scenario, rng, count: int, dtype) -> Iterator[np.ndarray]:
+    """input=running: each batch from the chosen layer's running statistics (state=…,
+    layer=…), one default_rng(seed) in step order, then cast."""
+    layer = store.find_layer(scenario["state"], scenario["layer"])
+    for _ in range(count):
+        batch = running_batch(
+            layer.state["running_mean"], layer.state["running_var"], scenario.shape, rng
+        )
+        with np.errstate(over="ignore"):
+            yield batch.astype(dtype, copy=False)
 
 
 def targets(scenario: Scenario) -> Iterator[np.ndarray | None]:

@@ -27,6 +27,7 @@ from bnexplore.scenario.params import (
     MAX_DIMS,
     MAX_ELEMENTS,
     MIN_DIMS,
+    MODEL_KEYS,
     PARAMS,
     SWEEP_KEYS,
     Param,
@@ -77,8 +78,8 @@ class Scenario:
 
     @property
     def run_link(self) -> str:
-        """The link without its sweep settings: what the engines' results depend on."""
-        return self.replace(**{k: DEFAULTS[k] for k in SWEEP_KEYS}).link
+        """The link without its sweep and audit settings: what the engines' results depend on."""
+        return self.replace(**{k: DEFAULTS[k] for k in (*SWEEP_KEYS, *MODEL_KEYS)}).link
 
     def engine_link(self, engine: str) -> str:
         """The run link as one engine sees it: its own knobs and every shared key (input,
@@ -427,6 +428,23 @@ def _check_files(
             values["layer"] = first
         layer = found[names.index(values["layer"])] if values["layer"] is not None else found[0]
 
+    if values["port"] is not None:
+        try:
+            store.layers(values["port"])
+        except store.FileProblem as problem:
+            notices.append(f"port: {short(values['port'])}: {problem}; ignored")
+            values["port"] = None
+    if values["input"] == "running":
+        why = None
+        if layer is None:
+            why = "needs a state file (state=…)"
+        elif layer.problem:
+            why = f"needs a usable layer; layer {layer.label}: {layer.problem}"
+        elif layer.channels != values["shape"][1] and values["init"] != "state":
+            why = _follow_layer(layer, values, notices)
+        if why:
+            notices.append(f"input: running {why}; using {base['input']}")
+            values["input"] = base["input"]
     if values["init"] != "state":
         return
     why = None

@@ -44,6 +44,7 @@ TABS: dict[str, str] = {
     "sweep": "Sweep",
     "explain": "Explain",
     "code": "Code",
+    "model": "Your model",
 }
 """The page's tabs: the link's ``tab`` slug → its label. ``tab`` belongs to the link, not to
 the scenario: it opens the page on that tab and never changes a result."""
@@ -58,8 +59,9 @@ GROUPS: dict[str, str] = {
     "flax": "Flax layer (nnx.BatchNorm)",
     "training": "Training",
     "sweep": "Sweep",
+    "model": "Your model",
 }
-"""Sidebar groups, in the order they are shown."""
+"""Sidebar groups, in the order they are shown (sweep and model: in their own tabs)."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,7 @@ PARAMS: tuple[Param, ...] = (
         "Values",
         "What the batches hold. Random kinds draw every batch from one "
         "numpy.random.default_rng(seed), in step order.",
-        choices=("ones", "constant", "normal", "uniform", "file"),
+        choices=("ones", "constant", "normal", "uniform", "file", "running"),
     ),
     Param(
         "file",
@@ -386,7 +388,7 @@ PARAMS: tuple[Param, ...] = (
         "Seed of numpy.random.default_rng.",
         low=0,
         high=2**32 - 1,
-        only_for=("normal", "uniform"),
+        only_for=("normal", "uniform", "running"),
     ),
     Param(
         "dtype",
@@ -673,6 +675,72 @@ PARAMS: tuple[Param, ...] = (
         "true: the batch variance as E[x²] − E[x]² in at least float32 (fast, cancels when "
         "|mean| ≫ std); false: the two-pass E[(x − E[x])²].",
     ),
+    # --- your model (shown in the Model tab) ------------------------------------------------
+    Param(
+        "port",
+        "digest",
+        None,
+        "model",
+        "The port",
+        "A second file, the port of the model in state=…: its BatchNorm layers are matched "
+        "to the source's (by name, else by their statistics) and checked for the classic "
+        "mistakes.",
+    ),
+    Param(
+        "source",
+        "choice",
+        "auto",
+        "model",
+        "Source framework",
+        "The framework the model in state=… was trained in. auto: the file says (PyTorch "
+        "names: torch, Keras names: keras; a legacy .h5 by its keras_version; an .onnx by "
+        "its producer_name).",
+        choices=("auto", "torch", "keras", "keras2", "flax"),
+    ),
+    Param(
+        "source_eps",
+        "or_default",
+        None,
+        "model",
+        "Source epsilon",
+        "For files that carry no epsilon (a state_dict, .safetensors, .npz, weights only): "
+        "the source's. default: the source framework's (1e-5 PyTorch and Flax, 1e-3 Keras).",
+        low=0.0,
+        low_open=True,
+        step=1e-6,
+    ),
+    Param(
+        "source_momentum",
+        "or_default",
+        None,
+        "model",
+        "Source momentum",
+        "Likewise, in the source framework's own convention (PyTorch m ≡ Keras 1 − m). "
+        "default: the source framework's. Inference does not read it; the port check does.",
+        low=0.0,
+        high=1.0,
+        step=0.01,
+    ),
+    Param(
+        "audit_n",
+        "int",
+        8,
+        "model",
+        "Audit batch N",
+        "Each layer's input: N samples of x[:, c] ~ N(running_mean[c], running_var[c]).",
+        low=1,
+        high=256,
+    ),
+    Param(
+        "audit_hw",
+        "int",
+        8,
+        "model",
+        "Audit spatial size",
+        "Each layer's input is N × C × hw × hw.",
+        low=1,
+        high=64,
+    ),
     # --- training step ---------------------------------------------------------------
     *TRAINING_PARAMS,
     # --- sweep (shown in the Sweep tab) ---------------------------------------------------
@@ -711,6 +779,8 @@ PARAMS: tuple[Param, ...] = (
 
 BY_KEY: dict[str, Param] = {p.key: p for p in PARAMS}
 SWEEP_KEYS = tuple(p.key for p in PARAMS if p.group == "sweep")
+MODEL_KEYS = tuple(p.key for p in PARAMS if p.group == "model")
+"""The whole-model audit's settings: a single-layer run reads none of them."""
 
 
 def engine_of(param: Param) -> str | None:

@@ -1,5 +1,6 @@
 """Command line: ``python -m bnexplore run [--preset NAME] [--link LINK] [--json]``;
-``python -m bnexplore store FILE`` keeps a file in the store and prints its link key."""
+``python -m bnexplore store FILE`` keeps a file in the store and prints its link key;
+``python -m bnexplore audit FILE [--port FILE] [--link LINK] [--json]`` audits a model."""
 
 from __future__ import annotations
 
@@ -150,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         "store", help="keep a file in the store; print its state= (or file=) link key"
     )
     store_cmd.add_argument("file", help=".pt/.pth, .safetensors, .keras, .weights.h5, .npz, .npy")
+    audit_cmd = commands.add_parser(
+        "audit", help="audit every BatchNorm of a model file in every engine; check a port"
+    )
+    audit_cmd.add_argument(
+        "file", help="the model: .pt/.pth, .safetensors, .keras, .h5, .onnx, .npz"
+    )
+    audit_cmd.add_argument("--port", help="its port, checked layer by layer against it")
+    audit_cmd.add_argument(
+        "--link",
+        help="engines, source, source_eps, source_momentum, seed, audit_n, audit_hw, dtype",
+    )
+    audit_cmd.add_argument("--json", action="store_true", help="print the JSON document")
     args = parser.parse_args(argv)
     if args.command == "docs":
         if args.print:
@@ -173,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "sweep":
         return _sweep(parser, args)
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "bench":
         return _bench(args)
     doc = run(link_of(args.preset, args.link), reference=args.reference, explain=args.explain)
@@ -209,6 +224,64 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         print(f"{doc['param']} = {point['value']:<12g} {gaps}")
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Store the model (and the port) as ``store`` does, then audit it."""
+    from bnexplore.files import store
+    from bnexplore.judge.audit import audit
+
+    keys = {}
+    for key, path in (("state", args.file), ("port", args.port)):
+        if path is None:
+            continue
+        try:
+            keys[key] = store.store_file(path)
+        except (store.FileProblem, OSError) as problem:
+            print(f"bnexplore audit: {path}: {problem}", file=sys.stderr)
+            return 1
+    query = (args.link or "").split("?", 1)[-1]
+    pairs = [p for p in query.split("&") if p and p.split("=", 1)[0] not in keys]
+    link = "?" + "&".join([*pairs, *(f"{k}={v}" for k, v in keys.items())])
+    scenario, notices = parse_link(link)
+
+    def report(done: float, text: str) -> None:
+        print(f"[{done:4.0%}] {text}", file=sys.stderr, flush=True)
+
+    result = audit(scenario, notices, report)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    else:
+        print(audit_table(result))
+    return 0 if result.layers else 1
+
+
+def audit_table(result) -> str:
+    """The audit in words: every layer worst first, then the port's findings."""
+    lines = [f"model: {result.file} ({result.format}, source {result.source})"]
+    lines += [f"notice: {n}" for n in result.notices]
+    targets = result.engines[1:]
+    head = f"{'layer':<28} {'C':>5} {'eps':>9} {'min var':>9}"
+    for e in targets:
+        head += f" {e + ' naive':>16} {e + ' faithful':>19} {'sens':>5}"
+    lines += [head + "  cause"]
+    for a in result.worst_first():
+        row = f"{a.name[:28]:<28} {a.layer.channels:>5} {a.eps:>9.3g} "
+        row += f"{float(np.min(a.layer.state['running_var'])):>9.2e}"
+        cause = ""
+        for e in targets:
+            row += f" {_num(a.naive[e].max_abs):>16} {_num(a.faithful[e].max_abs):>19}"
+            row += f" {a.sensitive[e]:>5}"
+            named = [c.knob for c in a.causes["naive"][e] if c.share]
+            cause = cause or ", ".join(named)
+        lines.append(f"{row}  {cause}")
+    if result.port is not None:
+        lines.append(f"port: {result.port.file} ({result.port.format})")
+        for f in result.port.findings:
+            where = f"{f.layer or '—'} → {f.port_layer or '—'}"
+            by = f" (by {f.matched_by})" if f.matched_by else ""
+            lines.append(f"  {where}{by}: {', '.join(f.problems)}: {f.evidence}")
+    return "\n".join(lines)
 
 
 def _store(path: str) -> int:

@@ -1,0 +1,171 @@
+"""The Model tab's tables and chart, from a :class:`~bnexplore.judge.audit.ModelAudit`
+(pure functions: typed results in, frames and Altair charts out)."""
+
+from __future__ import annotations
+
+import threading
+
+import altair as alt
+import pandas as pd
+from cachetools import LRUCache
+
+from bnexplore.engines import LABELS
+from bnexplore.judge.audit import ModelAudit, audit
+from bnexplore.judge.verdicts import percent, verdict
+from bnexplore.page.charts import ENGINE_LEGEND, _engine_scale, _finish
+from bnexplore.scenario.links import Scenario
+
+PORT_WORDS = {"naive": "naive (its default eps)", "faithful": "faithful (the source's eps)"}
+GAP_FLOOR = 1e-12
+"""A gap of exactly 0 is drawn at this floor of the log axis (its tooltip says 0)."""
+
+
+def _cause_words(audit: ModelAudit, layer) -> str:
+    """The naive port's causes, worst engine first: "keras_eps 100 % (keras, keras_jax)"."""
+    named: dict[str, list[str]] = {}
+    for engine, causes in layer.causes.get("naive", {}).items():
+        for cause in causes:
+            if cause.share:
+                named.setdefault(f"{cause.knob} {percent(cause.share)}", []).append(engine)
+    return "; ".join(f"{what} ({', '.join(engines)})" for what, engines in named.items())
+
+
+def layer_table(audit: ModelAudit) -> pd.DataFrame:
+    """One row per layer, worst first: its naive and faithful max |Δ| per target engine,
+    its eps-sensitive channels, the naive gap's cause and the layer's link."""
+    rows = []
+    for rank, layer in enumerate(audit.worst_first(), 1):
+        row = {
+            "rank": rank,
+            "layer": layer.name,
+            "channels": layer.layer.channels,
+            "eps": layer.eps,
+            "min var": float(layer.layer.state["running_var"].min()),
+        }
+        for engine in audit.engines[1:]:
+            row[f"{engine} naive"] = layer.naive[engine].max_abs
+            row[f"{engine} faithful"] = layer.faithful[engine].max_abs
+            row[f"{engine} eps-sensitive"] = layer.sensitive[engine]
+        row["worst naive"] = layer.worst
+        row["cause"] = _cause_words(audit, layer)
+        row["link"] = layer.scenario.link
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def gap_frame(audit: ModelAudit) -> pd.DataFrame:
+    """Long form for the chart: layer, rank, engine (label), port, max |Δ| and verdict."""
+    rows = []
+    for rank, layer in enumerate(audit.worst_first(), 1):
+        for port in ("naive", "faithful"):
+            gaps = layer.naive if port == "naive" else layer.faithful
+            for engine, d in gaps.items():
+                if d.max_abs is None:
+                    continue
+                rows.append(
+                    {
+                        "layer": layer.name,
+                        "rank": rank,
+                        "engine": LABELS[engine],
+                        "port": port,
+                        "max_abs": d.max_abs,
+                        "drawn": max(d.max_abs, GAP_FLOOR),
+                        "verdict": verdict(d),
+                    }
+                )
+    return pd.DataFrame(
+        rows, columns=["layer", "rank", "engine", "port", "max_abs", "drawn", "verdict"]
+    )
+
+
+def gap_chart(frame: pd.DataFrame, source: str) -> alt.Chart:
+    """Each layer's gap from the source's own run: one colour per engine, the naive port
+    (filled) beside the faithful one (hollow), on a log axis, layers worst first."""
+    engines = [e for e in LABELS.values() if e in set(frame["engine"])]
+    order = list(dict.fromkeys(frame.sort_values("rank")["layer"]))
+    chart = (
+        alt.Chart(frame)
+        .mark_point(size=70, filled=True)
+        .encode(
+            x=alt.X(
+                "layer:N", sort=order, title="layer (worst first)", axis=alt.Axis(labelAngle=-60)
+            ),
+            y=alt.Y("drawn:Q", scale=alt.Scale(type="log"), title=f"max |Δ| vs {source}"),
+            color=alt.Color(
+                "engine:N", title="engine", scale=_engine_scale(engines), legend=ENGINE_LEGEND
+            ),
+            shape=alt.Shape(
+                "port:N",
+                scale=alt.Scale(domain=["naive", "faithful"], range=["circle", "triangle-up"]),
+                legend=alt.Legend(orient="top", title="port"),
+            ),
+            xOffset=alt.XOffset("port:N", scale=alt.Scale(domain=["naive", "faithful"])),
+            tooltip=[
+                "layer",
+                "engine",
+                "port",
+                alt.Tooltip("max_abs:Q", title="max |Δ|", format=".4g"),
+                "verdict",
+            ],
+        )
+    )
+    return _finish(
+        chart,
+        300,
+        "The gap of each layer, each engine, each port",
+        "naive: the target's default epsilon; faithful: the source's. 0 is drawn at 1e-12.",
+    )
+
+
+def findings_table(audit: ModelAudit) -> pd.DataFrame:
+    """The port check, one row per finding."""
+    rows = []
+    for f in audit.port.findings if audit.port else ():
+        rows.append(
+            {
+                "layer": f.layer,
+                "port layer": f.port_layer,
+                "matched by": f.matched_by,
+                "problems": ", ".join(f.problems),
+                "evidence": f.evidence,
+                "max |Δ|": None if f.gap is None else f.gap.max_abs,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["layer", "port layer", "matched by", "problems", "evidence", "max |Δ|"]
+    )
+
+
+AUDIT_KEYS = (
+    "state",
+    "port",
+    "engines",
+    "source",
+    "source_eps",
+    "source_momentum",
+    "seed",
+    "audit_n",
+    "audit_hw",
+    "dtype",
+    "device",
+)
+"""What an audit depends on: the link's other keys are the single-layer scenario's."""
+
+
+class AuditCache:
+    """Audits by what they depend on, shared by every session of the server: a teammate
+    opening the same audit link gets it at once. Holds no outputs, only figures."""
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self._audits: LRUCache = LRUCache(maxsize=max_entries)
+        self._lock = threading.Lock()
+
+    def audit(self, scenario: Scenario, report=None) -> ModelAudit:
+        key = tuple((k, scenario[k]) for k in AUDIT_KEYS)
+        with self._lock:
+            found = self._audits.get(key)
+        if found is None:
+            found = audit(scenario, (), report)
+            with self._lock:
+                self._audits[key] = found
+        return found

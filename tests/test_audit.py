@@ -1,0 +1,264 @@
+"""The whole-model audit and the port check, on checkpoints of a small CNN trained for real
+(tests/checkpoints.py), in the real frameworks' workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bnexplore
+from bnexplore.judge.audit import audit, eps_sensitive, port_causes
+from bnexplore.judge.ports import match, normalised
+from bnexplore.runs.metrics import Divergence
+from bnexplore.scenario.batches import running_batch
+from bnexplore.scenario.links import parse_link
+from tests import checkpoints as ck
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = "torch,keras,keras_jax"
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return ck.small_cnn()
+
+
+@pytest.fixture(scope="module")
+def files(cnn, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    layers = ck.bn_layers(cnn)
+    broken = ck.swap_mean_var(layers, "bn1")
+    broken = ck.swap_gamma_beta(broken, "bn2")
+    broken = ck.std_for_var(broken, "bn3")
+    broken = ck.drop_layer(broken, "bn4")
+    return {
+        "pt": ck.save_state_dict(cnn, folder / "m.pt"),
+        "keras": ck.save_keras(cnn, folder / "m.keras"),
+        "h5": ck.save_keras_h5(cnn, folder / "m.h5"),
+        "onnx": ck.save_onnx(cnn, folder / "m.onnx"),
+        "broken": ck.save_keras(broken, folder / "broken.keras"),
+        "momentum": ck.save_keras(cnn, folder / "m01.keras", momentum=ck.AS_TORCH),
+        "eps": ck.save_keras(cnn, folder / "eps.keras", eps=1e-3),
+    }
+
+
+def _audit(link: str):
+    scenario, notices = parse_link(link)
+    return audit(scenario, notices)
+
+
+@pytest.mark.parametrize("kind", ["pt", "keras", "h5", "onnx"])
+def test_the_eps_sensitive_layer_ranks_first_and_the_faithful_port_agrees(
+    kind, files, store_dir
+) -> None:
+    """Every format of the same trained CNN: bn3 (variances about 1e-5 … 1e-3) is the worst
+    naive port, eps is named as its cause where the target's default eps differs, and the
+    faithful port (the source's eps) agrees within float32's tolerance on every layer."""
+    digest = bnexplore.store_file(files[kind])
+    result = _audit(f"?state={digest}&engines={ENGINES}")
+    assert len(result.layers) == 4, result.notices
+    assert normalised(result.worst_first()[0].name) == ck.TINY_LAYER
+    tiny = result.worst_first()[0]
+    assert float(tiny.layer.state["running_var"].min()) < 1e-3
+    biting = [e for e in result.engines[1:] if tiny.naive[e].allclose is False]
+    assert biting, "some target's default eps must move bn3"
+    for engine in biting:
+        knobs = [c.knob for c in tiny.causes["naive"][engine]]
+        assert knobs[0].endswith("_eps") and tiny.causes["naive"][engine][0].share > 0.5
+        assert tiny.sensitive[engine] > 0
+    for layer in result.layers:
+        for engine, d in layer.faithful.items():
+            assert d.allclose, (kind, layer.name, engine, d)
+
+
+def test_the_source_and_eps_come_from_the_file(files, store_dir) -> None:
+    formats = {}
+    for kind in ("pt", "keras", "h5", "onnx"):
+        doc = bnexplore.audit(f"?state={bnexplore.store_file(files[kind])}&engines=torch,keras")
+        formats[kind] = (doc["format"], doc["source"], doc["layers"][0]["eps_from"])
+        assert doc["engines"][0] == {"torch": "torch", "keras": "keras"}.get(
+            doc["source"], doc["source"]
+        )
+    assert formats["pt"] == ("pytorch", "torch", "link")
+    assert formats["keras"] == ("keras", "keras", "file")
+    assert formats["h5"][0] == "keras_h5" and formats["h5"][2] == "file"
+    assert formats["onnx"] == ("onnx", "torch", "file")
+
+
+def test_a_layers_link_reproduces_its_audit_figures(files, store_dir) -> None:
+    """The link of a layer is its single-layer scenario: run for real, the source and the
+    naive target give the audit's figures bit for bit."""
+    digest = bnexplore.store_file(files["pt"])
+    doc = bnexplore.audit(f"?state={digest}&engines=torch,keras")
+    layer = doc["layers"][2]
+    assert "input=running" in layer["link"] and "init=state" in layer["link"]
+    run = bnexplore.run(layer["link"])
+    (pair,) = run["divergence"]
+    assert (pair["a"], pair["b"]) == ("torch", "keras")
+    assert pair["max_abs"] == layer["naive"]["keras"]["max_abs"]
+    assert pair["rmse"] == layer["naive"]["keras"]["rmse"]
+
+
+def test_the_port_check_names_and_locates_each_mistake(files, store_dir) -> None:
+    source = bnexplore.store_file(files["pt"])
+    findings = {
+        f["layer"]: f
+        for f in bnexplore.audit(
+            f"?state={source}&port={bnexplore.store_file(files['broken'])}&engines=torch,keras"
+        )["port"]["findings"]
+    }
+    assert findings["bn1"]["problems"] == ["swapped_mean_var"]
+    assert findings["bn2"]["problems"] == ["swapped_gamma_beta"]
+    assert findings["bn3"]["problems"] == ["std_for_var"]
+    assert findings["bn4"]["problems"] == ["missing"] and findings["bn4"]["port_layer"] is None
+    for name in ("bn1", "bn2", "bn3"):
+        assert findings[name]["matched_by"] == "name"
+        assert findings[name]["evidence"]
+    # bn1's swapped statistics leave a negative variance: no framework runs that layer
+    assert findings["bn1"]["gap"]["verdict"] == "not compared"
+    assert "negative" in findings["bn1"]["gap"]["reason"]
+    for name in ("bn2", "bn3"):
+        assert findings[name]["gap"]["verdict"] == "differ", findings[name]
+
+    momentum = bnexplore.audit(
+        f"?state={source}&port={bnexplore.store_file(files['momentum'])}&engines=torch,keras"
+    )["port"]["findings"]
+    assert {tuple(f["problems"]) for f in momentum} == {("momentum_convention",)}
+    assert all(f["gap"]["verdict"] != "differ" for f in momentum)  # inference ignores it
+
+    eps = bnexplore.audit(
+        f"?state={source}&port={bnexplore.store_file(files['eps'])}&engines=torch,keras"
+    )["port"]["findings"]
+    assert {tuple(f["problems"]) for f in eps} == {("eps_differs",)}
+    bn3 = next(f for f in eps if f["layer"] == ck.TINY_LAYER)
+    assert bn3["gap"]["verdict"] == "differ"
+
+
+def test_a_correct_port_is_ok_on_every_layer_even_with_onnx_eps_rounding(files, store_dir) -> None:
+    """The .keras port of the ONNX export: ONNX stores 1e-5 as float32 (9.99999975e-06), the
+    Keras file as a float64 1e-5; the same in float32, so no eps_differs."""
+    doc = bnexplore.audit(
+        f"?state={bnexplore.store_file(files['onnx'])}"
+        f"&port={bnexplore.store_file(files['keras'])}&engines=torch,keras"
+    )
+    assert any("9.99999975e-06" in n for n in doc["notices"])
+    assert np.float32(doc["layers"][0]["eps"]) == np.float32(1e-5)
+    assert [f["problems"] for f in doc["port"]["findings"]] == [["ok"]] * 4
+    assert all(f["gap"]["verdict"] != "differ" for f in doc["port"]["findings"])
+
+
+def test_layers_whose_names_differ_are_matched_by_their_statistics(store_dir, tmp_path) -> None:
+    """A ResNet-like pair: the port renames every layer and swaps one layer's statistics."""
+    state = ck.resnet50_state()
+    layers = ck.bn_layers(state)
+    names = list(layers)[:12]
+    source = {n: layers[n] for n in names}
+    port = {f"block_{i}_norm": v for i, v in enumerate(source.values())}
+    port = ck.swap_mean_var(port, "block_5_norm")
+    port = dict(reversed(list(port.items())))  # the file order differs too
+    ck.save_npz(ck.flat_state(source), tmp_path / "source.npz")
+    ck.save_npz(ck.flat_state(port), tmp_path / "port.npz")
+    doc = bnexplore.audit(
+        f"?state={bnexplore.store_file(tmp_path / 'source.npz')}"
+        f"&port={bnexplore.store_file(tmp_path / 'port.npz')}&engines=torch,flax"
+    )
+    found = {f["layer"]: f for f in doc["port"]["findings"]}
+    for i, name in enumerate(names):
+        assert found[name]["port_layer"] == f"block_{i}_norm", found[name]
+        assert found[name]["matched_by"] == "statistics"
+        expected = ["swapped_mean_var"] if i == 5 else ["ok"]
+        assert found[name]["problems"] == expected
+
+
+def test_matching_prefers_names_then_the_closest_statistics() -> None:
+    from bnexplore.files.formats import Layer
+
+    def layer(name, mean):
+        c = len(mean)
+        return Layer(
+            name,
+            c,
+            {
+                "weight": np.ones(c),
+                "bias": np.zeros(c),
+                "running_mean": np.asarray(mean, float),
+                "running_var": np.ones(c),
+            },
+        )
+
+    sources = [layer("a.bn", [0, 0]), layer("b.bn", [5, 5]), layer("c.bn", [1, 1, 1])]
+    ports = [layer("x", [5.1, 5]), layer("a/bn", [9, 9]), layer("y", [0, 0]), layer("z", [2])]
+    found = [(s and s.name, p and p.name, how) for s, p, how in match(sources, ports)]
+    assert found == [
+        ("a.bn", "a/bn", "name"),
+        ("b.bn", "x", "statistics"),
+        ("c.bn", None, None),
+        (None, "y", None),
+        (None, "z", None),
+    ]
+
+
+def test_the_running_input_follows_each_channels_statistics() -> None:
+    mean, var = np.array([-3.0, 0.0, 500.0]), np.array([1e-4, 1.0, 4e4])
+    batch = running_batch(mean, var, (4000, 3, 4, 4), np.random.default_rng(0))
+    per_channel = batch.transpose(1, 0, 2, 3).reshape(3, -1)
+    n = per_channel.shape[1]
+    # the sample mean is within 6 standard errors, the sample variance within 6 of its own
+    assert np.all(np.abs(per_channel.mean(1) - mean) < 6 * np.sqrt(var / n))
+    assert np.all(np.abs(per_channel.var(1) / var - 1) < 6 * np.sqrt(2 / n))
+
+
+def test_eps_sensitivity_and_the_causes_follow_their_formulas() -> None:
+    var = np.array([1e-6, 1e-4, 1.0, 100.0])
+    # √((v + 1e-3)/(v + 1e-5)) − 1 = 30.6, 3.8, 5e-4, 5e-6
+    assert eps_sensitive(var, 1e-3, 1e-5) == 2
+    assert eps_sensitive(var, 1e-5, 1e-5) == 0
+
+    def gap(max_abs, allclose):
+        return Divergence("a", "b", max_abs, max_abs, max_abs, 0.1, allclose, 1.3e-6, 1e-5)
+
+    assert port_causes(gap(1e-7, True), gap(1e-7, True), "keras_eps") == []
+    (cause,) = port_causes(gap(0.5, False), gap(1e-6, True), "keras_eps")
+    assert (cause.knob, cause.share, cause.widens) == ("keras_eps", 1.0, False)
+    eps, rest = port_causes(gap(0.5, False), gap(0.1, False), "keras_eps")
+    assert eps.share == pytest.approx(0.8) and (rest.knob, rest.share) == (
+        "what remains",
+        pytest.approx(0.2),
+    )
+
+
+def test_the_cli_audits_a_file_and_its_port(files, store_dir) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnexplore",
+            "audit",
+            str(files["pt"]),
+            "--port",
+            str(files["broken"]),
+            "--link",
+            "?engines=torch,keras&audit_n=4",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["format"] == "pytorch" and doc["port"]["format"] == "keras"
+    assert [layer["name"] for layer in doc["layers"]] == ["bn1", "bn2", "bn3", "bn4"]
+    assert "shape=4," in doc["layers"][0]["link"]
+    assert "audit_n=4" in doc["link"]
+
+
+def test_an_audit_without_a_file_says_so() -> None:
+    doc = bnexplore.audit("?engines=torch,keras")
+    assert doc["layers"] == [] and any("needs a model file" in n for n in doc["notices"])
