@@ -280,7 +280,15 @@ def audit_table(result) -> str:
         for f in result.port.findings:
             where = f"{f.layer or '—'} → {f.port_layer or '—'}"
             by = f" (by {f.matched_by})" if f.matched_by else ""
-            lines.append(f"  {where}{by}: {', '.join(f.problems)}: {f.evidence}")
+            gap = ""
+            if f.gap is not None:
+                gap = (
+                    f" (inference max |Δ| {_num(f.gap.max_abs)})"
+                    if f.gap.max_abs is not None
+                    else ""
+                )
+                gap = gap or f" ({f.gap.reason})"
+            lines.append(f"  {where}{by}: {', '.join(f.problems)}: {f.evidence}{gap}")
     return "\n".join(lines)
 
 
