@@ -39,6 +39,7 @@ SLOW_MODULES = {
     "test_app",
     "test_audit",
     "test_backends",
+    "test_bench_audit",
     "test_bits_workers",
     "test_charts",
     "test_cli",

@@ -5,10 +5,12 @@
 For each scenario, in one process and warm: (a) ``bnexplore.run(link)`` and
 (b) the minimal PyTorch + Keras code that makes the same batches and runs the
 same passes (written here, below), medians of ``repeat`` runs, and the ratio
-(a)/(b). Then: a cached link answered by the app's cache; cold start, from
-process start to the first result, with the framework imports timed apart;
-``streamlit run`` to the first chart drawn in Chromium (where Debian's
-chromium and Playwright exist); and the peak memory of this process.
+(a)/(b). Then the whole-model audit of a ResNet-50-shaped file in four engines
+(:func:`audit_row`), against the same passes in a bare process per engine
+(bnexplore.tools.bare_audit; not with ``--quick``). Then: a cached link answered by the
+app's cache; cold start, from process start to the first result, with the framework
+imports timed apart; ``streamlit run`` to the first chart drawn in Chromium (where
+Debian's chromium and Playwright exist); and the peak memory of this process.
 """
 
 from __future__ import annotations
@@ -61,9 +63,17 @@ TARGETS = {
     "widget_change_p90_s": 0.5,
     "revisit_s": 0.15,
     "cold_start_to_headline_s": 5.0,
+    "audit_ratio": 1.5,
+    "audit_s": 5.0,
 }
 """Issue 11's targets (the training step's from the training-step issue): the sweep's for
-the 20-point sweep row, the last four for ``bench --browser``."""
+the 20-point sweep row, the last four for ``bench --browser``; the audit's for the
+ResNet-50-shaped audit row (many small runs)."""
+
+AUDIT_ENGINES = ("torch", "keras", "keras_jax", "flax")
+AUDIT_ROW = "ResNet-50-shaped audit (53 layers, 4 engines, both ports)"
+RESNET50_BLOCKS = ((64, 3), (128, 4), (256, 6), (512, 3))
+"""torchvision's ResNet-50: (planes, bottleneck blocks) per stage."""
 
 
 def _median_seconds(work: Callable[[], object], repeat: int) -> float:
@@ -138,6 +148,224 @@ def _bare_sweep(link: str) -> Callable[[], None]:
     points = [sweep.at(scenario, scenario["sweep"], v)[0].link for v in sweep.values(scenario)]
     works = [bare_calls(point) for point in points]
     return lambda: [work() for work in works]
+
+
+def resnet50_names() -> dict[str, int]:
+    """torchvision's ResNet-50 BatchNorm names → channels: 53 layers, 26,560 channels."""
+    names = {"bn1": 64}
+    for stage, (planes, blocks) in enumerate(RESNET50_BLOCKS, start=1):
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            names[f"{prefix}.bn1"] = planes
+            names[f"{prefix}.bn2"] = planes
+            names[f"{prefix}.bn3"] = 4 * planes
+            if block == 0:
+                names[f"{prefix}.downsample.1"] = 4 * planes
+    return names
+
+
+def resnet50_state(seed: int = 0) -> dict[str, np.ndarray]:
+    """A flat ResNet-50-shaped BatchNorm state_dict in torchvision's names, float32, seeded:
+    γ ~ U(0.5, 1.5), β ~ N(0, 0.2), running means ~ N(0, 1), variances ~ lognormal(0, 1),
+    and each layer's ``num_batches_tracked``."""
+    rng = np.random.default_rng(seed)
+    state: dict[str, np.ndarray] = {}
+    for name, channels in resnet50_names().items():
+        state[f"{name}.weight"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+        state[f"{name}.bias"] = rng.normal(0.0, 0.2, channels).astype(np.float32)
+        state[f"{name}.running_mean"] = rng.normal(0.0, 1.0, channels).astype(np.float32)
+        state[f"{name}.running_var"] = rng.lognormal(0.0, 1.0, channels).astype(np.float32)
+        state[f"{name}.num_batches_tracked"] = np.array(450_360, np.int64)
+    return state
+
+
+@contextlib.contextmanager
+def store_at(folder: str | os.PathLike) -> Iterator[None]:
+    """BNEXPLORE_STORE set to ``folder`` while the block runs, then as it was."""
+    before = os.environ.get("BNEXPLORE_STORE")
+    os.environ["BNEXPLORE_STORE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BNEXPLORE_STORE", None)
+        else:
+            os.environ["BNEXPLORE_STORE"] = before
+
+
+def stored_state(state: dict[str, np.ndarray], folder: str | os.PathLike) -> str:
+    """``state`` saved as an .npz into the store (BNEXPLORE_STORE must name it): its digest."""
+    from bnexplore.files.store import store_file
+
+    path = Path(folder) / "state.npz"
+    with open(path, "wb") as out:
+        np.savez(out, **state)
+    return store_file(path)
+
+
+def audit_passes(scenario, run: bool = False) -> tuple[list, list[np.ndarray], list]:
+    """The passes and batches the audit of ``scenario`` plans (bnexplore.judge.audit's own
+    planning, caught where it hands them to infer_all), and with ``run`` their results (the
+    audit run for real); without it nothing is run and the results are empty."""
+    from bnexplore.engines import EngineResult
+    from bnexplore.judge import audit as audit_module
+
+    caught: dict = {}
+    real = audit_module.infer_all
+
+    def catching(passes, drawn, report=None):
+        caught["passes"], caught["batches"] = list(passes), list(drawn)
+        if run:
+            results = real(passes, drawn, report)
+        else:
+            results = [EngineResult(p.engine, available=False, reason="planned") for p in passes]
+        caught["results"] = results if run else []
+        return results
+
+    audit_module.infer_all = catching
+    try:
+        audit_module.audit(scenario)
+    finally:
+        audit_module.infer_all = real
+    return caught.get("passes", []), caught.get("batches", []), caught.get("results", [])
+
+
+def write_audit_plan(passes: list, batches: list[np.ndarray], path: str | os.PathLike) -> None:
+    """The plan bnexplore.tools.bare_audit reads: per pass its engine, epsilon (the engine's
+    own knob), channels and batch number; the states side by side; the batches."""
+    from bnexplore.scenario.params import knobs
+
+    names = ("weight", "bias", "running_mean", "running_var")
+    with open(path, "wb") as out:
+        np.savez(
+            out,
+            engine=np.array([p.engine for p in passes]),
+            eps=np.array([p.scenario[f"{knobs(p.engine)}_eps"] for p in passes], np.float64),
+            channels=np.array([len(p.state["running_var"]) for p in passes], np.int64),
+            batch=np.array([p.batch for p in passes], np.int64),
+            **{
+                name: np.concatenate([np.asarray(p.state[name], np.float64) for p in passes])
+                for name in names
+            },
+            **{f"x{k}": b for k, b in enumerate(batches)},
+        )
+
+
+def _bare_command(engine: str, plan: str | os.PathLike, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bnexplore.tools.bare_audit", engine, str(plan), *extra]
+
+
+def _bare_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND",)}
+    return {**env, "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+
+
+def bare_audit_outputs(plan: str | os.PathLike, engine: str, folder: str | os.PathLike) -> dict:
+    """``engine``'s bare outputs of the plan, {pass index: channels-first output}."""
+    out = Path(folder) / f"bare-{engine}.npz"
+    subprocess.run(
+        _bare_command(engine, plan, "--outputs", str(out)),
+        check=True,
+        timeout=600,
+        cwd=Path(__file__).parents[2],
+        env=_bare_env(),
+        capture_output=True,
+    )
+    with np.load(out) as saved:
+        return {int(key[1:]): saved[key] for key in saved.files}
+
+
+def bare_audit_seconds(
+    plan: str | os.PathLike, engines: tuple[str, ...], repeat: int
+) -> tuple[float, dict[str, float]]:
+    """The bare side's wall time: a process per engine, each warm, all started on one ``go``
+    line, until the last has answered; the median of ``repeat`` rounds, and each engine's
+    own median (its process's time for its passes)."""
+    import tempfile
+
+    root = Path(__file__).parents[2]
+    procs: dict[str, subprocess.Popen] = {}
+    walls: list[float] = []
+    own: dict[str, list[float]] = {e: [] for e in engines}
+    with contextlib.ExitStack() as stack:
+        logs = {e: stack.enter_context(tempfile.TemporaryFile(mode="w+")) for e in engines}
+        stack.callback(_stop, procs)
+        for e in engines:
+            procs[e] = subprocess.Popen(
+                _bare_command(e, plan),
+                cwd=root,
+                env=_bare_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=logs[e],
+                text=True,
+            )
+
+        def answer(e: str, expected: str) -> str:
+            line = procs[e].stdout.readline()
+            if not line.startswith(expected):
+                procs[e].wait(timeout=60)
+                logs[e].seek(0)
+                raise RuntimeError(f"bare {e}: {line!r}; {logs[e].read()[-2000:]}")
+            return line
+
+        for e in engines:
+            answer(e, "ready")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for e in engines:
+                procs[e].stdin.write("go\n")
+                procs[e].stdin.flush()
+            for e in engines:
+                own[e].append(float(answer(e, "done").split()[1]))
+            walls.append(time.perf_counter() - start)
+    return statistics.median(walls), {e: statistics.median(t) for e, t in own.items()}
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> None:
+    """End the bare processes: stdin closed (each then exits), killed after 30 s."""
+    for p in procs.values():
+        with contextlib.suppress(OSError):
+            p.stdin.close()
+    for p in procs.values():
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def audit_row(repeat: int = 5, report: Callable[[str], None] = lambda text: None) -> dict:
+    """The whole-model audit of a ResNet-50-shaped state in AUDIT_ENGINES, warm, against the
+    same passes with the frameworks called directly (bnexplore.tools.bare_audit): medians of
+    ``repeat`` runs, and the ratio. The state is stored in a temporary store of its own."""
+    import tempfile
+
+    from bnexplore.judge.audit import audit
+    from bnexplore.scenario.links import parse_link
+
+    with tempfile.TemporaryDirectory(prefix="bnexplore-bench-") as folder, store_at(folder):
+        digest = stored_state(resnet50_state(), folder)
+        link = f"?state={digest}&engines={','.join(AUDIT_ENGINES)}"
+        scenario, _ = parse_link(link)
+        report("bench: audit, bnexplore")
+        ours = _median_seconds(lambda: audit(scenario), repeat)
+        passes, batches, _ = audit_passes(scenario)
+        plan = Path(folder) / "plan.npz"
+        write_audit_plan(passes, batches, plan)
+        report("bench: audit, bare framework calls")
+        bare, per_engine = bare_audit_seconds(plan, AUDIT_ENGINES, repeat)
+    return {
+        "scenario": AUDIT_ROW,
+        "link": f"?state={digest[:16]}…&engines={','.join(AUDIT_ENGINES)}",
+        "layers": len(batches),
+        "passes": len(passes),
+        "passes_per_engine": {e: sum(p.engine == e for p in passes) for e in AUDIT_ENGINES},
+        "bnexplore_s": ours,
+        "bare_s": bare,
+        "bare_per_engine_s": per_engine,
+        "ratio": ours / bare,
+    }
 
 
 def _cold_start() -> dict:
@@ -448,6 +676,11 @@ def bench(
             }
         )
 
+    result_audit = None
+    if not (alone or quick):  # its bare side starts a process per engine: a minute or more
+        report(f"bench: {AUDIT_ROW}")
+        result_audit = audit_row(repeat, report)
+
     report("bench: training step")
     result_training = training_step(1 if quick else repeat)
 
@@ -464,6 +697,7 @@ def bench(
         "repeat": repeat,
         "scenarios": rows,
         "training_step": result_training,
+        "audit": result_audit,
         "cached_link_ms": cached_ms,
         "targets": TARGETS,
     }
@@ -500,6 +734,12 @@ def table(result: dict) -> str:
             f"| `{step['link']}` vs `{step['baseline_link']}` | "
             f"{step['loss_s'] * 1000:.0f} ms | {step['baseline_s'] * 1000:.0f} ms (bnexplore, "
             f"forward only) | {step['ratio']:.2f} |"
+        )
+    audited = result.get("audit")
+    if audited:
+        lines.append(
+            f"| {audited['scenario']} | {audited['bnexplore_s'] * 1000:.0f} ms | "
+            f"{audited['bare_s'] * 1000:.0f} ms | {audited['ratio']:.2f} |"
         )
     lines += ["", f"- cached link answered in {result['cached_link_ms']:.2f} ms"]
     cold = result.get("cold_start")
