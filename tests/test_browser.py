@@ -570,3 +570,51 @@ def test_a_layer_of_thousands_of_channels_draws_on_the_your_layer_tab(
     assert f"of {channels:,} channels" in chart and "runs of" in chart, chart
     assert f"{channels} channels" in panel.inner_text()  # the caption under the chart
     screenshot(page, f"your_layer_{channels}_channels.png")
+
+
+# --- your whole model ---------------------------------------------------------------------
+
+
+def test_the_model_tab_ranks_every_layer_and_a_chosen_row_opens_that_layer(
+    app_url, new_page, tmp_path, store_dir, monkeypatch
+):
+    """A trained CNN and its broken port: the Model tab charts every layer's gaps, tables
+    them worst first with the port's findings, and choosing a row opens that layer."""
+    from playwright.sync_api import expect
+
+    from bnexplore.files.store import store_file
+    from tests import checkpoints as ck
+
+    cnn = ck.small_cnn()
+    broken = ck.swap_gamma_beta(ck.bn_layers(cnn), "bn2")
+    ck.save_state_dict(cnn, tmp_path / "cnn.pt")
+    ck.save_npz(broken, tmp_path / "port.npz")
+    monkeypatch.setenv("BNEXPLORE_STORE", str(store_dir))  # the test server's store
+    digest, port = store_file(tmp_path / "cnn.pt"), store_file(tmp_path / "port.npz")
+
+    page = new_page()
+    open_app(page, app_url + f"/?v=1&state={digest}&port={port}&engines=torch,keras&tab=model")
+    assert show_tab(page, "Your model", 1) == 1
+    panel = page.locator(ACTIVE_PANEL)
+    assert "The gap of each layer" in panel.locator(CHART).first.text_content()
+    tables = panel.locator("[data-testid='stDataFrame']")
+    expect(tables).to_have_count(2)
+    assert "4 BatchNorm layers" in panel.inner_text()
+    screenshot(page, "model_tab.png")
+
+    # the grid draws on a canvas: its first data row's selection box sits at its left edge,
+    # one header row down
+    tables.first.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    box = tables.first.bounding_box()
+    page.mouse.click(box["x"] + 16, box["y"] + 35 + 17)
+    try:
+        page.wait_for_url(lambda url: "tab=outputs" in url, timeout=RERUN_MS)
+    except Exception:
+        _failure_shot(page, "model_tab_click.png")
+        raise
+    wait_for_app(page)
+    params = query(page.url)
+    assert params["state"] == [digest] and params["layer"] == [ck.TINY_LAYER], page.url
+    assert params["init"] == ["state"] and params["input"] == ["running"], page.url
+    assert params["torch_mode"] == ["eval"] and params["keras_training"] == ["false"]

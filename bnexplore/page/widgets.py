@@ -49,7 +49,7 @@ VALUES = "scenario_values"
 TAB = "w_tab"
 """The tabs' widget key: its value is the open tab's label."""
 LINK_NOTICES = "link_notices"
-UPLOAD_TYPES = ("pt", "pth", "safetensors", "keras", "h5", "npz", "npy")
+UPLOAD_TYPES = ("pt", "pth", "safetensors", "keras", "h5", "onnx", "npz", "npy")
 NO_PRESET = "(custom)"
 
 
@@ -60,6 +60,8 @@ NULLABLE = {"momentum": "None (cumulative average)", "or_default": "the library'
 def _default_shown(param: Param) -> float:
     """What the number box of an or_default knob shows while the default is used."""
     prefix, knob = param.key.split("_", 1)
+    if prefix == "source":  # the source framework's own default, PyTorch's where unknown
+        return DEFAULTS[f"torch_{knob}"]
     return OPTIMIZER_DEFAULTS[prefix]["adam"][knob]
 
 
@@ -164,7 +166,7 @@ def _uploaded(key: str) -> None:
         return
     try:
         digest = uploads.store_bytes(upload.getvalue())
-        if key == "state":
+        if key in ("state", "port"):
             first = uploads.layers(digest)[0]
         else:
             shape = uploads.batches_info(digest).shape
@@ -172,6 +174,8 @@ def _uploaded(key: str) -> None:
         st.session_state[_problem_key(key)] = f"{upload.name}: {problem}"
         return
     values[key] = digest
+    if key == "port":
+        return
     if key == "state":
         changes = {"layer": first.name or None, "init": "state", "torch_mode": "eval"}
         shape = shape_for_layer(values_shape(values), first.channels)
@@ -322,11 +326,19 @@ def _render(param: Param, on_change=None) -> None:
 
 
 def model_controls() -> None:
-    """The audit's widgets (the model group), in the current container (the Model tab)."""
+    """The audit's widgets (the model group), in the current container (the Model tab):
+    the port's uploader, then the source's settings side by side."""
+    _render_upload(BY_KEY["port"])
     params = [p for p in PARAMS if p.group == MODEL_GROUP and p.key != "port"]
     for column, param in zip(st.columns(len(params)), params, strict=True):
         with column:
             _render(param)
+
+
+def open_scenario(scenario: Scenario, slug: str) -> None:
+    """Show this scenario in every widget and open tab ``slug`` (a button's callback)."""
+    apply_scenario(scenario)
+    st.session_state[TAB] = TABS[slug]
 
 
 def sweep_controls() -> None:
