@@ -46,6 +46,7 @@ SLOW_MODULES = {
     "test_browser",
     "test_explain",
     "test_golden_documents",
+    "test_model_formats",
     "test_presets",
     "test_robustness",
     "test_team_server",
