@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bnexplore.tools.bench import resnet50_names  # the bench's ResNet-50 shape, one place
+
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
 TINY_LAYER = "bn3"
 """The layer of :func:`small_cnn` whose running variances lie around 1e-5 … 1e-3."""
@@ -393,23 +395,6 @@ def _keras_name(torch_name: str) -> str:
 
 
 # --- a ResNet-50-shaped state ------------------------------------------------------------------
-
-RESNET50_BLOCKS = ((64, 3), (128, 4), (256, 6), (512, 3))
-"""(planes, blocks) of each stage; a bottleneck's third BatchNorm has 4 × planes channels."""
-
-
-def resnet50_names() -> dict[str, int]:
-    """torchvision's ResNet-50 BatchNorm names → channels: 53 layers, 26,560 channels."""
-    names = {"bn1": 64}
-    for stage, (planes, blocks) in enumerate(RESNET50_BLOCKS, start=1):
-        for block in range(blocks):
-            prefix = f"layer{stage}.{block}"
-            names[f"{prefix}.bn1"] = planes
-            names[f"{prefix}.bn2"] = planes
-            names[f"{prefix}.bn3"] = 4 * planes
-            if block == 0:
-                names[f"{prefix}.downsample.1"] = 4 * planes
-    return names
 
 
 def resnet50_state(seed: int = 0) -> dict[str, np.ndarray]:
