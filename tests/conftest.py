@@ -44,6 +44,7 @@ SLOW_MODULES = {
     "test_charts",
     "test_cli",
     "test_browser",
+    "test_deploy_engines",
     "test_explain",
     "test_golden_documents",
     "test_model_formats",

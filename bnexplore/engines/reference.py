@@ -29,7 +29,7 @@ import numpy as np
 
 from bnexplore.engines import EngineResult, Session, State, history_of, parameter_history_of
 from bnexplore.scenario.batches import numpy_dtype
-from bnexplore.scenario.conventions import FUSED_DTYPES
+from bnexplore.scenario.conventions import FUSED_DTYPES, onnx_training_node
 from bnexplore.scenario.links import Scenario
 from bnexplore.scenario.params import ADAM_BETAS, resolved
 
@@ -426,6 +426,54 @@ class TorchRules(ReferenceSession):
         self._record(k)
 
 
+class OnnxRules(TorchRules):
+    """ONNX's rules for the PyTorch module as torch.onnx.export emits it: PyTorch's rules for
+    the training passes (they run in PyTorch), then the measured pass as the ONNX node does.
+
+    An inference node (the dynamo exporter, or eval mode): y = (x − running_mean) /
+    √(running_var + ε)·γ + β. A training node (torchscript exporter, train mode): the batch
+    statistics normalize, and running ← μ·running + (1 − μ)·batch with ONNX's momentum
+    μ = 1 − PyTorch's (0 for momentum=None, as the exporter writes it) and the population
+    (biased) batch variance. Without running statistics both exporters compute the batch's
+    and normalize with them. ε and μ are the node's float32 attributes.
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__(scenario, "onnx_reference")
+
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        s = self.s
+        if k < s["steps"]:
+            super().step(k, batch, target)
+            return
+        if s["dtype"] not in ("float32", "float64"):
+            raise ValueError(
+                f"ONNX Runtime's CPU BatchNormalization takes float32 and float64 only, "
+                f"not {s['dtype']}"
+            )
+        self.trained_state = self.state()
+        self._snapshot()
+        x = batch.astype(np.float64)
+        eps = _float32(s["torch_eps"])
+        if not self.track:
+            mean, var = _moments(x)
+            self._forward(k, x, target, mean, var, eps, batch=True)
+        elif onnx_training_node(s, "onnx"):
+            mean, var = _moments(x)
+            self._forward(k, x, target, mean, var, eps, batch=True)
+            m = s["torch_momentum"]
+            momentum = 0.0 if m is None else _float32(1.0 - m)
+            self.running_mean = _stored(
+                momentum * self.running_mean + (1 - momentum) * mean.ravel(), s["dtype"]
+            )
+            self.running_var = _stored(
+                momentum * self.running_var + (1 - momentum) * var.ravel(), s["dtype"]
+            )
+        else:
+            self._forward_with_running(k, x, target, eps)
+        self._record(k)
+
+
 class KerasRules(ReferenceSession):
     """Keras 3's rules: biased variance into the moving variance.
 
@@ -489,6 +537,54 @@ class KerasRules(ReferenceSession):
             self.running_var = _stored(momentum * self.running_var + (1 - momentum) * fed, stored)
         else:
             self._forward_with_running(k, x, target, self.eps)
+        self._record(k)
+
+
+class LiteRTRules(KerasRules):
+    """LiteRT's rules for the Keras 3 layer as the converter folds it: Keras 3's rules for the
+    training passes (they run in Keras), then the measured pass as a multiply and an add.
+
+    The converter constant-folds tf.nn.batch_normalization in float32: scale =
+    rsqrt(moving_variance + ε)·γ, offset = β − moving_mean·scale, each op rounded to float32;
+    with litert_quantize=float16 both constants are then rounded to float16. y = x·scale +
+    offset. float32 inference only: a training measured pass or another dtype is an error.
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__(scenario, "litert_reference")
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset) as the converter computes and stores them, widened to float64."""
+        s, f32 = self.s, np.float32
+        with np.errstate(all="ignore"):
+            inv = (f32(1) / np.sqrt(self.running_var.astype(f32) + f32(s["keras_eps"]))).astype(f32)
+            scale = inv * self.gamma.astype(f32) if self.has["gamma"] else inv
+            offset = -self.running_mean.astype(f32) * scale
+            if self.has["beta"]:
+                offset = self.beta.astype(f32) - self.running_mean.astype(f32) * scale
+        if s["litert_quantize"] == "float16":
+            scale, offset = scale.astype(np.float16), offset.astype(np.float16)
+        return scale.astype(np.float64), offset.astype(np.float64)
+
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        s = self.s
+        if k < s["steps"]:
+            super().step(k, batch, target)
+            return
+        if s["dtype"] != "float32":
+            raise ValueError(f"LiteRT runs inference only, in float32: not {s['dtype']}")
+        if s["keras_training"] == "true" and s["keras_trainable"]:
+            raise ValueError("LiteRT runs inference only: keras_training=true")
+        self._snapshot()
+        x = batch.astype(np.float64)
+        scale, offset = self.folded()
+        target_wide = None if target is None else target.astype(np.float64)
+        # L and the gradients: the inference rule (Keras's), then y is the folded multiply-add
+        self._forward_with_running(k, x, target, self.eps)
+        with np.errstate(all="ignore"):
+            self.output = x * _per_channel(scale, x.ndim) + _per_channel(offset, x.ndim)
+        if target_wide is not None:
+            self.loss = float(np.mean(np.square(self.output - target_wide)))
         self._record(k)
 
 
@@ -583,5 +679,7 @@ REFERENCES: dict[str, Callable[[Scenario], ReferenceSession]] = {
         scenario, "keras_torch_reference", fast_variance=True
     ),
     "flax": FlaxRules,
+    "onnx": OnnxRules,
+    "litert": LiteRTRules,
 }
 """Engine name → the reference session that follows that framework's rules."""

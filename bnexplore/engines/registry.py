@@ -43,6 +43,10 @@ class EngineInfo:
     where it can."""
     code: str
     """Where its engine class lives: "module:Class", imported when the engine is loaded."""
+    own_knobs: str | None = None
+    """The key prefix of the knobs that it alone reads, beside ``knobs``: the ONNX engine
+    reads the torch_* keys (the module it exports) and onnx_exporter; LiteRT the keras_* keys
+    (the layer it converts) and litert_quantize."""
 
 
 REGISTRY: tuple[EngineInfo, ...] = (
@@ -129,6 +133,32 @@ REGISTRY: tuple[EngineInfo, ...] = (
         needs="jax and flax",
         process_backend="jax",
         code="bnexplore.engines.flax_engine:FlaxEngine",
+    ),
+    EngineInfo(
+        "onnx",
+        "ONNX Runtime",
+        knobs="torch",
+        convention="PyTorch",
+        color="#6A8D22",
+        stroke_width=2.2,
+        stroke_dash=(2, 2),
+        needs="torch, onnx, onnxscript and onnxruntime",
+        process_backend=None,
+        code="bnexplore.engines.onnx_engine:OnnxEngine",
+        own_knobs="onnx",
+    ),
+    EngineInfo(
+        "litert",
+        "LiteRT",
+        knobs="keras",
+        convention="Keras 3",
+        color="#00A6D6",
+        stroke_width=1.4,
+        stroke_dash=(12, 4),
+        needs="tensorflow (Keras 3) and ai-edge-litert",
+        process_backend=None,
+        code="bnexplore.engines.litert_engine:LiteRTEngine",
+        own_knobs="litert",
     ),
 )
 """One row per engine, in the order of the sidebar's choices and of every chart's legend."""

@@ -45,6 +45,7 @@ from bnexplore.runs.metrics import Divergence
 from bnexplore.runs.runner import Reuse, compare
 from bnexplore.scenario.conventions import (
     decay_coupling,
+    exported_as_inference,
     fast_variance,
     feeds_unbiased_variance,
     new_batch_weight,
@@ -119,6 +120,10 @@ def _align_mode(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     want = uses_batch_statistics(s, a)
     if want == uses_batch_statistics(s, b):
         return None
+    if any(exported_as_inference(s, e) for e in (a, b)):
+        trained = s.replace(onnx_exporter="torchscript")
+        if uses_batch_statistics(trained, a) == uses_batch_statistics(trained, b):
+            return None  # the export's mode, not the module's: _align_export's
     words = f"{LABELS[a]} ran in {_mode_words(s, a)}, {LABELS[b]} in {_mode_words(s, b)}"
     if knobs(b) == "torch":
         if not want and not s["torch_track_running_stats"]:
@@ -132,6 +137,37 @@ def _align_mode(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
     if want and not s[f"{knobs(b)}_trainable"]:
         changes[f"{knobs(b)}_trainable"] = True
     return words, changes
+
+
+def _align_export(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    """The onnx engine's default export of a train-mode module is an inference node; aligning
+    the exporter's mode means a training export (the torchscript exporter)."""
+    exported = [e for e in (a, b) if exported_as_inference(s, e)]
+    if len(exported) != 1:
+        return None
+    engine = exported[0]
+    other = b if engine == a else a
+    if not uses_batch_statistics(s, other):
+        return None
+    return (
+        f"exported as inference: torch.onnx.export(dynamo=True) emits an inference "
+        f"BatchNormalization node (training_mode=0) from the train-mode module, so "
+        f"{LABELS[engine]} normalizes with the running statistics, {LABELS[other]} with the "
+        "batch's",
+        {"onnx_exporter": "torchscript"},
+    )
+
+
+def _align_quantize(s: Scenario, a: str, b: str) -> tuple[str, Changes] | None:
+    """LiteRT's float16 constants: rounding, aligned by converting without quantization."""
+    if "litert" not in (a, b) or s["litert_quantize"] == "none":
+        return None
+    return (
+        f"quantized to float16: {LABELS['litert']}'s converter stores the folded scale "
+        "γ/√(moving_variance + ε) and offset β − moving_mean·scale as float16 constants "
+        "(plus Dequantize)",
+        {"litert_quantize": "none"},
+    )
 
 
 def _follow(
@@ -329,6 +365,7 @@ def _align_requires_grad(s: Scenario, a: str, b: str) -> tuple[str, Changes] | N
 
 ALIGNMENTS: tuple[tuple[str, Callable[[Scenario, str, str], tuple[str, Changes] | None]], ...] = (
     ("mode", _align_mode),
+    ("export", _align_export),
     ("eps", _align_eps),
     ("momentum", _align_momentum),
     ("variance estimator", _align_variance),
@@ -337,6 +374,7 @@ ALIGNMENTS: tuple[tuple[str, Callable[[Scenario, str, str], tuple[str, Changes] 
     ("port", _align_port),
     ("fast variance", _align_fast_variance),
     ("device", _align_device),
+    ("quantize", _align_quantize),
     ("optimizer", _align_optimizer),
     ("learning rate", _align_lr),
     ("weight decay", _align_weight_decay),
@@ -657,6 +695,11 @@ def _remaining(s: Scenario, pair: tuple[str, str], of: str = "output") -> str:
                 "weight decay — PyTorch's SGD adds it to the gradient (L2); Keras decays the "
                 "weight itself"
             )
+    if "litert" in pair:
+        reasons.append(
+            f"a kernel path — {LABELS['litert']}'s converter folds the layer into a multiply "
+            "and an add, its scale and offset computed at conversion in float32"
+        )
     if not reasons and knobs(a) == knobs(b):
         reasons.append(
             f"a kernel path — the same rules, computed by {LABELS[a]}'s kernels and "

@@ -149,7 +149,11 @@ def handle(name: str, op: str, sid: int, args: list, sessions: dict, views: dict
 
 
 TENSORFLOW_UNUSED = ("jax", "pandas", "IPython")
-UNUSED_IMPORTS = {"keras": TENSORFLOW_UNUSED, "keras2": TENSORFLOW_UNUSED}
+UNUSED_IMPORTS = {
+    "keras": TENSORFLOW_UNUSED,
+    "keras2": TENSORFLOW_UNUSED,
+    "litert": TENSORFLOW_UNUSED,  # TFLiteConverter converts a Keras model without jax
+}
 """Packages a framework imports when they are installed, which its engine never uses:
 TensorFlow imports jax for TFLite, Keras pandas for its data adapters and IPython for its
 saving's notebook check. Hidden from that engine's worker (an import of them fails, which each

@@ -10,6 +10,10 @@ Per engine:
   on its fused path; biased var_b: Keras 3, Keras 2 non-fused, Flax.
 - batch variance as E[x²] − E[x]² (the fast variance): Flax with use_fast_variance,
   Keras on PyTorch; two passes (E[(x − E[x])²]) elsewhere.
+- ONNX Runtime (engine onnx) runs the PyTorch module as exported: torch.onnx.export's
+  default (dynamo) exporter emits an inference node even from a train-mode module (the
+  running statistics normalize: "exported as inference"); the torchscript exporter with
+  TrainingMode.TRAINING a training node, which feeds ONNX's population (biased) variance.
 """
 
 from __future__ import annotations
@@ -21,7 +25,32 @@ FUSED_DTYPES = ("float16", "bfloat16", "float32")
 """Compute dtypes tf_keras's fused kernel supports; float64 takes the non-fused path."""
 
 
+def exported_as_inference(s: Scenario, engine: str) -> bool:
+    """Does the deployed layer normalize with its running statistics where the PyTorch
+    module would use the batch's: the onnx engine's dynamo export of a train-mode module
+    (onnxscript's op library emits every batch norm as an inference node)?"""
+    return (
+        engine == "onnx"
+        and s["onnx_exporter"] == "dynamo"
+        and s["torch_mode"] == "train"
+        and s["torch_track_running_stats"]
+    )
+
+
+def onnx_training_node(s: Scenario, engine: str) -> bool:
+    """Is the onnx engine's measured pass a training BatchNormalization node (torchscript
+    exporter, train mode, running statistics tracked)?"""
+    return (
+        engine == "onnx"
+        and s["onnx_exporter"] == "torchscript"
+        and s["torch_mode"] == "train"
+        and s["torch_track_running_stats"]
+    )
+
+
 def uses_batch_statistics(s: Scenario, engine: str) -> bool:
+    if exported_as_inference(s, engine):
+        return False
     if knobs(engine) == "torch":
         return s["torch_mode"] == "train" or not s["torch_track_running_stats"]
     if knobs(engine) == "flax":
@@ -37,6 +66,8 @@ def new_batch_weight(s: Scenario, engine: str) -> float | None:
 
 
 def feeds_unbiased_variance(s: Scenario, engine: str) -> bool:
+    if onnx_training_node(s, engine):  # the measured pass's update is ONNX's
+        return False
     if knobs(engine) == "torch":
         return True
     if knobs(engine) in ("keras", "flax"):

@@ -28,6 +28,13 @@ KNOB_PREFIX = {engine.name: engine.knobs for engine in REGISTRY}
 Keras 3 on every backend by the keras_* keys (the same layer, another kernel)."""
 
 
+OWN_KNOBS = {engine.own_knobs: engine.knobs for engine in REGISTRY if engine.own_knobs}
+"""Prefixes of knobs one engine alone reads → the knobs it reads beside them: onnx_exporter
+goes with the torch_* keys, litert_quantize with the keras_* keys (each shown where an engine
+of those knobs is compared, and part of their engine links: an engine's result depends only on
+its engine link)."""
+
+
 def knobs(engine: str) -> str:
     """The key prefix of an engine's knobs: torch_gpu reads torch_eps, torch_mode, …"""
     return KNOB_PREFIX[engine]
@@ -57,6 +64,8 @@ GROUPS: dict[str, str] = {
     "keras": "Keras 3 layer",
     "keras2": "Keras 2 layer (tf_keras)",
     "flax": "Flax layer (nnx.BatchNorm)",
+    "onnx": "ONNX export (ONNX Runtime)",
+    "litert": "LiteRT conversion",
     "training": "Training",
     "sweep": "Sweep",
     "model": "Your model",
@@ -675,6 +684,33 @@ PARAMS: tuple[Param, ...] = (
         "true: the batch variance as E[x²] − E[x]² in at least float32 (fast, cancels when "
         "|mean| ≫ std); false: the two-pass E[(x − E[x])²].",
     ),
+    # --- ONNX export --------------------------------------------------------------------
+    Param(
+        "onnx_exporter",
+        "choice",
+        "dynamo",
+        "onnx",
+        "exporter",
+        "How the onnx engine exports the PyTorch module before its measured pass in ONNX "
+        "Runtime. dynamo: torch.onnx.export(dynamo=True), PyTorch 2.13's default, which emits "
+        "an inference BatchNormalization node even from a module in train mode (the running "
+        "statistics normalize). torchscript: dynamo=False, with training=TrainingMode.TRAINING "
+        "for a train-mode module: a training node (batch statistics, and ONNX's population "
+        "variance into the running variance).",
+        choices=("dynamo", "torchscript"),
+    ),
+    Param(
+        "litert_quantize",
+        "choice",
+        "none",
+        "litert",
+        "quantize",
+        "How the litert engine converts the Keras 3 layer (TFLiteConverter.from_keras_model, "
+        "builtin ops). none: float32; the converter folds the layer into a multiply by "
+        "γ/√(moving_variance + ε) and an add of β − moving_mean·scale. float16: those two "
+        "constants stored as float16 (plus Dequantize).",
+        choices=("none", "float16"),
+    ),
     # --- your model (shown in the Model tab) ------------------------------------------------
     Param(
         "port",
@@ -784,9 +820,13 @@ MODEL_KEYS = tuple(p.key for p in PARAMS if p.group == "model")
 
 
 def engine_of(param: Param) -> str | None:
-    """The knob prefix a parameter belongs to (torch, keras, keras2), or None."""
+    """The knob prefix a parameter belongs to (torch, keras, keras2), or None. A knob one
+    engine alone reads belongs to that engine's prefix: onnx_exporter to torch."""
     prefix = param.key.split("_", 1)[0]
-    return prefix if prefix in KNOB_PREFIX.values() and "_" in param.key else None
+    if "_" not in param.key:
+        return None
+    prefix = OWN_KNOBS.get(prefix, prefix)
+    return prefix if prefix in KNOB_PREFIX.values() else None
 
 
 DEFAULTS: dict[str, Any] = {p.key: p.default for p in PARAMS}
