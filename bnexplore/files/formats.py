@@ -911,7 +911,10 @@ def _legacy_layers(
             continue
         layers.append(_layer(name, arrays, eps=opts.get("eps"), momentum=opts.get("momentum")))
         if opts.get("axis") in (1, [1]):
-            notices.append(f"{name} normalizes axis 1 (a channels-first Keras model)")
+            notices.append(
+                f"{name} normalizes axis 1: its features after a Dense layer, or the channels "
+                "of a channels-first Keras model; audited as channels"
+            )
     return tuple(layers), notices
 
 
