@@ -56,6 +56,33 @@ def test_the_torchscript_exporter_emits_a_training_node_giving_0() -> None:
     np.testing.assert_allclose(onnx["running_mean"], [0.1] * 100, rtol=1.3e-6)
 
 
+def test_a_raw_training_export_writes_the_running_statistics_one_batch_ahead() -> None:
+    """What the engine works around: TrainingMode.TRAINING traces one training pass, which
+    updates the module's running statistics before they are written into the file."""
+    import io
+    import warnings
+
+    import onnx
+    import onnx.numpy_helper
+    import torch
+
+    module = torch.nn.BatchNorm2d(3)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.ones(4, 3, 2, 2),),
+            buffer,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.TRAINING,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    written = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_allclose(written["running_var"], [0.9] * 3, rtol=1e-6)
+    np.testing.assert_allclose(module.running_var.numpy(), [0.9] * 3, rtol=1e-6)  # advanced too
+
+
 def random_state(rng: np.random.Generator, channels: int) -> dict[str, np.ndarray]:
     return {
         "weight": rng.uniform(0.5, 2.0, channels),
@@ -281,3 +308,31 @@ def test_litert_quantize_is_in_the_engine_links_of_keras_configured_engines_only
     assert "litert_quantize=float16" in scenario.engine_link("litert")
     assert "litert_quantize" not in scenario.engine_link("torch")
     assert "onnx_exporter" not in scenario.engine_link("litert")
+
+
+def test_the_reproducer_exports_converts_and_runs_the_same_way(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from bnexplore.porting.script import reproducer
+
+    link = (
+        "?engines=onnx,litert&shape=4,3,2,2&input=normal&steps=1"
+        "&onnx_exporter=torchscript&litert_quantize=float16"
+    )
+    scenario, _ = parse_link(link)
+    script = tmp_path / "reproduce.py"
+    script.write_text(reproducer(scenario), encoding="utf-8")
+    ran = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
+    )
+    printed = json.loads(ran.stdout)["engines"]
+    doc = bnexplore.run(link)["engines"]
+    for name in ("onnx", "litert"):
+        assert printed[name].get("error") is None, printed[name]
+        for key in ("min", "max", "mean"):
+            assert math.isclose(
+                printed[name]["output"][key], doc[name]["output"][key], rel_tol=1e-6, abs_tol=1e-6
+            ), (name, key, printed[name]["output"], doc[name]["output"])
+        np.testing.assert_allclose(printed[name]["running_var"], doc[name]["running_var"], 1e-6)

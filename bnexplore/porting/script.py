@@ -97,7 +97,9 @@ def reproducer(scenario: Scenario) -> str:
     engines = scenario["engines"]
     ports = scenario["keras_init"] != "fresh"
     keras3 = [e for e in engines if e in ("keras", "keras_jax", "keras_torch")]
-    needs_torch = "torch" in engines or "torch_gpu" in engines or (ports and bool(keras3))
+    needs_torch = any(e in engines for e in ("torch", "torch_gpu", "onnx")) or (
+        ports and bool(keras3)
+    )
     needs = dict.fromkeys(NEEDS[e] for e in engines)
     parts = [
         _part(
@@ -120,12 +122,16 @@ def reproducer(scenario: Scenario) -> str:
             parts.append(_part("torch_gpu"))
     else:
         parts.append("\ntorch_state = None\n")
-    if "keras" in engines or "keras2" in engines:
+    if "onnx" in engines:
+        parts.append(_part("onnx"))
+    if "keras" in engines or "keras2" in engines or "litert" in engines:
         parts.append(_part("keras_common", tf_device=_TF_DEVICES[scenario["device"]]))
     if "keras" in engines:
         parts.append(_part("keras3"))
     if "keras2" in engines:
         parts.append(_part("keras2"))
+    if "litert" in engines:
+        parts.append(_part("litert"))
     if any(e in OTHER_BACKENDS for e in engines):
         parts.append(_part("child_runs"))
     parts.append(_part("footer"))
