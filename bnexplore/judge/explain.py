@@ -695,7 +695,7 @@ def _remaining(s: Scenario, pair: tuple[str, str], of: str = "output") -> str:
                 "weight decay — PyTorch's SGD adds it to the gradient (L2); Keras decays the "
                 "weight itself"
             )
-    if "litert" in pair:
+    if not reasons and "litert" in pair:
         reasons.append(
             f"a kernel path — {LABELS['litert']}'s converter folds the layer into a multiply "
             "and an add, its scale and offset computed at conversion in float32"
