@@ -24,6 +24,7 @@ from bnexplore.page.view import EVERYTHING, PARTS_OF_TAB, ViewCache, chart_spec,
 from bnexplore.page.widgets import TAB, apply_scenario, open_tab, sidebar, sweep_controls
 from bnexplore.porting.script import reproducer
 from bnexplore.porting.translate import TRANSLATORS, translation_pair
+from bnexplore.runs.metrics import Divergence
 from bnexplore.scenario.params import DEFAULTS, TABS
 from bnexplore.scenario.presets import matching
 
@@ -68,13 +69,12 @@ view = views().view(  # with what the open tab draws, no more
     parts=PARTS_OF_TAB[open_tab()],
 )
 progress.empty()
-doc = view.document
-run_notices = [n for n in doc["notices"] if n not in notices]
+run_notices = [n for n in view.notices if n not in notices]
 if run_notices:
     st.warning("\n".join(f"- {n}" for n in run_notices))
-for name, engine in doc["engines"].items():
-    if not engine["available"] and "could not be loaded" in (engine["reason"] or ""):
-        st.error(f"{LABELS[name]} is missing; the page shows the others. {engine['reason']}")
+for name, engine in view.engines.items():
+    if not engine.available and "could not be loaded" in (engine.reason or ""):
+        st.error(f"{LABELS[name]} is missing; the page shows the others. {engine.reason}")
 
 # --- the answer, on top --------------------------------------------------------------
 BADGES = {"agree": "green", "rounding": "blue", "differ": "red", "not compared": "gray"}
@@ -145,31 +145,30 @@ def draw_overview() -> None:
         "| engine | output mean | std | min | max | ran on | version |",
         "|---|---:|---:|---:|---:|---|---|",
     ]
-    for name, engine in doc["engines"].items():
-        if not engine["available"]:
-            rows.append(f"| {LABELS[name]} | not run: {engine['reason']} | | | | | |")
-        elif engine["error"]:
+    for name, engine in view.engines.items():
+        if not engine.available:
+            rows.append(f"| {LABELS[name]} | not run: {engine.reason} | | | | | |")
+        elif engine.error:
             rows.append(
-                f"| {LABELS[name]} | raised (see below) | | | | {engine['device']} | "
-                f"{engine['version']} |"
+                f"| {LABELS[name]} | raised (see below) | | | | {engine.device} | "
+                f"{engine.version} |"
             )
         else:
-            out = engine["output"]
-            detail = f" ({engine['detail']})" if engine.get("detail") else ""
+            out = engine.output
+            detail = f" ({engine.detail})" if engine.detail else ""
             rows.append(
-                f"| {LABELS[name]}{detail} | {fmt(out['mean'])} | {fmt(out['std'])} | "
-                f"{fmt(out['min'])} | {fmt(out['max'])} | {engine['device']} | "
-                f"{engine['version']} |"
+                f"| {LABELS[name]}{detail} | {fmt(out.mean)} | {fmt(out.std)} | "
+                f"{fmt(out.min)} | {fmt(out.max)} | {engine.device} | {engine.version} |"
             )
     st.markdown("\n".join(rows))
-    for name, engine in doc["engines"].items():
-        if engine["available"] and engine["error"]:
+    for name, engine in view.engines.items():
+        if engine.available and engine.error:
             st.error(
                 f"**{LABELS[name]} raised on this scenario** — a result, not a crash:\n\n"
-                f"`{engine['error']}`"
+                f"`{engine.error}`"
             )
-        if engine["available"]:
-            st.caption(f"{LABELS[name]}: {engine['device_note']}")
+        if engine.available:
+            st.caption(f"{LABELS[name]}: {engine.device_note}")
     if len(view.overview_histogram):  # on every change of a knob: cheap, no downloads
         show(
             lambda: charts.output_overview_chart(view.overview_histogram),
@@ -178,21 +177,21 @@ def draw_overview() -> None:
             downloads=False,
         )
 
-    for pair in doc["divergence"]:
-        st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")
-        if pair.get("reason"):
-            st.info(f"Not compared: {pair['reason']}.")
+    for pair in view.divergence:
+        st.markdown(f"##### {LABELS[pair.a]} vs {LABELS[pair.b]}")
+        if pair.reason:
+            st.info(f"Not compared: {pair.reason}.")
             continue
         cells = st.columns(5)
-        cells[0].metric("max |Δ|", fmt(pair["max_abs"]))
-        cells[1].metric("mean |Δ|", fmt(pair["mean_abs"]))
-        cells[2].metric("RMSE", fmt(pair["rmse"]))
-        cells[3].metric("max relative", fmt(pair["max_rel"]))
+        cells[0].metric("max |Δ|", fmt(pair.max_abs))
+        cells[1].metric("mean |Δ|", fmt(pair.mean_abs))
+        cells[2].metric("RMSE", fmt(pair.rmse))
+        cells[3].metric("max relative", fmt(pair.max_rel))
         cells[4].metric(
             "assert_close",
-            "pass" if pair["allclose"] else "fail",
+            "pass" if pair.allclose else "fail",
             help=f"torch.testing.assert_close defaults for {scenario['dtype']}: rtol "
-            f"{pair['rtol']:g}, atol {pair['atol']:g}; {LABELS[pair['a']]} as expected.",
+            f"{pair.rtol:g}, atol {pair.atol:g}; {LABELS[pair.a]} as expected.",
         )
     st.caption(
         "Each framework against its own rules, computed in float64, and the gaps cause by "
@@ -288,37 +287,34 @@ def draw_training() -> None:
             "| engine | loss L | dL/dx mean | std | min | max |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for name, engine in doc["engines"].items():
-            grad = engine.get("grad") if engine["available"] else None
-            if grad and grad["x"]:
-                x = grad["x"]
+        for name, engine in view.engines.items():
+            x = engine.grad_x
+            if x:
                 rows.append(
-                    f"| {LABELS[name]} | {fmt(engine['loss'])} | {fmt(x['mean'])} | "
-                    f"{fmt(x['std'])} | {fmt(x['min'])} | {fmt(x['max'])} |"
+                    f"| {LABELS[name]} | {fmt(engine.loss)} | {fmt(x.mean)} | "
+                    f"{fmt(x.std)} | {fmt(x.min)} | {fmt(x.max)} |"
                 )
         st.markdown("\n".join(rows))
         labels = {"x": "dL/dx", "gamma": "dL/dγ", "beta": "dL/dβ"}
-        for pair in doc["divergence"]:
-            if pair.get("reason") or not pair.get("grad"):
+        for pair in view.divergence:
+            if pair.reason or not pair.grad:
                 continue
-            st.markdown(f"##### {LABELS[pair['a']]} vs {LABELS[pair['b']]}")
+            st.markdown(f"##### {LABELS[pair.a]} vs {LABELS[pair.b]}")
             rows = [
                 "| compared | max \\|Δ\\| | max relative | assert_close |",
                 "|---|---:|---:|---|",
             ]
-            parts = [(labels[k], d) for k, d in pair["grad"].items()]
-            parts += [(f"{k.replace('_', ' ')} (layer)", d) for k, d in pair["state"].items()]
+            parts = [(labels[k], d) for k, d in pair.grad.items()]
+            parts += [(f"{k.replace('_', ' ')} (layer)", d) for k, d in pair.state.items()]
             for what, d in parts:
                 if d is None:
                     rows.append(f"| {what} | — | — | not computed on one side |")
                 else:
-                    verdict = "pass" if d["allclose"] else "**fail**"
-                    rows.append(
-                        f"| {what} | {fmt(d['max_abs'])} | {fmt(d['max_rel'])} | {verdict} |"
-                    )
+                    verdict = "pass" if d.allclose else "**fail**"
+                    rows.append(f"| {what} | {fmt(d.max_abs)} | {fmt(d.max_rel)} | {verdict} |")
             st.markdown("\n".join(rows))
-        for name, ref in doc.get("reference", {}).items():
-            for parameter, bound in (ref.get("unpredictable") or {}).items():
+        for name, ref in view.references.items():
+            for parameter, bound in ref.unpredictable.items():
                 st.info(
                     f"{LABELS[name]}: {parameter}'s exact gradient was 0 on an Adam step, so "
                     f"the framework stepped on rounding noise, which no formula predicts; it "
@@ -385,31 +381,30 @@ def draw_sweep() -> None:
 
 
 def draw_explain() -> None:
-    about = doc["headline_about"]
-    if not about:
+    if view.about is None:
         st.success("Nothing to explain: only one engine ran, or the pair cannot be compared.")
     else:
-        draw_causes(about)
+        draw_causes(view.about)
     draw_references()
 
 
 def draw_references() -> None:
     st.markdown("##### Each framework against its own rules, computed in float64")
     lines = []
-    for name, ref in doc.get("reference", {}).items():
-        gap = ref["vs_engine"]
-        if gap["max_abs"] is None:
+    for name, ref in view.references.items():
+        gap = ref.gap
+        if gap.max_abs is None:
             continue
-        where = "within" if gap["allclose"] else "**outside**"
+        where = "within" if gap.allclose else "**outside**"
         lines.append(
-            f"- {LABELS[name]}: max |Δ| {fmt(gap['max_abs'])}, {where} "
-            f"{scenario['dtype']} tolerance"
+            f"- {LABELS[name]}: max |Δ| {fmt(gap.max_abs)}, {where} {scenario['dtype']} tolerance"
         )
     st.markdown("\n".join(lines) or "Nothing to check: no engine produced an output.")
 
 
-def draw_causes(about: dict) -> None:
-    pair = f"{LABELS[about['a']]} and {LABELS[about['b']]}"
+def draw_causes(about: Divergence) -> None:
+    """The causes of each of ``about``'s gaps (the headline pair's)."""
+    pair = f"{LABELS[about.a]} and {LABELS[about.b]}"
     st.markdown(
         f"The gaps between **{pair}** (the pair the headline is about) beyond "
         f"{scenario['dtype']} tolerances, cause by cause. Every knob that differs is aligned "
@@ -418,29 +413,28 @@ def draw_causes(about: dict) -> None:
         "gap's shares add up to at most 100 %; the rest is what remains. Each knob links to "
         "the scenario with that knob alone aligned."
     )
-    if doc["explain"]:
-        st.caption(doc["explain"][0]["method"])
-    pair_gaps = next(d for d in doc["divergence"] if (d["a"], d["b"]) == (about["a"], about["b"]))
+    if view.steps:
+        st.caption(view.steps[0].method)
     output, state = st.columns(2)
     with output:
         st.markdown("#### The output")
         for of in ("output", "grad_x"):
-            explain_gap(of, pair_gaps)
+            explain_gap(of, about)
     with state:
         st.markdown("#### The state after the measured pass")
         for of in ("running_mean", "running_var", "gamma", "beta"):
-            explain_gap(of, pair_gaps)
+            explain_gap(of, about)
 
 
 # gap names at the start of a line (γ, β and dL/dx stay as they are)
 GAP_TITLES = {"output": "Output", "running_mean": "Running mean", "running_var": "Running variance"}
 
 
-def explain_gap(of: str, pair_gaps: dict) -> None:
+def explain_gap(of: str, pair: Divergence) -> None:
     """One gap's causes (chart and list), or why it has none."""
-    gap = part(pair_gaps, of)
+    gap = part(pair, of)
     name = GAP_TITLES.get(of, GAP_NAMES[of])
-    steps = [step for step in doc["explain"] if step["of"] == of]
+    steps = [step for step in view.steps if step.of == of]
     if gap is None:
         if of in ("output", "running_mean", "running_var"):
             st.caption(f"{name}: not compared (a side has none).")
@@ -448,24 +442,24 @@ def explain_gap(of: str, pair_gaps: dict) -> None:
     if not steps:
         words = {"agree": "agrees exactly", "rounding": "agrees within rounding"}
         said = words.get(verdict(gap), "differs, with no share to compute")
-        st.success(f"**{name}**: the pair {said} (max |Δ| = {fmt(gap['max_abs'])}).")
+        st.success(f"**{name}**: the pair {said} (max |Δ| = {fmt(gap.max_abs)}).")
         return
-    st.markdown(f"**{name}**: max |Δ| = {fmt(gap['max_abs'])}, beyond tolerance")
+    st.markdown(f"**{name}**: max |Δ| = {fmt(gap.max_abs)}, beyond tolerance")
     show(lambda: charts.attribution_chart(view.explain, of), f"explain_{of}")
     for step in steps:
-        link = f"[{step['knob']}]({step['link']})"
-        if step["knob"] == "what remains":
-            share = "" if step["share"] is None else f"{percent(step['share'])} of the gap, "
+        link = f"[{step.knob}]({step.link})"
+        if step.knob == "what remains":
+            share = "" if step.share is None else f"{percent(step.share)} of the gap, "
             st.markdown(
-                f"- {link}: {share}{fmt(step['gap_before'])} left with every knob aligned — "
-                f"{step['cause']}"
+                f"- {link}: {share}{fmt(step.gap_before)} left with every knob aligned — "
+                f"{step.cause}"
             )
-        elif step["widens"] is not None:
-            st.markdown(f"- {link}: **widens** the gap by {fmt(step['widens'])} — {step['cause']}")
+        elif step.widens is not None:
+            st.markdown(f"- {link}: **widens** the gap by {fmt(step.widens)} — {step.cause}")
         else:
             st.markdown(
-                f"- {link}: {percent(step['share'])} of the gap (alone: "
-                f"{fmt(step['gap_before'])} → {fmt(step['gap_after'])}) — {step['cause']}"
+                f"- {link}: {percent(step.share)} of the gap (alone: "
+                f"{fmt(step.gap_before)} → {fmt(step.gap_after)}) — {step.cause}"
             )
 
 

@@ -1,8 +1,9 @@
 """What the page draws for one scenario, and a small thread-safe cache of it by link.
 
 The app computes a view once per canonical link; a revisited link answers from
-the cache without running the frameworks again. Views are small: the document,
-the words and the binned chart data, never whole tensors.
+the cache without running the frameworks again. Views are small: the typed figures
+the page reads (each engine's summary, each pair's Divergence, explain's Steps), the
+words, the binned chart data and the document for the download, never whole tensors.
 
 A view holds the parts its tab draws, and no more (PARTS_OF_TAB): the headline,
 the engines' figures, the per-channel state and the Overview's sampled output
@@ -18,26 +19,37 @@ import ctypes
 import dataclasses
 import gc
 import logging
+import math
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pandas as pd
 from cachetools import LRUCache
 
-from bnexplore.engines import LABELS
+from bnexplore.engines import LABELS, EngineResult
 from bnexplore.files import store
 from bnexplore.files.formats import Layer
 from bnexplore.judge.document import document as make_document
 from bnexplore.judge.document import headline_pair
-from bnexplore.judge.explain import differing_knobs, explain, summary
-from bnexplore.judge.verdicts import verdicts
+from bnexplore.judge.explain import Step, differing_knobs, explain, summary
+from bnexplore.judge.verdicts import headline_gap, verdicts
 from bnexplore.page import charts
 from bnexplore.runs import admission, sweep
 from bnexplore.runs import pool as workers
-from bnexplore.runs.runner import Comparison, Report, Reuse, admitted_need, compare, strict_json
+from bnexplore.runs.metrics import Divergence
+from bnexplore.runs.runner import (
+    Comparison,
+    Report,
+    Reuse,
+    admitted_need,
+    array_key,
+    compare,
+    strict_json,
+)
 from bnexplore.scenario.links import Scenario
 from bnexplore.scenario.params import knobs
 
@@ -68,12 +80,91 @@ EVERYTHING = frozenset(PARTS)
 """What the downloaded JSON document holds: the CLI's ``run --reference --explain``."""
 
 
+def _finite(x: float | None) -> float | None:
+    """A figure as the document writes it: None where it is NaN or ±inf (strict JSON)."""
+    return None if x is None or not math.isfinite(x) else x
+
+
+class Summary(NamedTuple):
+    """An array's summary (metrics.output_summary), in float64; None where undefined."""
+
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class EngineFigures:
+    """One engine as the page shows it, without its tensors: what ran, where, and the
+    summaries of its output and (with a loss) of dL/dx."""
+
+    name: str
+    available: bool
+    reason: str | None = None
+    version: str | None = None
+    device: str | None = None
+    device_note: str | None = None
+    detail: str | None = None
+    error: str | None = None
+    output: Summary | None = None
+    loss: float | None = None
+    """The measured pass's L (None with loss=none, or where it is not finite)."""
+    grad_x: Summary | None = None
+    """dL/dx's summary, with a loss and an output."""
+
+    @classmethod
+    def of(cls, r: EngineResult, summaries: dict[str, dict], scenario: Scenario) -> EngineFigures:
+        """From a run's result and the comparison's summaries (as the document's entry)."""
+        if not r.available:
+            return cls(r.name, False, reason=r.reason, version=r.version)
+        output = summaries.get(r.name)
+        grad_x = None
+        if scenario["loss"] != "none" and r.output is not None:
+            grad_x = summaries.get(array_key(r.name, "grad_x"))
+        return cls(
+            r.name,
+            True,
+            version=r.version,
+            device=r.device,
+            device_note=r.device_note,
+            detail=r.detail,
+            error=r.error,
+            output=output and Summary(**output),
+            loss=_finite(r.loss),
+            grad_x=grad_x and Summary(**grad_x),
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceFigures:
+    """An engine's float64 reference: its gap from the engine, and what no formula predicts
+    (EngineResult.unpredictable: parameter → the bound on how far rounding noise moves it)."""
+
+    gap: Divergence
+    unpredictable: dict[str, float | None]
+
+
 @dataclass(frozen=True)
 class View:
     document: dict
-    """bnexplore.run's document: with "reference" and "explain" where ``parts`` has them."""
+    """bnexplore.run's document, for the download: with "reference" and "explain" where
+    ``parts`` has them (the page itself reads the typed fields)."""
     parts: frozenset[str]
     """Which of PARTS this view holds."""
+    notices: tuple[str, ...]
+    """The run's notices (the link's among them)."""
+    engines: dict[str, EngineFigures]
+    """Each engine's figures, in the scenario's order."""
+    divergence: tuple[Divergence, ...]
+    """Each pair of engines, in the scenario's order (Comparison.divergence)."""
+    references: dict[str, ReferenceFigures]
+    """Each engine's float64 reference (with REFERENCES), else empty."""
+    about: Divergence | None
+    """The pair the headline is about, where it can be compared (else None)."""
+    steps: tuple[Step, ...]
+    """Explain's steps for that pair (with EXPLAIN), figures as the document writes them."""
     headline: str
     verdict: dict[str, str]
     """The headline pair's {"output": V, "state": V} (story.verdicts)."""
@@ -142,14 +233,30 @@ def build_view(
     document = make_document(comparison)
     if EXPLAIN in parts:
         document["explain"] = strict_json([step.to_dict() for step in steps])
-    about = document["headline_about"]
+    about = None if pair is None or pair.reason else pair  # as the headline's about
     outputs = OUTPUTS in parts
+    scenario, summaries = comparison.scenario, comparison.summaries
+    references = {
+        name: ReferenceFigures(
+            gap=comparison.reference_gap(name),
+            unpredictable={k: _finite(v) for k, v in (ref.unpredictable or {}).items()},
+        )
+        for name, ref in comparison.references.items()
+    }
     return View(
         document=document,
         parts=parts,
+        notices=tuple(comparison.notices),
+        engines={
+            name: EngineFigures.of(r, summaries, scenario) for name, r in comparison.results.items()
+        },
+        divergence=tuple(comparison.divergence),
+        references=references,
+        about=about,
+        steps=tuple(_written(step) for step in steps),
         headline=document["headline"],
         verdict=verdicts(pair) if pair else {"output": "not compared", "state": "not compared"},
-        explain_summary=summary(steps, about and about["of"]),
+        explain_summary=summary(steps, about and headline_gap(about)),
         differing=tuple(differing_knobs(comparison.scenario, (pair.a, pair.b))) if pair else (),
         histogram=charts.output_histogram(comparison) if outputs else NO_DATA,
         overview_histogram=charts.output_histogram(comparison, sample=charts.OVERVIEW_SAMPLE),
@@ -165,6 +272,12 @@ def build_view(
         parameters=charts.parameters(comparison),
         parameter_history=charts.parameter_history(comparison),
     )
+
+
+def _written(step: Step) -> Step:
+    """The step with its figures as the document writes them (None where not finite)."""
+    figures = ("gap_before", "gap_after", "shapley", "share", "widens")
+    return dataclasses.replace(step, **{f: _finite(getattr(step, f)) for f in figures})
 
 
 @dataclass(frozen=True)
