@@ -19,9 +19,17 @@ start_early((key, value) for key in st.query_params for value in st.query_params
 from bnexplore.engines import LABELS
 from bnexplore.judge.explain import aligned
 from bnexplore.judge.verdicts import GAP_NAMES, VERDICT_WORDS, part, percent, verdict
-from bnexplore.page import charts
+from bnexplore.page import charts, model
 from bnexplore.page.view import EVERYTHING, PARTS_OF_TAB, ViewCache, chart_spec, layer_view
-from bnexplore.page.widgets import TAB, apply_scenario, open_tab, sidebar, sweep_controls
+from bnexplore.page.widgets import (
+    TAB,
+    apply_scenario,
+    model_controls,
+    open_scenario,
+    open_tab,
+    sidebar,
+    sweep_controls,
+)
 from bnexplore.porting.script import reproducer
 from bnexplore.porting.translate import TRANSLATORS, translation_pair
 from bnexplore.runs.metrics import Divergence
@@ -39,6 +47,12 @@ def log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(st.get_option("logger.level").upper())
+
+
+@st.cache_resource
+def audits() -> model.AuditCache:
+    """Whole-model audits, shared by every session of this server."""
+    return model.AuditCache()
 
 
 @st.cache_resource
@@ -488,6 +502,81 @@ def draw_code() -> None:
         st.code(script, language="python")
 
 
+def _open_layer(layers) -> None:
+    """A row of the Model tab's table was chosen: open that layer's single-layer scenario."""
+    rows = st.session_state["model_table"].selection.rows
+    if rows:
+        open_scenario(layers[rows[0]].scenario, "outputs")
+
+
+def draw_model() -> None:
+    model_controls()
+    if scenario["state"] is None:
+        st.info(
+            "Upload a model under **Your layer** in the sidebar: a PyTorch state_dict, "
+            ".safetensors, .keras, a Keras 2 .h5, an .onnx or an .npz. Every BatchNorm in it "
+            "runs in every engine, in inference, on inputs drawn from its own statistics: "
+            "each port with the target's default eps (naive) and with the source's "
+            "(faithful). Add the port above to check it layer by layer."
+        )
+        return
+    audit_progress = st.progress(0.0, text="Auditing every layer in every engine…")
+    audited = audits().audit(
+        scenario,
+        report=lambda done, text: audit_progress.progress(min(done, 1.0), text=text),
+    )
+    audit_progress.empty()
+    if audited.notices:
+        st.warning("\n".join(f"- {n}" for n in audited.notices))
+    if not audited.layers:
+        st.error("No BatchNorm layer of this file could be audited.")
+        return
+    source = LABELS[audited.engines[0]]
+    st.markdown(
+        f"**{len(audited.layers)} BatchNorm layers** ({audited.format}), source **{source}**, "
+        f"against {', '.join(LABELS[e] for e in audited.engines[1:])}. Worst first; choose "
+        "a row to open that layer."
+    )
+    show(lambda: model.gap_chart(model.gap_frame(audited), source), "model_gaps", memo={})
+    layers = audited.worst_first()
+    table = model.layer_table(audited)
+    st.dataframe(
+        table,
+        column_config={
+            "eps": st.column_config.NumberColumn("eps", format="%.3g"),
+            "min var": st.column_config.NumberColumn("min var", format="%.3g"),
+            "worst naive": st.column_config.NumberColumn("worst naive (of max |y|)", format="%.3g"),
+            **{
+                c: st.column_config.NumberColumn(c, format="%.4g")
+                for c in table.columns
+                if c.endswith(" naive") or c.endswith(" faithful")
+            },
+            "link": st.column_config.LinkColumn("link", display_text="open"),
+        },
+        hide_index=True,
+        key="model_table",
+        on_select=lambda: _open_layer(layers),
+        selection_mode="single-row",
+    )
+    if audited.port is not None:
+        st.markdown(f"##### The port ({audited.port.format})")
+        st.dataframe(
+            model.findings_table(audited),
+            column_config={"max |Δ|": st.column_config.NumberColumn("max |Δ|", format="%.4g")},
+            hide_index=True,
+        )
+    st.download_button(
+        "Download the audit (JSON)",
+        lambda: json.dumps(audited.to_dict(), indent=2),
+        file_name="bnexplore_audit.json",
+        mime="application/json",
+        on_click="ignore",
+    )
+    st.caption(
+        f"The same numbers: `python -m bnexplore audit FILE --link '{scenario.link}' --json`"
+    )
+
+
 # --- the tabs: only the open one runs; its slug is the link's ``tab`` ---------------------
 DRAW = {
     "overview": draw_overview,
@@ -498,6 +587,7 @@ DRAW = {
     "sweep": draw_sweep,
     "explain": draw_explain,
     "code": draw_code,
+    "model": draw_model,
 }
 for slug, tab in zip(TABS, st.tabs(list(TABS.values()), key=TAB, on_change="rerun"), strict=True):
     with tab:

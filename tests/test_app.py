@@ -89,6 +89,7 @@ def test_app_shows_both_frameworks_numbers_and_charts(opened: AppTest) -> None:
         "sweep": 0,
         "explain": 3,
         "code": 0,
+        "model": 0,  # no model file: a note, no chart
     }
     assert opened.subheader[0].value.startswith("max |Δ|")
     assert "of the gap:" in opened.markdown[0].value  # explain's top cause, on top
@@ -318,3 +319,35 @@ def test_the_server_does_not_collect_garbage_after_every_run() -> None:
     while the run's last messages wait (README, Performance): the config turns it off."""
     config = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())
     assert config["runner"]["postScriptGC"] is False
+
+
+def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None:
+    """A state_dict and its port with γ and β swapped in one layer: the Model tab charts the
+    gaps, tables every layer and names the port's mistake."""
+    import torch
+
+    import bnexplore
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[0].running_var.copy_(torch.tensor([1e-5, 1e-4, 1.0]))
+        model[1].weight.copy_(torch.tensor([2.0, 0.5, 1.5]))
+        model[1].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    port = model.state_dict()
+    port["1.weight"], port["1.bias"] = port["1.bias"].clone(), port["1.weight"].clone()
+    torch.save(port, tmp_path / "port.pt")
+    digest, ported = (
+        bnexplore.store_file(tmp_path / "m.pt"),
+        bnexplore.store_file(tmp_path / "port.pt"),
+    )
+
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"state": digest, "port": ported, "tab": "model"})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.get("vega_lite_chart")) == 1
+    layers, findings = (df.value for df in at.dataframe)
+    assert list(layers["layer"]) == ["0", "1"]  # the small variances bite first
+    assert "keras_eps" in layers["cause"].iloc[0]
+    assert list(findings["problems"]) == ["ok", "swapped_gamma_beta"]

@@ -74,6 +74,7 @@ PARTS_OF_TAB: dict[str, frozenset[str]] = {
     "sweep": frozenset(),
     "explain": frozenset({REFERENCES, EXPLAIN}),
     "code": frozenset(),
+    "model": frozenset(),
 }
 """The parts each tab draws (by the link's ``tab`` slug); the rest stays off its path."""
 EVERYTHING = frozenset(PARTS)
