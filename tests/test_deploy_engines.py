@@ -336,3 +336,15 @@ def test_the_reproducer_exports_converts_and_runs_the_same_way(tmp_path) -> None
                 printed[name]["output"][key], doc[name]["output"][key], rel_tol=1e-6, abs_tol=1e-6
             ), (name, key, printed[name]["output"], doc[name]["output"])
         np.testing.assert_allclose(printed[name]["running_var"], doc[name]["running_var"], 1e-6)
+
+
+def test_the_exporter_and_quantize_widgets_show_only_where_their_engine_is_compared() -> None:
+    from bnexplore.scenario.params import BY_KEY, read_by_any
+
+    exporter, quantize = BY_KEY["onnx_exporter"], BY_KEY["litert_quantize"]
+    assert not read_by_any(exporter, ("torch", "keras"))
+    assert not read_by_any(quantize, ("torch", "keras"))
+    assert read_by_any(exporter, ("keras", "onnx")) and read_by_any(quantize, ("litert",))
+    assert read_by_any(BY_KEY["torch_eps"], ("onnx",)) and read_by_any(
+        BY_KEY["keras_eps"], ("litert",)
+    )

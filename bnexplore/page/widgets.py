@@ -37,8 +37,7 @@ from bnexplore.scenario.params import (
     PARAMS,
     TABS,
     Param,
-    engine_of,
-    knobs,
+    read_by_any,
 )
 from bnexplore.scenario.presets import PRESETS, matching
 
@@ -379,8 +378,7 @@ def _shown(param: Param, store: dict[str, Any], engines: tuple[str, ...]) -> boo
         return False
     if param.kind == "name":
         return store["state"] is not None
-    engine = engine_of(param)
-    return engine is None or engine in {knobs(e) for e in engines}
+    return read_by_any(param, engines)
 
 
 def _read_widget(param: Param, store: dict[str, Any]) -> None:

@@ -829,4 +829,17 @@ def engine_of(param: Param) -> str | None:
     return prefix if prefix in KNOB_PREFIX.values() else None
 
 
+def read_by_any(param: Param, engines: tuple[str, ...]) -> bool:
+    """Does one of these engines read the parameter? A shared one (engine_of None): every
+    engine; a framework's knob: the engines of that prefix; a knob one engine alone reads
+    (onnx_exporter, litert_quantize): that engine only."""
+    engine = engine_of(param)
+    if engine is None:
+        return True
+    own = param.key.split("_", 1)[0]
+    if own in OWN_KNOBS:
+        return any(e.own_knobs == own and e.name in engines for e in REGISTRY)
+    return engine in {knobs(e) for e in engines}
+
+
 DEFAULTS: dict[str, Any] = {p.key: p.default for p in PARAMS}
