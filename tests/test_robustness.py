@@ -362,8 +362,9 @@ def expect(pairs: list[tuple[str, str]]) -> Expected:
         if status == CLAMPED:
             exp.noticed.add(key)
     v = exp.values
-    # with no stored file: input=file, layer= and init=state fall back, each with a notice
-    if v["input"] == "file":
+    # with no stored file: input=file or running, layer= and init=state fall back, each
+    # with a notice
+    if v["input"] in ("file", "running"):
         v["input"] = (
             PRESETS[raw["preset"].strip().lower()].values.get("input", "ones")
             if ("preset" in raw and raw["preset"].strip().lower() in PRESETS)
