@@ -361,6 +361,17 @@ STORIES: dict[str, tuple[str | None, str, dict[str, tuple[str, ...]]]] = {
     ),
     "adam-noise": ("output", "differ", {"output": ("where Adam adds ε",)}),
     "sgd-defaults": ("output", "γ, β, dL/dγ differ", {"output": ("learning rate",)}),
+    "onnx-export": (
+        "output",
+        "ONNX Runtime with its running statistics",
+        {"output": ("exported as inference",), "running_var": ("exported as inference",)},
+    ),
+    "litert-folded": (None, "Keras 3 and LiteRT agree exactly", {}),
+    "litert-float16": (
+        "output",
+        "Keras 3 and LiteRT differ",
+        {"output": ("quantized to float16",)},
+    ),
 }
 
 

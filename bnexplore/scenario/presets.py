@@ -370,6 +370,48 @@ PRESETS: dict[str, Preset] = {
             "Keras's lr = 0.01: after three steps Keras's γ and β have moved ten times as far.",
             {**TRAINING, **MATCHED_LAYERS, "shape": SMALL},
         ),
+        Preset(
+            "onnx-export",
+            "The default ONNX export of a train-mode module",
+            "A fresh PyTorch module, in training mode, exported with torch.onnx.export's defaults "
+            "(dynamo=True) and run in ONNX Runtime. PyTorch normalizes the ones with their own "
+            "statistics and returns 0; the exporter emits an inference BatchNormalization node, "
+            "so the deployed layer uses the running statistics (0, 1) and returns "
+            "1/√(1 + 1e-5). onnx_exporter=torchscript exports a training node instead.",
+            {"shape": SMALL, "engines": ("torch", "onnx")},
+        ),
+        Preset(
+            "litert-folded",
+            "LiteRT's folded BatchNorm is Keras's, bit for bit",
+            "Three training passes in Keras, then its layer converted to LiteRT: the converter "
+            "folds inference BatchNorm into x·scale + offset, with scale = γ/√(moving_variance + "
+            "ε) and offset = β − moving_mean·scale computed at conversion. Keras 3 on "
+            "TensorFlow computes inference the same way, in float32: the outputs agree exactly.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 3.0,
+                "std": 0.5,
+                "steps": 3,
+                "keras_momentum": 0.5,
+                "engines": ("keras", "litert"),
+            },
+        ),
+        Preset(
+            "litert-float16",
+            "LiteRT quantized to float16",
+            "The same Keras layer converted with float16 quantization: the folded scale and "
+            "offset are stored as float16 and dequantized, so the deployed output moves by "
+            "float16's rounding of the constants, far beyond float32's tolerance.",
+            {
+                "shape": SMALL,
+                "input": "normal",
+                "mean": 0.5,
+                "std": 2.0,
+                "engines": ("keras", "litert"),
+                "litert_quantize": "float16",
+            },
+        ),
     )
 }
 
