@@ -40,7 +40,7 @@ FREED_ALLOWANCE = 0.15
 FREED_WITHIN_S = 5.0
 HOLD_S = 2.0
 """Given back means: at or under the mark, and staying there this long."""
-COMPUTING = re.compile(r"bnexplore\.view: computing (\S+)")
+COMPUTING = re.compile(r"bnexplore\.page\.view: computing (\S+)")
 """The INFO line the app logs (logger bnexplore.page.view) once per computation of a link."""
 
 numbers: dict[str, object] = {}
