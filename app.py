@@ -33,6 +33,7 @@ from bnexplore.page.widgets import (
 from bnexplore.porting.script import reproducer
 from bnexplore.porting.translate import TRANSLATORS, translation_pair
 from bnexplore.runs.metrics import Divergence
+from bnexplore.scenario.links import LAYER_NOT_GIVEN
 from bnexplore.scenario.params import DEFAULTS, TABS
 from bnexplore.scenario.presets import matching
 
@@ -73,8 +74,9 @@ st.caption(
     "Configure a BatchNorm scenario in the sidebar; it runs for real in each framework. "
     "The address bar is always a link that reproduces it."
 )
-if notices:
-    st.warning("Parts of the link were not used:\n\n" + "\n".join(f"- {n}" for n in notices))
+shown = [n for n in notices if open_tab() != "model" or not n.startswith(LAYER_NOT_GIVEN)]
+if shown:  # the Model tab audits every layer: a link naming none is no notice there
+    st.warning("Parts of the link were not used:\n\n" + "\n".join(f"- {n}" for n in shown))
 
 progress = st.progress(0.0, text="Running in each framework's worker process…")
 view = views().view(  # with what the open tab draws, no more
@@ -169,9 +171,8 @@ def draw_overview() -> None:
             )
         else:
             out = engine.output
-            detail = f" ({engine.detail})" if engine.detail else ""
             rows.append(
-                f"| {LABELS[name]}{detail} | {fmt(out.mean)} | {fmt(out.std)} | "
+                f"| {LABELS[name]} | {fmt(out.mean)} | {fmt(out.std)} | "
                 f"{fmt(out.min)} | {fmt(out.max)} | {engine.device} | {engine.version} |"
             )
     st.markdown("\n".join(rows))
@@ -181,8 +182,9 @@ def draw_overview() -> None:
                 f"**{LABELS[name]} raised on this scenario** — a result, not a crash:\n\n"
                 f"`{engine.error}`"
             )
-        if engine.available:
-            st.caption(f"{LABELS[name]}: {engine.device_note}")
+        if engine.available:  # what ran, below the table: the exporter, the converter
+            detail = f"; {engine.detail}" if engine.detail else ""
+            st.caption(f"{LABELS[name]}: {engine.device_note}{detail}")
     if len(view.overview_histogram):  # on every change of a knob: cheap, no downloads
         show(
             lambda: charts.output_overview_chart(view.overview_histogram),
@@ -545,7 +547,15 @@ def draw_model() -> None:
         column_config={
             "eps": st.column_config.NumberColumn("eps", format="%.3g"),
             "min var": st.column_config.NumberColumn("min var", format="%.3g"),
-            "worst naive": st.column_config.NumberColumn("worst naive (of max |y|)", format="%.3g"),
+            "worst naive": st.column_config.NumberColumn(
+                "worst naive / max |y|",
+                format="%.3g",
+                help="The naive port's largest max |Δ| over the engines, relative to max |y| "
+                "of the source's own output: the ranking.",
+            ),
+            "cause": st.column_config.TextColumn(
+                "cause", help="The naive gap's causes: the knob aligned by the faithful port."
+            ),
             **{
                 c: st.column_config.NumberColumn(c, format="%.4g")
                 for c in table.columns

@@ -351,3 +351,10 @@ def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None
     assert list(layers["layer"]) == ["0", "1"]  # the small variances bite first
     assert "keras_eps" in layers["cause"].iloc[0]
     assert list(findings["problems"]) == ["ok", "swapped_gamma_beta"]
+    # the tab audits every layer: a link that names none gets no notice there, as it does
+    # on a single-layer tab (which runs the first)
+    assert not [w.value for w in at.warning if "layer: not given" in w.value]
+    overview = AppTest.from_file(APP, default_timeout=300)
+    overview.query_params.update({"state": digest, "port": ported, "tab": "overview"})
+    overview.run()
+    assert [w.value for w in overview.warning if "layer: not given" in w.value]

@@ -262,3 +262,46 @@ def test_the_cli_audits_a_file_and_its_port(files, store_dir) -> None:
 def test_an_audit_without_a_file_says_so() -> None:
     doc = bnexplore.audit("?engines=torch,keras")
     assert doc["layers"] == [] and any("needs a model file" in n for n in doc["notices"])
+
+
+def test_a_wrapped_checkpoints_layers_are_matched_to_their_port_by_name(files, store_dir, tmp_path):
+    """A checkpoint saved as {"model": DataParallel's state_dict, "epoch": …}: its layers are
+    model.module.bn1 … and still match the port's bn1 … by name, mistakes and all."""
+    import torch
+
+    state = torch.load(files["pt"], weights_only=True)
+    wrapped = {"epoch": 3, "model": {f"module.{k}": v for k, v in state.items()}}
+    torch.save(wrapped, tmp_path / "wrapped.pt")
+    doc = bnexplore.audit(
+        f"?state={bnexplore.store_file(tmp_path / 'wrapped.pt')}"
+        f"&port={bnexplore.store_file(files['broken'])}&engines=torch,keras"
+    )
+    found = {f["layer"]: f for f in doc["port"]["findings"]}
+    assert set(found) == {
+        "model.module.bn1",
+        "model.module.bn2",
+        "model.module.bn3",
+        "model.module.bn4",
+    }
+    for name, problem in [
+        ("bn1", "swapped_mean_var"),
+        ("bn2", "swapped_gamma_beta"),
+        ("bn3", "std_for_var"),
+    ]:
+        finding = found[f"model.module.{name}"]
+        assert (finding["port_layer"], finding["matched_by"], finding["problems"]) == (
+            name,
+            "name",
+            [problem],
+        )
+    assert found["model.module.bn4"]["problems"] == ["missing"]
+
+
+def test_names_are_unwrapped_of_the_prefix_every_layer_shares() -> None:
+    from bnexplore.judge.ports import unwrapped
+
+    assert unwrapped(["model.module.layer1.0.bn1", "model.module.bn1"]) == ["layer1_0_bn1", "bn1"]
+    assert unwrapped(["features/0/bn"]) == ["bn"]
+    assert unwrapped(["bn1", "bn2"]) == ["bn1", "bn2"]
+    assert unwrapped(["a.bn", "b.bn"]) == ["a_bn", "b_bn"]
+    assert unwrapped([]) == []

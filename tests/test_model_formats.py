@@ -300,6 +300,21 @@ def test_onnx_constant_and_computed_inputs(files) -> None:
     assert "computed in the graph" in layers[1].problem and layers[0].problem is None
 
 
+@pytest.mark.parametrize(
+    ("producer", "source"), [("pytorch", "torch"), ("tf2onnx", "keras2"), ("onnx-example", None)]
+)
+def test_an_onnx_files_producer_names_its_source(files, producer, source) -> None:
+    """PyTorch's exporter means torch, tf2onnx (a Keras 2 / tf.keras model) keras2; any
+    other producer says nothing (the audit then takes PyTorch, or the link's source=)."""
+
+    def produced_by(model, onnx):
+        model.producer_name = producer
+
+    model = read_model(io.BytesIO(edited_onnx(files, produced_by)))
+    assert model.format == "onnx" and model.source == source
+    assert [layer.name for layer in model.layers] == TORCH_NAMES
+
+
 def test_onnx_external_data_is_never_followed(files, tmp_path, store_dir) -> None:
     (tmp_path / "secret.bin").write_bytes(SECRET)
 

@@ -36,7 +36,12 @@ from bnexplore.runs.many import Pass, infer_all
 from bnexplore.runs.metrics import Divergence, measure
 from bnexplore.runs.runner import initial_state, strict_json
 from bnexplore.scenario.batches import batches
-from bnexplore.scenario.links import Scenario, scenario_from_values, shape_for_layer
+from bnexplore.scenario.links import (
+    LAYER_NOT_GIVEN,
+    Scenario,
+    scenario_from_values,
+    shape_for_layer,
+)
 from bnexplore.scenario.params import DEFAULTS, knobs
 
 SOURCE_ENGINES = {"torch": "torch", "keras": "keras", "keras2": "keras2", "flax": "flax"}
@@ -251,7 +256,7 @@ def _with_eps(s: Scenario, engine: str, eps: float) -> Scenario:
 
 def audit(scenario: Scenario, notices: Sequence[str] = (), report: Report | None = None):
     """Audit the model in ``state=…`` (and check the port in ``port=…``), for real."""
-    notices = [n for n in notices if not n.startswith("layer: not given")]  # all are audited
+    notices = [n for n in notices if not n.startswith(LAYER_NOT_GIVEN)]  # all are audited
     if scenario["state"] is None:
         notices.append("audit: needs a model file (state=…)")
         return ModelAudit(scenario, None, None, None, (), (), None, tuple(notices))

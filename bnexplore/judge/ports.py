@@ -1,7 +1,9 @@
 """Is the port right? Each BatchNorm of a port matched to its source layer and checked.
 
 Matching: by name after normalising ``.``, ``/`` and ``_`` (``layer1.0.bn1`` is
-``layer1_0_bn1``); then, among the layers left with the same channel count, the pair whose
+``layer1_0_bn1``), then by name without the prefix that every layer of a file shares (a
+checkpoint's ``state_dict.``, ``model.module.``: ``model.module.bn1`` is ``bn1``); then,
+among the layers left with the same channel count, the pair whose
 statistics are closest (the distance is taken after undoing each classic mistake, so a
 swapped layer still finds its source), the file order breaking ties.
 
@@ -85,6 +87,18 @@ def normalised(name: str) -> str:
     return re.sub(r"[./_]+", "_", name.strip("./_").lower())
 
 
+def unwrapped(names: Sequence[str]) -> list[str]:
+    """Each normalised name without the leading parts that every name shares (a wrapper's
+    ``state_dict_``, ``model_module_``), keeping at least each name's last part."""
+    parts = [normalised(n).split("_") for n in names]
+    shared = 0
+    if parts:
+        shortest = min(len(p) for p in parts)
+        while shared < shortest - 1 and len({p[shared] for p in parts}) == 1:
+            shared += 1
+    return ["_".join(p[shared:]) for p in parts]
+
+
 def _complete(layer: Layer) -> bool:
     """Has the layer all four vectors (a layer with a problem such as a negative variance
     still has them, and is checked like any other)?"""
@@ -128,16 +142,20 @@ def match(
 ) -> list[tuple[Layer | None, Layer | None, str | None]]:
     """(source, port, matched_by) for every source layer in order, then each extra port
     layer as (None, port, None)."""
-    by_name = {}
-    for j, p in enumerate(ports):
-        by_name.setdefault(normalised(p.name), j)
     paired: dict[int, tuple[int, str]] = {}
     used: set[int] = set()
-    for i, s in enumerate(sources):
-        j = by_name.get(normalised(s.name))
-        if j is not None and j not in used:
-            paired[i] = (j, "name")
-            used.add(j)
+    source_names = [[normalised(s.name) for s in sources], unwrapped([s.name for s in sources])]
+    port_names = [[normalised(p.name) for p in ports], unwrapped([p.name for p in ports])]
+    for sources_named, ports_named in zip(source_names, port_names, strict=True):
+        by_name: dict[str, int] = {}
+        for j, name in enumerate(ports_named):
+            if j not in used:
+                by_name.setdefault(name, j)
+        for i, name in enumerate(sources_named):
+            j = by_name.get(name)
+            if i not in paired and j is not None and j not in used:
+                paired[i] = (j, "name")
+                used.add(j)
     candidates = []
     for i, s in enumerate(sources):
         if i in paired or not _complete(s):

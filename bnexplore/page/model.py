@@ -12,10 +12,14 @@ from cachetools import LRUCache
 from bnexplore.engines import LABELS
 from bnexplore.judge.audit import ModelAudit, audit
 from bnexplore.judge.verdicts import percent, verdict
-from bnexplore.page.charts import ENGINE_LEGEND, _engine_scale, _finish
+from bnexplore.page.charts import _engine_scale, _finish
 from bnexplore.scenario.links import Scenario
 
 PORT_WORDS = {"naive": "naive (its default eps)", "faithful": "faithful (the source's eps)"}
+POINT_LEGEND = alt.Legend(
+    orient="top", title=None, symbolType="circle", symbolOpacity=1, columns=3
+)
+"""The engines' legend on a chart of points (the line charts' legend draws strokes)."""
 GAP_FLOOR = 1e-12
 """A gap of exactly 0 is drawn at this floor of the log axis (its tooltip says 0)."""
 
@@ -45,7 +49,7 @@ def layer_table(audit: ModelAudit) -> pd.DataFrame:
         for engine in audit.engines[1:]:
             row[f"{engine} naive"] = layer.naive[engine].max_abs
             row[f"{engine} faithful"] = layer.faithful[engine].max_abs
-            row[f"{engine} eps-sensitive"] = layer.sensitive[engine]
+            row[f"{engine} eps-sensitive channels"] = layer.sensitive[engine]
         row["worst naive"] = layer.worst
         row["cause"] = _cause_words(audit, layer)
         row["link"] = layer.scenario.link
@@ -92,7 +96,7 @@ def gap_chart(frame: pd.DataFrame, source: str) -> alt.Chart:
             ),
             y=alt.Y("drawn:Q", scale=alt.Scale(type="log"), title=f"max |Δ| vs {source}"),
             color=alt.Color(
-                "engine:N", title="engine", scale=_engine_scale(engines), legend=ENGINE_LEGEND
+                "engine:N", title="engine", scale=_engine_scale(engines), legend=POINT_LEGEND
             ),
             shape=alt.Shape(
                 "port:N",

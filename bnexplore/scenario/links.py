@@ -120,6 +120,11 @@ class Scenario:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.values.items()}
 
 
+LAYER_NOT_GIVEN = "layer: not given"
+"""How a link's notice begins where a file has several layers and the link names none (the
+single-layer tabs use the first; the Model tab audits them all)."""
+
+
 def format_value(param: Param, value: Any) -> str:
     """A value as it is written in a link."""
     if param.kind in ("shape", "choices"):
@@ -422,7 +427,7 @@ def _check_files(
             values["layer"] = first if len(found) > 1 else None
         elif values["layer"] is None and len(found) > 1:
             notices.append(
-                f"layer: not given; using {found[0].label}, the first of {len(found)} in the "
+                f"{LAYER_NOT_GIVEN}; using {found[0].label}, the first of {len(found)} in the "
                 f"file (also {', '.join(f.label for f in found[1:8])})"
             )
             values["layer"] = first
