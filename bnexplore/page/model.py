@@ -16,9 +16,7 @@ from bnexplore.page.charts import _engine_scale, _finish
 from bnexplore.scenario.links import Scenario
 
 PORT_WORDS = {"naive": "naive (its default eps)", "faithful": "faithful (the source's eps)"}
-POINT_LEGEND = alt.Legend(
-    orient="top", title=None, symbolType="circle", symbolOpacity=1, columns=3
-)
+POINT_LEGEND = alt.Legend(orient="top", title=None, symbolType="circle", symbolOpacity=1, columns=3)
 """The engines' legend on a chart of points (the line charts' legend draws strokes)."""
 GAP_FLOOR = 1e-12
 """A gap of exactly 0 is drawn at this floor of the log axis (its tooltip says 0)."""
