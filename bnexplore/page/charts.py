@@ -582,8 +582,9 @@ def attribution_chart(steps: pd.DataFrame, of: str = "output") -> alt.Chart:
     return _finish(
         chart,
         max(120, 36 * len(rows)),
-        f"Where the {name} gap comes from: each knob's Shapley share",
-        "Averaged over every order of aligning the knobs, each order re-run for real.",
+        f"Where the {name} gap comes from",
+        "Each knob's Shapley share: averaged over every order of aligning the knobs, each "
+        "order re-run for real.",
     )
 
 
