@@ -79,7 +79,7 @@ def _framework_lines(data: pd.DataFrame, x: alt.X, y: alt.Y, tooltip: list) -> a
     return lines + dots
 
 
-def _finish(chart, height: int, title: str, subtitle: str | None = None):
+def _finish(chart, height: int, title: str, subtitle: str | list[str] | None = None):
     """Title on the left, the plot ``height`` px tall, width fitted to the container."""
     return chart.properties(
         height=height,
@@ -583,8 +583,10 @@ def attribution_chart(steps: pd.DataFrame, of: str = "output") -> alt.Chart:
         chart,
         max(120, 36 * len(rows)),
         f"Where the {name} gap comes from",
-        "Each knob's Shapley share: averaged over every order of aligning the knobs, each "
-        "order re-run for real.",
+        [  # two short lines: a chart in a column is narrow, and Vega cuts a long one
+            "Each knob's Shapley share, averaged over",
+            "every order of aligning the knobs, each re-run for real.",
+        ],
     )
 
 
