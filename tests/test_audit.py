@@ -304,4 +304,7 @@ def test_names_are_unwrapped_of_the_prefix_every_layer_shares() -> None:
     assert unwrapped(["features/0/bn"]) == ["bn"]
     assert unwrapped(["bn1", "bn2"]) == ["bn1", "bn2"]
     assert unwrapped(["a.bn", "b.bn"]) == ["a_bn", "b_bn"]
+    # a bare index left over is no name: bn_1 and layer_1 are not the same layer
+    assert unwrapped(["bn_1", "bn_2"]) == ["bn_1", "bn_2"]
+    assert unwrapped(["model.bn.1", "model.bn.2"]) == ["bn_1", "bn_2"]
     assert unwrapped([]) == []

@@ -89,13 +89,20 @@ def normalised(name: str) -> str:
 
 def unwrapped(names: Sequence[str]) -> list[str]:
     """Each normalised name without the leading parts that every name shares (a wrapper's
-    ``state_dict_``, ``model_module_``), keeping at least each name's last part."""
+    ``state_dict_``, ``model_module_``). What is left of every name keeps a word: ``bn_1``
+    and ``layer_1`` stay themselves, since a bare index is no evidence of the same layer."""
     parts = [normalised(n).split("_") for n in names]
+
+    def worded(rest: list[str]) -> bool:
+        return any(c.isalpha() for part in rest for c in part)
+
     shared = 0
-    if parts:
-        shortest = min(len(p) for p in parts)
-        while shared < shortest - 1 and len({p[shared] for p in parts}) == 1:
-            shared += 1
+    while (
+        parts
+        and all(len(p) > shared + 1 and worded(p[shared + 1 :]) for p in parts)
+        and len({p[shared] for p in parts}) == 1
+    ):
+        shared += 1
     return ["_".join(p[shared:]) for p in parts]
 
 
