@@ -98,7 +98,7 @@ def runner(engine: str) -> Run:
 
 def load_plan(path: str, engine: str) -> list[tuple[int, float, dict, np.ndarray]]:
     """``engine``'s passes of the plan: (index, eps, state, batch)."""
-    with np.load(path) as plan:
+    with np.load(path, allow_pickle=False) as plan:
         engines, eps, channels = plan["engine"], plan["eps"], plan["channels"]
         numbers = plan["batch"]
         states = {name: plan[name] for name in STATE}

@@ -271,7 +271,7 @@ def bare_audit_outputs(plan: str | os.PathLike, engine: str, folder: str | os.Pa
         env=_bare_env(),
         capture_output=True,
     )
-    with np.load(out) as saved:
+    with np.load(out, allow_pickle=False) as saved:
         return {int(key[1:]): saved[key] for key in saved.files}
 
 
