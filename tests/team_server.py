@@ -125,6 +125,16 @@ def _label(pid: int, root: int) -> str:
     return f"{Path(words[0]).name} (pid {pid})"
 
 
+def workers_of(root: int) -> dict[str, list[int]]:
+    """The engines' worker processes in ``root``'s tree: engine → pids."""
+    found: dict[str, list[int]] = {}
+    for pid in tree_pids(root):
+        who = _label(pid, root)
+        if who.startswith("worker "):
+            found.setdefault(who.split()[1], []).append(pid)
+    return found
+
+
 def tree_breakdown(root: int) -> dict[str, int]:
     """Resident bytes of each process of the tree, by who it is."""
     return {_label(pid, root): resident_bytes(pid) for pid in tree_pids(root)}

@@ -17,7 +17,7 @@ import numpy as np
 import bnexplore
 from bnexplore.runs import pool as workers
 from bnexplore.runs.runner import compare
-from bnexplore.runs.shipping import PREFIX, shm_dir
+from bnexplore.runs.shipping import FILES, KEEP_AT_REST, PREFIX, shm_dir
 from bnexplore.scenario.links import parse_link
 
 
@@ -29,12 +29,33 @@ def test_each_worker_names_bnexplore_and_its_engine_on_its_command_line() -> Non
         assert b"bnexplore.runs.worker" in words and engine.encode() in words, words
 
 
-def test_runs_leave_no_shared_memory_files_behind() -> None:
+def _files_by_pid(before: set[str]) -> dict[int, int]:
+    """Shared-memory files made since ``before``: bytes by the pid in their name."""
+    held: dict[int, int] = {}
+    for path in Path(shm_dir()).glob(PREFIX + "*"):
+        if path.name not in before:
+            pid = int(path.name.removeprefix(PREFIX).split("-")[0])
+            held[pid] = held.get(pid, 0) + path.stat().st_size
+    return held
+
+
+def test_runs_keep_few_shared_memory_files_and_a_stopped_worker_leaves_none() -> None:
+    """Between runs, each process keeps at most KEEP_AT_REST bytes of files for the next
+    run; a worker's go when it is stopped, this process's when it exits."""
     before = {p.name for p in Path(shm_dir()).glob(PREFIX + "*")}
-    for link in ("?input=normal&steps=2&engines=torch,keras,flax", "?shape=1,3"):
+    for link in ("?input=normal&steps=2&engines=torch,keras,flax", "?shape=1,3", "?v=1"):
         compare(parse_link(link)[0])
-    after = {p.name for p in Path(shm_dir()).glob(PREFIX + "*")}
-    assert after - before == set()
+    held = _files_by_pid(before)
+    live = {os.getpid(), *(pid for pids in workers.POOL.processes().values() for pid in pids)}
+    assert set(held) <= live, (held, live)
+    assert all(size <= KEEP_AT_REST for size in held.values()), held
+    assert held.get(os.getpid(), 0) > 0 and FILES.kept_bytes() <= KEEP_AT_REST  # the seed's batch
+    (flax,) = workers.POOL.processes()["flax"]
+    workers.POOL.stop(["flax"])
+    assert flax not in _files_by_pid(before)
+    compare(parse_link("?shape=1,3&engines=torch,flax")[0])  # a fresh Flax worker
+    FILES.clear()
+    assert os.getpid() not in _files_by_pid(before)
 
 
 def test_runs_of_the_same_engine_queue_for_its_one_worker() -> None:

@@ -38,7 +38,7 @@ from bnexplore.judge.document import headline_pair
 from bnexplore.judge.explain import Step, differing_knobs, explain, summary
 from bnexplore.judge.verdicts import headline_gap, verdicts
 from bnexplore.page import charts
-from bnexplore.runs import admission, sweep
+from bnexplore.runs import admission, memory, sweep
 from bnexplore.runs import pool as workers
 from bnexplore.runs.metrics import Divergence
 from bnexplore.runs.runner import (
@@ -185,6 +185,9 @@ class View:
     grad_histogram: pd.DataFrame
     parameters: pd.DataFrame
     parameter_history: pd.DataFrame
+    predicted: frozenset[str] = frozenset()
+    """Engines whose figures are a prediction (their worker was still importing): a first
+    answer, never cached, replaced by the real run (ViewCache.view's ``preview``)."""
     specs: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
     """Vega-Lite specs of this view's charts, by name: each validated once, then reused by
     every rerun and every session (see chart_spec)."""
@@ -244,6 +247,10 @@ def build_view(
         )
         for name, ref in comparison.references.items()
     }
+    headline = document["headline"]
+    if comparison.predicted:
+        verb = "import" if len(comparison.predicted) > 1 else "imports"
+        headline = f"Prediction while {_names(comparison.predicted)} {verb}: {headline}"
     return View(
         document=document,
         parts=parts,
@@ -255,7 +262,8 @@ def build_view(
         references=references,
         about=about,
         steps=tuple(_written(step) for step in steps),
-        headline=document["headline"],
+        headline=headline,
+        predicted=comparison.predicted,
         verdict=verdicts(pair) if pair else {"output": "not compared", "state": "not compared"},
         explain_summary=summary(steps, about and headline_gap(about)),
         differing=tuple(differing_knobs(comparison.scenario, (pair.a, pair.b))) if pair else (),
@@ -273,6 +281,12 @@ def build_view(
         parameters=charts.parameters(comparison),
         parameter_history=charts.parameter_history(comparison),
     )
+
+
+def _names(engines) -> str:
+    """Engines by label, in a stable order: "Keras 3 (TensorFlow) and PyTorch"."""
+    labels = sorted(LABELS.get(e, e) for e in engines)
+    return ", ".join(labels[:-1]) + " and " + labels[-1] if len(labels) > 1 else labels[0]
 
 
 def _written(step: Step) -> Step:
@@ -333,10 +347,12 @@ class Flight:
     """One computation of one link in a thread of its own, shared by every session that
     waits for it, cancelled when the last of them stops waiting."""
 
-    def __init__(self, key: str, work: Callable[[Report], object]) -> None:
+    def __init__(self, key: str, work: Callable[[Report, Callable[[View], None]], object]) -> None:
         self.key, self.waiters = key, 0
         self.context = admission.RunContext(on_wait=self._waiting)
         self.progress, self.status = 0.0, "Starting the engines…"
+        self.prediction: View | None = None
+        """A first answer while engines import (ViewCache.view), until the result comes."""
         self._done = threading.Event()
         self._result: object = None
         self._error: BaseException | None = None
@@ -353,11 +369,14 @@ class Flight:
     def _report(self, done: float, text: str) -> None:
         self.progress, self.status = done, text
 
-    def _run(self, work: Callable[[Report], object]) -> None:
+    def _predicted(self, view: View) -> None:
+        self.prediction = view
+
+    def _run(self, work: Callable[[Report, Callable[[View], None]], object]) -> None:
         log.info("computing %s", self.key)
         try:
             with admission.running(self.context):
-                self._result = work(self._report)
+                self._result = work(self._report, self._predicted)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             # without its frames: they hold the run's arrays in a cycle with this flight
             traceback.clear_frames(exc.__traceback__)
@@ -374,15 +393,30 @@ class Flight:
     def cancelled(self) -> bool:
         return self.context.ticket.cancelled
 
-    def wait(self, report: Report | None, poll: float = 0.1) -> object:
-        """The result, reporting progress meanwhile; ``report`` may raise (the session
-        stopped or reran) and the caller then leaves the flight."""
+    def wait(
+        self,
+        report: Report | None,
+        poll: float = 0.1,
+        preview: Callable[[View], None] | None = None,
+    ) -> object:
+        """The result, reporting progress meanwhile, and handing ``preview`` the flight's
+        prediction once, when there is one before the result; ``report`` may raise (the
+        session stopped or reran) and the caller then leaves the flight."""
+        shown = None
         while not self._done.wait(poll):
+            if preview and self.prediction is not None and shown is None:
+                shown = self.prediction
+                preview(shown)
             if report:
                 report(min(self.progress, 1.0), self.status)
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def _workers_of(scenario: Scenario) -> set[str]:
+    """The engines whose workers a run of ``scenario`` uses (PyTorch's for a port's source)."""
+    return {*scenario["engines"], *(["torch"] if scenario.ports else [])}
 
 
 class ViewCache:
@@ -424,10 +458,11 @@ class ViewCache:
     def _fly(
         self,
         key: str,
-        work: Callable[[Report], object],
+        work: Callable[[Report, Callable[[View], None]], object],
         report: Report | None,
         flight_key: str | None = None,
         enough: Callable[[object], bool] = lambda cached: True,
+        preview: Callable[[View], None] | None = None,
     ):
         """The cached value of ``key`` where it is ``enough``, or the shared flight's
         (``flight_key``: the key and what it computes), waited for."""
@@ -442,7 +477,7 @@ class ViewCache:
                 flight.start()
             flight.waiters += 1
         try:
-            value = flight.wait(report)
+            value = flight.wait(report, preview=preview)
         finally:
             with self._lock:
                 flight.waiters -= 1
@@ -457,27 +492,48 @@ class ViewCache:
         scenario: Scenario,
         report: Report | None = None,
         parts: frozenset[str] = EVERYTHING,
+        preview: Callable[[View], None] | None = None,
     ) -> View:
         """The view of a scenario with at least ``parts``: from the cache, or run for real
-        (once, with the cached view's parts too, so it replaces it) and kept."""
+        (once, with the cached view's parts too, so it replaces it) and kept.
+
+        Where some of its engines' workers are still importing their framework, the run
+        first makes a prediction: the ready engines run for real, the others' rules in
+        float64 NumPy stand in (runner.Predicted). ``preview`` gets that view (labelled:
+        View.predicted, and its headline says so) while the real run goes on; only the
+        real view is returned and cached."""
         key = scenario.run_link
         cached = self.get(key)
         if isinstance(cached, View):
             parts = parts | cached.parts
         references = REFERENCES in parts
 
-        def work(progress: Report) -> View:
+        def work(progress: Report, predicted: Callable[[View], None]) -> View:
+            starting = workers.POOL.starting(_workers_of(scenario))
+            if memory.estimate(scenario, True) > memory.limit():
+                starting = set()  # the float64 stand-ins would not fit: no prediction
             # one admission for the whole view: the run, its charts and explain's re-runs,
             # so the budget holds the memory until the results are let go
             context = admission.current()
-            with admission.BUDGET.admit(admitted_need(scenario, references), context):
+            need = admitted_need(scenario, references or bool(starting))
+            with admission.BUDGET.admit(need, context):
                 inside = dataclasses.replace(context, admitted=True)
                 with admission.running(inside):
+                    reuse = Reuse(per_engine=1)
+                    if starting:
+                        workers.POOL.warm(starting)  # their imports go on meanwhile
+                        progress(0.0, f"{_names(starting)} still importing: predicting meanwhile")
+                        first = compare(scenario, reference=False, reuse=reuse, predict=starting)
+                        predicted(build_view(first, frozenset()))
+                        del first
+                        progress(0.05, f"Waiting for {_names(starting)} to import in its worker")
                     comparison = compare(
                         scenario,
                         reference=references,
                         report=lambda done, text: progress(0.9 * done, text),
+                        reuse=reuse if starting else None,  # the prediction's real runs
                     )
+                    del reuse
                 # explain's re-runs share one time limit, and the run's ticket
                 limit = time.monotonic() + workers.time_limit()
                 with admission.running(dataclasses.replace(inside, deadline=limit)):
@@ -489,13 +545,14 @@ class ViewCache:
             report,
             flight_key=key + "#" + ",".join(sorted(parts)),
             enough=lambda cached: parts <= cached.parts,
+            preview=preview,
         )
 
     def sweep(self, scenario: Scenario, report: Report | None = None) -> SweepView:
         """The scenario's sweep (its sweep_* settings): from the cache, or run and kept."""
         param = scenario["sweep"]
 
-        def work(progress: Report) -> SweepView:
+        def work(progress: Report, _predicted: Callable[[View], None]) -> SweepView:
             points = sweep.run_sweep(scenario, param, sweep.values(scenario), progress)
             return SweepView(
                 key=param,

@@ -14,10 +14,8 @@ measured pass. It is what the runner does for the same scenario (``init=state``,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from bnexplore import engines
 from bnexplore.engines import EngineResult, State
 from bnexplore.runs import admission
 from bnexplore.runs import pool as workers
-from bnexplore.runs.shipping import discard_shipped, new_file, unship
+from bnexplore.runs.shipping import FILES, unship, write
 from bnexplore.scenario.links import Scenario
 
 ALIGN = 64
@@ -95,7 +93,7 @@ def _admitted(passes, batches, report, deadline, ticket) -> list[EngineResult]:
             finished(engine)
         return results  # type: ignore[return-value]
 
-    path, offsets = _lay_out(batches)
+    path, offsets, size = _lay_out(batches)
     taken = workers.POOL.acquire(by_engine)
     try:
         sids = {}
@@ -132,11 +130,7 @@ def _admitted(passes, batches, report, deadline, ticket) -> list[EngineResult]:
                 results[i] = unship(shipped)
             finished(engine)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        for result in results:
-            if result is not None:
-                discard_shipped(result)  # anything a failure left unreceived
+        FILES.give(path, size)
         workers.POOL.release(taken.values())
     return results  # type: ignore[return-value]
 
@@ -145,21 +139,18 @@ def _lost(p: Pass, lost: Exception) -> EngineResult:
     return EngineResult(p.engine, available=True, error=str(lost) or type(lost).__name__)
 
 
-def _lay_out(batches: list[np.ndarray]) -> tuple[str, list[int]]:
-    """Write every batch into one fresh shared-memory file; their byte offsets."""
+def _lay_out(batches: list[np.ndarray]) -> tuple[str, list[int], int]:
+    """Write every batch into one shared-memory file (shipping.FILES); the file, the
+    batches' byte offsets in it, and its size."""
     offsets, size = [], 0
     for b in batches:
         size = -(-size // ALIGN) * ALIGN
         offsets.append(size)
         size += b.nbytes
-    path = new_file(size)
-    if size:
-        mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
-        for b, offset in zip(batches, offsets, strict=True):
-            mapped[offset : offset + b.nbytes] = np.ascontiguousarray(b).view(np.uint8).reshape(-1)
-        mapped.flush()
-        del mapped
-    return path, offsets
+    path = FILES.take(size)
+    for b, offset in zip(batches, offsets, strict=True):
+        write(path, b, offset)
+    return path, offsets, size
 
 
 def renamed(result: EngineResult, name: str) -> EngineResult:

@@ -40,7 +40,7 @@ import numpy as np
 
 from bnexplore.engines import LABELS, EngineResult, Session, State
 from bnexplore.runs.admission import Ticket
-from bnexplore.runs.shipping import discard_shipped, new_file, unship
+from bnexplore.runs.shipping import FILES, received, remove_files_of, unship, write
 from bnexplore.scenario.links import Scenario, from_pairs
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,40 @@ class Worker:
         self.conn = Connection(ours.detach())
         self.pid = self.process.pid
         self.info: dict | None = None
+        """What the worker said once its framework was imported (pid, version, threads),
+        or why it cannot load it."""
+        self.ready = threading.Event()
+        """Set when the worker has said it is ready, or died before it could."""
+        self.started = time.time()
+        self.import_s: float | None = None
+        """Seconds from the worker's start to its "ready": Python and its framework's import."""
         self._stash: dict[int, tuple] = {}
         self.lost: str | None = None
+        threading.Thread(
+            target=self._await_ready, name=f"bnexplore worker {engine} start", daemon=True
+        ).start()
+
+    def _await_ready(self) -> None:
+        """Read the worker's first message, its "ready", as soon as it comes: until then
+        nobody else reads the socket (``reply`` waits for this), so the page can tell an
+        engine that is still importing from one that is running (Pool.starting)."""
+        try:
+            message = self.conn.recv()
+            if message[0] == "ready":
+                self.info, self.import_s = message[2], time.time() - self.started
+                log.info(
+                    "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
+                    self.engine,
+                    self.pid,
+                    self.import_s,
+                    time.time(),
+                )
+            else:  # not expected: kept for whoever waits on it
+                self._stash[message[1]] = message
+        except (EOFError, OSError):
+            pass  # died while importing: reply finds it lost
+        finally:
+            self.ready.set()
 
     @property
     def alive(self) -> bool:
@@ -141,6 +173,9 @@ class Worker:
         """
         cancelled_at = None
         while sid not in self._stash:
+            if not self.ready.is_set():  # still importing: the socket is its start's to read
+                self._wait_ready(deadline, ticket)
+                continue
             if self.lost:
                 raise WorkerLost(self.lost)
             if ticket is not None and ticket.cancelled and cancelled_at is None:
@@ -161,20 +196,37 @@ class Worker:
                     )
                 if not ready:
                     continue
-                message = self.conn.recv()
+                message = received(self.conn.recv())  # its files read before the next request
             except (EOFError, OSError):
                 self._lose(_death(self._exit_code()))
             if message[0] == "ready":
-                self.info = message[2]
+                self.info, self.import_s = message[2], time.time() - self.started
+                log.info(
+                    "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
+                    self.engine,
+                    self.pid,
+                    self.import_s,
+                    time.time(),
+                )
                 continue
             self._stash[message[1]] = message
         return self._stash.pop(sid)
 
+    def _wait_ready(self, deadline: float, ticket: Ticket | None) -> None:
+        """Wait (a poll's length at most) for the worker's import; past the deadline it is
+        stopped, and a cancelled run stops waiting for it (the worker goes on importing)."""
+        if ticket is not None:
+            ticket.check()
+        remaining = deadline - time.monotonic()
+        if not self.ready.wait(min(max(remaining, 0.0), POLL_S)) and remaining <= 0:
+            self.stop()
+            self._lose(
+                f"did not start within the time limit of {time_limit():g} s "
+                "(BNEXPLORE_TIME_LIMIT); it was stopped"
+            )
+
     def forget_answers(self) -> None:
-        """Drop answers nobody will read (a run that stopped early), their files with them."""
-        for message in self._stash.values():
-            if message[0] == "result":
-                discard_shipped(message[2])
+        """Drop answers nobody will read (a run that stopped early)."""
         self._stash.clear()
 
     def _exit_code(self) -> int | None:
@@ -199,6 +251,8 @@ class Worker:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 log.warning("worker %s (pid %d) did not exit after SIGKILL", self.engine, self.pid)
+        if self.process.poll() is not None:
+            remove_files_of(self.pid)  # its kept and lent shared-memory files
         self.conn.close()
 
 
@@ -266,6 +320,26 @@ class Pool:
                     self._free.setdefault(engine, []).append(worker)
             self._cond.notify_all()
 
+    def starting(self, engines: Iterable[str]) -> set[str]:
+        """The engines, of ``engines``, that no live worker is ready to run yet: their
+        framework is still importing, or no worker has been started for them."""
+        if workers_per_engine() == 0:
+            return set()
+        with self._cond:
+            return {
+                engine
+                for engine in engines
+                if not any(w.ready.is_set() and w.alive for w in self._all.get(engine, []))
+            }
+
+    def stop(self, engines: Iterable[str]) -> None:
+        """Stop the idle workers of ``engines`` (the next run starts fresh ones)."""
+        with self._cond:
+            for engine in set(engines):
+                for worker in self._free.pop(engine, []):
+                    worker.stop()
+                self._prune(engine)
+
     def processes(self) -> dict[str, list[int]]:
         """Engine → pids of its live workers."""
         with self._cond:
@@ -297,31 +371,30 @@ _session_ids = itertools.count(1)
 
 class SharedBatch:
     """One run's batch, in one shared-memory file rewritten for each pass (and its
-    companion, the same for the pass's target)."""
+    companion, the same for the pass's target); the file is one this process keeps
+    between runs (shipping.FILES) where one of the size is kept."""
 
     def __init__(self, with_companion: bool = True) -> None:
         self.path: str | None = None
+        self._size = 0
         self._current: tuple[int, int] | None = None
-        self._array: np.ndarray | None = None
         self.companion = SharedBatch(False) if with_companion else None
         """The pass's target (loss=mse), in a file of its own."""
 
     def publish(self, batch: np.ndarray) -> tuple[str, tuple[int, ...], str]:
         if self.path is None:
-            self.path = new_file(batch.nbytes)
-            self._array = np.memmap(self.path, dtype=batch.dtype, mode="r+", shape=batch.shape)
+            self.path, self._size = FILES.take(batch.nbytes), batch.nbytes
         if self._current != (id(batch), batch.ctypes.data):  # constant batches: written once
-            self._array[...] = batch
+            write(self.path, batch)
             self._current = (id(batch), batch.ctypes.data)
         return self.path, batch.shape, batch.dtype.name
 
     def close(self) -> None:
-        self._array = None
         if self.companion is not None:
             self.companion.close()
         if self.path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            FILES.give(self.path, self._size)
+            self.path = None
 
 
 class WorkerSession(Session):
@@ -436,12 +509,18 @@ def start_sessions(
             continue
         sessions[lane] = session
     started = {}
-    for lane, session in sessions.items():
-        if isinstance(session, EngineResult):
-            started[lane] = session
-            continue
-        try:
-            started[lane] = session.settle_start()
-        except WorkerLost as lost:
-            started[lane] = EngineResult(lane, available=True, error=str(lost))
+    try:
+        for lane, session in sessions.items():
+            if isinstance(session, EngineResult):
+                started[lane] = session
+                continue
+            try:
+                started[lane] = session.settle_start()
+            except WorkerLost as lost:
+                started[lane] = EngineResult(lane, available=True, error=str(lost))
+    except BaseException:  # cancelled while a worker imports: it forgets the session after
+        for session in sessions.values():
+            if isinstance(session, WorkerSession):
+                session.drop()
+        raise
     return started

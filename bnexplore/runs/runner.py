@@ -37,6 +37,8 @@ class Comparison:
     notices: tuple[str, ...]
     results: dict[str, EngineResult]
     references: dict[str, EngineResult] = field(default_factory=dict)
+    predicted: frozenset[str] = frozenset()
+    """Engines whose results are a prediction (Predicted), not the framework's own run."""
 
     @cached_property
     def _measured(self) -> tuple[dict[str, dict], dict[tuple[str, str], Divergence]]:
@@ -185,12 +187,54 @@ class Reuse:
         kept[scenario.engine_link(result.name)] = result
 
 
+PREDICTION_NOTE = (
+    "a prediction, not this framework's number: its worker is still importing the framework, "
+    "so the float64 NumPy reference of its rules stands in until the real run arrives"
+)
+
+
+class Predicted(Session):
+    """An engine whose worker is still importing its framework, stood in for by the float64
+    reference session that follows its rules (bnexplore.engines.reference), under the
+    engine's own name. Its result says so (PREDICTION_NOTE), and the runner never keeps it
+    for reuse: it is a first answer, never the framework's."""
+
+    def __init__(self, lane: str, engine: str, scenario: Scenario) -> None:
+        self.name, self.rules = lane, REFERENCES[engine](scenario)
+        self.where = {
+            "version": "prediction: its rules in NumPy float64",
+            "device": "not run yet",
+            "device_note": PREDICTION_NOTE,
+        }
+
+    def step(self, k: int, batch: np.ndarray, target: np.ndarray | None = None) -> None:
+        self.rules.step(k, batch, target)
+
+    def state(self) -> State | None:
+        return self.rules.state()
+
+    def port(self, state: State) -> None:
+        self.rules.port(state)
+
+    def finish(self) -> EngineResult:
+        result = self.rules.finish()
+        return dataclasses.replace(
+            result,
+            name=self.name,
+            rounding_gain=None,
+            variance_error=None,
+            unpredictable=None,
+            **self.where,
+        )
+
+
 def compare(
     scenario: Scenario,
     notices: Sequence[str] = (),
     reference: bool = True,
     report: Report | None = None,
     reuse: Reuse | None = None,
+    predict: frozenset[str] = frozenset(),
 ) -> Comparison:
     """Run ``scenario`` for real in each of its engines, and their references if asked.
 
@@ -203,7 +247,9 @@ def compare(
     those alone would pass it (a notice says so). Then the run waits for its share
     of the process's one budget (bnexplore.runs.admission); its time limit counts from
     its admission. With ``reuse``, an engine whose result it holds for this scenario is
-    not run again (never where Keras 3 starts from a port of PyTorch's state).
+    not run again (never where Keras 3 starts from a port of PyTorch's state). The engines
+    in ``predict`` do not run: their rules' float64 reference stands in (Predicted), and the
+    comparison names them (Comparison.predicted).
     """
     names = scenario["engines"]
     notices = list(notices)
@@ -231,7 +277,7 @@ def compare(
         return Comparison(scenario, (*notices, why), refused, {})
     context = admission.current()
     with admission.BUDGET.admit(need, context):
-        comparison = _admitted(scenario, notices, reference, report, state, context, reuse)
+        comparison = _admitted(scenario, notices, reference, report, state, context, reuse, predict)
     return comparison
 
 
@@ -254,6 +300,7 @@ def _admitted(
     state: State | None,
     context: admission.RunContext,
     reuse: Reuse | None = None,
+    predict: frozenset[str] = frozenset(),
 ) -> Comparison:
     """The run, once the budget holds its memory: its time limit counts from here."""
     names = scenario["engines"]
@@ -264,9 +311,12 @@ def _admitted(
     reused = {}
     if reuse is not None:
         reused = {n: r for n in names if (r := reuse.get(scenario, n)) is not None}
-    engine_of_lane = {name: name for name in names if name not in reused}
+    predicted_lanes = {name: name for name in names if name in predict and name not in reused}
+    engine_of_lane = {name: name for name in names if name not in {*reused, *predicted_lanes}}
     if porting and "torch" not in names:
-        engine_of_lane[PORT_SOURCE] = "torch"
+        lanes_of = predicted_lanes if "torch" in predict else engine_of_lane
+        lanes_of[PORT_SOURCE] = "torch"
+    predict = frozenset(predicted_lanes) & set(names)
     in_process = workers.workers_per_engine() == 0
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
     shared = workers.SharedBatch()
@@ -281,6 +331,7 @@ def _admitted(
         done = {lane: s for lane, s in started.items() if isinstance(s, EngineResult)}
         done.update(reused)
         lanes = {lane: s for lane, s in started.items() if not isinstance(s, EngineResult)}
+        lanes.update({lane: Predicted(lane, e, scenario) for lane, e in predicted_lanes.items()})
         if reference:  # every engine that could be loaded, even one whose layer refused to build
             for name in names:
                 if name in lanes or done[name].available:
@@ -295,10 +346,10 @@ def _admitted(
     results = {name: done[name] for name in names}
     if reuse is not None:
         for name in names:
-            if name not in reused:
+            if name not in reused and name not in predict:  # a prediction is never kept
                 reuse.keep(scenario, results[name])
     references = {name: done[f"{name}_reference"] for name in names if f"{name}_reference" in done}
-    return Comparison(scenario, tuple(notices), results, references)
+    return Comparison(scenario, tuple(notices), results, references, predict)
 
 
 def _run_passes(
