@@ -104,3 +104,25 @@ def test_the_desk_table_shows_each_link_and_the_streamlit_floor() -> None:
     assert "| seed | 450 ms | 506 ms | 2446 ms |" in table
     assert f"| {FLOOR} | 160 ms | 218 ms | 1722 ms |" in table
     assert "headline: 7.2 s" in table
+
+
+def test_the_bench_reads_each_workers_import_from_the_servers_log() -> None:
+    from bnexplore.tools.bench import desk_table, workers_ready
+
+    log = (
+        "2026-12-07 01:00:00,100 INFO bnexplore.runs.pool: worker torch (pid 11) ready: "
+        "imported in 2.50 s, at 1000.75\n"
+        "2026-12-07 01:00:05,100 INFO bnexplore.runs.pool: worker keras (pid 12) ready: "
+        "imported in 7.25 s, at 1005.50\n"
+        "2026-12-07 01:09:00,100 INFO bnexplore.runs.pool: worker keras (pid 13) ready: "
+        "imported in 6.00 s, at 1540.00\n"
+    )
+    ready = workers_ready(log, began=998.0)
+    assert ready == {  # each engine's first worker: the one the server started
+        "torch": {"import_s": 2.5, "ready_s": 2.75},
+        "keras": {"import_s": 7.25, "ready_s": 7.5},
+    }
+    cold = {"first_headline_s": 3.1, "real_headline_s": 8.9, "workers": ready}
+    table = desk_table({"cold_start_to_headline_s": 3.1, "cold": cold, "links": []})
+    assert "headline: 3.1 s" in table and "every engine run: 8.9 s" in table
+    assert "keras 7.2 s (ready at 7.5 s)" in table
