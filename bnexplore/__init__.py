@@ -17,7 +17,8 @@ The rooms, lowest first (a subpackage each):
   ``worker``, ``shipping``, ``metrics``, ``sweep``);
 - ``judge``: verdicts, explain, the document (``verdicts``, ``explain``, ``document``);
 - ``porting``: the translator and the reproducer scripts (``translate``, ``script``);
-- ``page``: widgets, the view, charts (``widgets``, ``view``, ``charts``, ``floor_app``);
+- ``page``: widgets, the view, charts, the server's start (``widgets``, ``view``, ``charts``,
+  ``model``, ``serving``, ``floor_app``);
 - the edge: this package's public API and the tools (``tools.cli``, ``tools.bench``,
   ``tools.docs``).
 

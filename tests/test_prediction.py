@@ -76,3 +76,22 @@ def test_a_prediction_is_never_kept_for_reuse() -> None:
     assert first.results["keras"].device_note == PREDICTION_NOTE
     assert reuse.get(scenario, "keras") is None  # never handed on as Keras's own number
     assert reuse.get(scenario, "torch") is first.results["torch"]
+
+
+def test_a_prediction_is_its_frameworks_float64_reference_even_through_a_port() -> None:
+    """Keras 3 starting from the state PyTorch trained, Keras predicted: its prediction is bit
+    for bit what Keras's reference engine gives beside a real run (both are ported PyTorch's
+    real state). With PyTorch predicted too, Keras is ported PyTorch's predicted state: then
+    it is within float32's tolerance of the real run, not bit for bit."""
+    link = "?shape=6,3,4,4&input=normal&steps=2&keras_init=torch&engines=torch,keras"
+    scenario = parse_link(link)[0]
+    real = compare(scenario, reference=True)
+    predicted = compare(scenario, reference=False, predict=frozenset({"keras"}))
+    assert predicted.results["keras"].device == "not run yet"
+    assert predicted.results["torch"].device == real.results["torch"].device
+    assert predicted.results["keras"].output.tobytes() == real.references["keras"].output.tobytes()
+    both = compare(scenario, reference=False, predict=frozenset({"torch", "keras"}))
+    assert both.results["torch"].output.tobytes() == real.references["torch"].output.tobytes()
+    torch.testing.assert_close(
+        both.results["keras"].output.astype(np.float32), real.results["keras"].output
+    )

@@ -370,10 +370,12 @@ class Flight:
         self.progress, self.status = done, text
 
     def _predicted(self, view: View) -> None:
+        log.info("predicted %s while %s import", self.key, ", ".join(sorted(view.predicted)))
         self.prediction = view
 
     def _run(self, work: Callable[[Report, Callable[[View], None]], object]) -> None:
         log.info("computing %s", self.key)
+        began = time.monotonic()
         try:
             with admission.running(self.context):
                 self._result = work(self._report, self._predicted)
@@ -382,6 +384,7 @@ class Flight:
             traceback.clear_frames(exc.__traceback__)
             self._error = exc
         finally:
+            log.info("computed %s in %.2f s", self.key, time.monotonic() - began)
             self._done.set()
             if self._error is not None:
                 # a run cut short (cancelled) leaves its arrays in reference cycles of
