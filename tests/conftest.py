@@ -48,6 +48,7 @@ SLOW_MODULES = {
     "test_explain",
     "test_golden_documents",
     "test_model_formats",
+    "test_prediction",
     "test_presets",
     "test_robustness",
     "test_team_server",
