@@ -529,7 +529,8 @@ class ViewCache:
                         first = compare(scenario, reference=False, reuse=reuse, predict=starting)
                         predicted(build_view(first, frozenset()))
                         del first
-                        progress(0.05, f"Waiting for {_names(starting)} to import in its worker")
+                        where = "their workers" if len(starting) > 1 else "its worker"
+                        progress(0.05, f"Waiting for {_names(starting)} to import in {where}")
                     comparison = compare(
                         scenario,
                         reference=references,
