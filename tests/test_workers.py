@@ -215,3 +215,25 @@ def test_keras_runs_without_the_imports_its_worker_hides() -> None:
     env = {**os.environ, "BNEXPLORE_WORKERS": "0", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_kept_files_are_the_most_recent_within_the_limit() -> None:
+    """shipping.Files: a file of the same size is taken again; the oldest go first past the
+    limit; one larger than the limit alone is deleted at once, and the others stay."""
+    from bnexplore.runs.shipping import Files
+
+    files = Files(keep=1000)
+    a, b = files.take(400), files.take(400)
+    files.give(a, 400)
+    files.give(b, 400)
+    assert files.take(400) == b and files.take(400) == a  # the most recent first, then the other
+    files.give(a, 400)
+    files.give(b, 400)
+    big = files.take(5000)
+    files.give(big, 5000)
+    assert not Path(big).exists() and Path(a).exists() and files.kept_bytes() == 800
+    c = files.take(300)
+    files.give(c, 300)  # 1100 > 1000: the oldest, a, goes
+    assert not Path(a).exists() and Path(b).exists() and files.kept_bytes() == 700
+    files.clear()
+    assert not Path(b).exists() and not Path(c).exists()

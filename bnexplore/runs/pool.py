@@ -141,20 +141,23 @@ class Worker:
         try:
             message = self.conn.recv()
             if message[0] == "ready":
-                self.info, self.import_s = message[2], time.time() - self.started
-                log.info(
-                    "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
-                    self.engine,
-                    self.pid,
-                    self.import_s,
-                    time.time(),
-                )
+                self._note_ready(message[2])
             else:  # not expected: kept for whoever waits on it
                 self._stash[message[1]] = message
         except (EOFError, OSError):
             pass  # died while importing: reply finds it lost
         finally:
             self.ready.set()
+
+    def _note_ready(self, info: dict) -> None:
+        self.info, self.import_s = info, time.time() - self.started
+        log.info(
+            "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
+            self.engine,
+            self.pid,
+            self.import_s,
+            time.time(),
+        )
 
     @property
     def alive(self) -> bool:
@@ -204,14 +207,7 @@ class Worker:
             except (EOFError, OSError):
                 self._lose(_death(self._exit_code()))
             if message[0] == "ready":
-                self.info, self.import_s = message[2], time.time() - self.started
-                log.info(
-                    "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
-                    self.engine,
-                    self.pid,
-                    self.import_s,
-                    time.time(),
-                )
+                self._note_ready(message[2])
                 continue
             self._stash[message[1]] = message
         return self._stash.pop(sid)

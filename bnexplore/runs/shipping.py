@@ -106,7 +106,12 @@ class Files:
         return new_file(size)
 
     def give(self, path: str, size: int) -> None:
-        """A file back after its run: kept while the kept ones fit in ``keep``."""
+        """A file back after its run: kept while the kept ones fit in ``keep`` (one larger
+        than ``keep`` alone is deleted at once, and the others stay)."""
+        if max(size, 1) > self.keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
         with self._lock:
             self._kept[path] = max(size, 1)
             self._kept.move_to_end(path)
