@@ -152,6 +152,8 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
 
     with st.expander("Share: link and JSON document", expanded=False):
         base = (st.context.url or "").split("?", 1)[0]
+        if base and not base.endswith("/"):  # served by st.App, the URL has no path: add one
+            base += "/"
         st.markdown(
             "**Copy link** (the copy icon at the right of the box); the address bar holds the same:"
         )
