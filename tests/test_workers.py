@@ -237,3 +237,39 @@ def test_kept_files_are_the_most_recent_within_the_limit() -> None:
     assert not Path(a).exists() and Path(b).exists() and files.kept_bytes() == 700
     files.clear()
     assert not Path(b).exists() and not Path(c).exists()
+
+
+def test_a_worker_stopped_by_sigterm_deletes_its_files_and_orphans_are_swept() -> None:
+    """A worker sent SIGTERM (a process group stopped from outside) deletes its shared-memory
+    files; the files of a process that no longer runs are deleted once an hour old."""
+    from bnexplore.runs.shipping import remove_orphans
+
+    compare(parse_link("?v=1&engines=torch")[0])  # its output file is lent, then kept
+    (pid,) = workers.POOL.processes()["torch"]
+    assert list(Path(shm_dir()).glob(f"{PREFIX}{pid}-*"))
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    assert not list(Path(shm_dir()).glob(f"{PREFIX}{pid}-*"))
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = int(gone.stdout)
+    old, young, ours = (
+        Path(shm_dir()) / f"{PREFIX}{dead}-old",
+        Path(shm_dir()) / f"{PREFIX}{dead}-young",
+        Path(shm_dir()) / f"{PREFIX}{os.getpid()}-old",
+    )
+    for path in (old, young, ours):
+        path.write_bytes(b"x")
+    for path in (old, ours):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    try:
+        assert remove_orphans() >= 1
+        assert not old.exists() and young.exists() and ours.exists()
+    finally:
+        for path in (young, ours):
+            path.unlink(missing_ok=True)

@@ -40,7 +40,14 @@ import numpy as np
 
 from bnexplore.engines import LABELS, EngineResult, Session, State
 from bnexplore.runs.admission import Ticket
-from bnexplore.runs.shipping import FILES, received, remove_files_of, unship, write
+from bnexplore.runs.shipping import (
+    FILES,
+    received,
+    remove_files_of,
+    remove_orphans,
+    unship,
+    write,
+)
 from bnexplore.scenario.links import Scenario, from_pairs
 
 log = logging.getLogger(__name__)
@@ -263,6 +270,16 @@ class Pool:
         self._all: dict[str, list[Worker]] = {}
         self._free: dict[str, list[Worker]] = {}
         self._cond = threading.Condition()
+        self._swept = False
+
+    def _spawn(self, engine: str) -> Worker:
+        """A new worker (the first one also sweeps up killed processes' files)."""
+        if not self._swept:
+            self._swept = True
+            removed = remove_orphans()
+            if removed:
+                log.info("removed %d shared-memory files of killed processes", removed)
+        return Worker(engine)
 
     def acquire(self, engines: Iterable[str]) -> dict[str, Worker]:
         """One worker per engine, waiting for a free one; spawns up to BNEXPLORE_WORKERS.
@@ -280,7 +297,7 @@ class Pool:
                         taken[engine] = free.pop()
                         break
                     if len(self._all.setdefault(engine, [])) < most:
-                        worker = Worker(engine)
+                        worker = self._spawn(engine)
                         self._all[engine].append(worker)
                         taken[engine] = worker
                         break
@@ -315,7 +332,7 @@ class Pool:
             for engine in sorted(set(engines)):
                 self._prune(engine)
                 if not self._all.get(engine):
-                    worker = Worker(engine)
+                    worker = self._spawn(engine)
                     self._all[engine] = [worker]
                     self._free.setdefault(engine, []).append(worker)
             self._cond.notify_all()

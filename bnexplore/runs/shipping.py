@@ -13,8 +13,10 @@ through a map and 11.5 ms with ``pwrite``, into a kept one 3.2 ms. So:
   the array out as the answer arrives (Worker.reply); the worker takes every lent file back
   when the caller's next request comes, since by then the caller has read them all;
 - each process keeps at most KEEP_AT_REST bytes of files between runs, the most recently
-  used; the rest are deleted. A worker deletes its files when it exits, and the caller
-  deletes those of a worker it stops (their names carry the worker's pid).
+  used; the rest are deleted. A worker deletes its files when it exits (its socket closed,
+  or SIGTERM), and the caller deletes those of a worker it stops (their names carry the
+  worker's pid). What a killed process left (SIGKILL, the OOM killer) is swept up by the
+  next process that starts a worker, once an hour old (remove_orphans).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,37 @@ def remove_files_of(pid: int) -> None:
     for path in Path(shm_dir()).glob(f"{PREFIX}{pid}-*"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+ORPHANS_AFTER_S = 3600.0
+"""A file of a process that no longer runs is deleted once it is this old: any younger one
+may be another namespace's run in flight (a /dev/shm shared by containers)."""
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it runs
+        return True
+    return True
+
+
+def remove_orphans(older_than_s: float = ORPHANS_AFTER_S) -> int:
+    """Delete the shared-memory files that bnexplore processes left when they were killed
+    before they could (SIGKILL, the kernel's OOM killer): those whose process no longer runs,
+    untouched for ``older_than_s`` seconds. Returns how many were deleted."""
+    removed, now = 0, time.time()
+    for path in Path(shm_dir()).glob(f"{PREFIX}*"):
+        pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+            if now - path.stat().st_mtime >= older_than_s:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 class Files:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import mmap
 import os
+import signal
 import sys
 from multiprocessing.connection import Connection
 
@@ -171,6 +172,9 @@ same cores."""
 
 def main(argv: list[str]) -> None:
     name, fd = argv[0], int(argv[1])
+    # stopped from outside (a process group's SIGTERM): exit through atexit, which deletes
+    # this worker's shared-memory files (shipping.FILES)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     for module in UNUSED_IMPORTS.get(name, ()):
         sys.modules.setdefault(module, None)  # type: ignore[assignment]
     logging.basicConfig(level=logging.WARNING, format=f"bnexplore.runs.worker[{name}] %(message)s")
