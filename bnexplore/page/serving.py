@@ -4,7 +4,8 @@
 On start, the workers of the default link's engines begin importing their frameworks, and
 the page's own modules (the view, the charts, pandas and Altair) import in a thread, so the
 first visitor's page waits for neither; the page then starts, early, the workers of any other
-engines its link names (pool.start_early). On shutdown, every worker stops.
+engines its link names (pool.start_early). On shutdown, every worker stops, and the
+server's shared-memory files go.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-from bnexplore.runs import pool
+from bnexplore.runs import pool, shipping
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,4 @@ async def lifespan(_app) -> AsyncIterator[None]:
         yield None
     finally:
         pool.POOL.shutdown()
+        shipping.FILES.clear()  # the server may not reach its atexit hooks
