@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.web.server.app_discovery import discover_asgi_app
 
+from bnexplore.runs.shipping import PREFIX, shm_dir
 from tests import team_server as ts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +56,7 @@ def test_the_workers_start_with_the_server_once_for_every_page(tmp_path) -> None
         # three pages, and still the same two workers, each started and imported once
         assert ts.workers_of(server.pid) == started
         assert len(READY.findall(server.log())) == 2, server.log()[-3000:]
+        tree = [server.pid, *(pid for pids in started.values() for pid in pids)]
+    # stopped (SIGTERM to its process group): the server and its workers leave no shared memory
+    left = [p.name for pid in tree for p in Path(shm_dir()).glob(f"{PREFIX}{pid}-*")]
+    assert left == []
