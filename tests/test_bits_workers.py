@@ -229,16 +229,17 @@ def test_a_worker_output_one_ulp_off_fails_the_comparison_with_the_in_process_ru
     """The worker's Keras 2 output comes back with its last element one ulp up: the same
     comparison as the golden links' finds it, and nothing else."""
     link = "?shape=8,3,4&input=normal&seed=2&steps=1&engines=torch,keras,keras2"
-    received = workers.unship
+    received = workers.received
 
-    def one_ulp_off(shipped):
-        result = received(shipped)
-        if result.name != "keras2":
-            return result
-        return dataclasses.replace(result, output=one_ulp_up(result.output, -1))
+    def one_ulp_off(message):
+        message = received(message)
+        if message[0] != "result" or message[2].name != "keras2":
+            return message
+        result = message[2]
+        return (*message[:2], dataclasses.replace(result, output=one_ulp_up(result.output, -1)))
 
     with monkeypatch.context() as patched:
-        patched.setattr(workers, "unship", one_ulp_off)
+        patched.setattr(workers, "received", one_ulp_off)
         through_workers = compare(parse_link(link)[0], reference=False).results
     (problem,) = bits_apart_from_in_process(link, through_workers, monkeypatch)
     assert problem.startswith("keras2.output: 1 of 96 elements differ in their bits"), problem

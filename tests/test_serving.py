@@ -4,7 +4,6 @@ opens; every page after that uses them."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -12,10 +11,12 @@ import pytest
 from streamlit.web.server.app_discovery import discover_asgi_app
 
 from bnexplore.runs.shipping import PREFIX, shm_dir
+from bnexplore.tools import bench
 from tests import team_server as ts
 
 REPO = Path(__file__).resolve().parents[1]
-READY = re.compile(r"bnexplore\.runs\.pool: worker (\w+) \(pid (\d+)\) ready: imported in")
+READY = bench.READY_LINE
+"""The server's line for each worker's import: (engine, pid, seconds, when)."""
 
 
 def test_streamlit_run_finds_the_app_and_its_lifespan() -> None:
@@ -36,7 +37,7 @@ def test_the_workers_start_with_the_server_once_for_every_page(tmp_path) -> None
         assert "computing" not in server.log()
         started = ts.workers_of(server.pid)
         assert {e: len(p) for e, p in started.items()} == {"torch": 1, "keras": 1}, started
-        assert sorted(READY.findall(server.log())) == sorted(
+        assert sorted(line[:2] for line in READY.findall(server.log())) == sorted(
             (engine, str(pid)) for engine, (pid,) in started.items()
         )
         links = ["/?v=1", "/?v=1&shape=8,4,5,5&input=normal&steps=2", "/?v=1&keras_eps=1e-5"]

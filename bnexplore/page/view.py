@@ -417,11 +417,6 @@ class Flight:
         return self._result
 
 
-def _workers_of(scenario: Scenario) -> set[str]:
-    """The engines whose workers a run of ``scenario`` uses (PyTorch's for a port's source)."""
-    return {*scenario["engines"], *(["torch"] if scenario.ports else [])}
-
-
 class ViewCache:
     """Views (and sweeps) by link, least recently used dropped first; safe across threads.
 
@@ -512,7 +507,7 @@ class ViewCache:
         references = REFERENCES in parts
 
         def work(progress: Report, predicted: Callable[[View], None]) -> View:
-            starting = workers.POOL.starting(_workers_of(scenario))
+            starting = workers.POOL.starting(workers.engines_of(scenario))
             if memory.estimate(scenario, True) > memory.limit():
                 starting = set()  # the float64 stand-ins would not fit: no prediction
             # one admission for the whole view: the run, its charts and explain's re-runs,
@@ -522,7 +517,7 @@ class ViewCache:
             with admission.BUDGET.admit(need, context):
                 inside = dataclasses.replace(context, admitted=True)
                 with admission.running(inside):
-                    reuse = Reuse(per_engine=1)
+                    reuse = Reuse(per_engine=1) if starting else None  # the prediction's real runs
                     if starting:
                         workers.POOL.warm(starting)  # their imports go on meanwhile
                         progress(0.0, f"{_names(starting)} still importing: predicting meanwhile")
@@ -535,7 +530,7 @@ class ViewCache:
                         scenario,
                         reference=references,
                         report=lambda done, text: progress(0.9 * done, text),
-                        reuse=reuse if starting else None,  # the prediction's real runs
+                        reuse=reuse,
                     )
                     del reuse
                 # explain's re-runs share one time limit, and the run's ticket

@@ -26,7 +26,7 @@ from bnexplore import engines
 from bnexplore.engines import EngineResult, State
 from bnexplore.runs import admission
 from bnexplore.runs import pool as workers
-from bnexplore.runs.shipping import FILES, unship, write
+from bnexplore.runs.shipping import FILES, write
 from bnexplore.scenario.links import Scenario
 
 ALIGN = 64
@@ -126,8 +126,8 @@ def _admitted(passes, batches, report, deadline, ticket) -> list[EngineResult]:
                 for i in indices:
                     results[i] = _lost(passes[i], lost)
                 continue
-            for i, shipped in zip(indices, answer[2], strict=True):
-                results[i] = unship(shipped)
+            for i, result in zip(indices, answer[2], strict=True):  # received: arrays read
+                results[i] = result
             finished(engine)
     finally:
         FILES.give(path, size)

@@ -45,7 +45,6 @@ from bnexplore.runs.shipping import (
     received,
     remove_files_of,
     remove_orphans,
-    unship,
     write,
 )
 from bnexplore.scenario.links import Scenario, from_pairs
@@ -148,23 +147,20 @@ class Worker:
         try:
             message = self.conn.recv()
             if message[0] == "ready":
-                self._note_ready(message[2])
+                self.info, self.import_s = message[2], time.time() - self.started
+                log.info(
+                    "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
+                    self.engine,
+                    self.pid,
+                    self.import_s,
+                    time.time(),
+                )
             else:  # not expected: kept for whoever waits on it
                 self._stash[message[1]] = message
         except (EOFError, OSError):
             pass  # died while importing: reply finds it lost
         finally:
             self.ready.set()
-
-    def _note_ready(self, info: dict) -> None:
-        self.info, self.import_s = info, time.time() - self.started
-        log.info(
-            "worker %s (pid %d) ready: imported in %.2f s, at %.3f",
-            self.engine,
-            self.pid,
-            self.import_s,
-            time.time(),
-        )
 
     @property
     def alive(self) -> bool:
@@ -213,10 +209,7 @@ class Worker:
                 message = received(self.conn.recv())  # its files read before the next request
             except (EOFError, OSError):
                 self._lose(_death(self._exit_code()))
-            if message[0] == "ready":
-                self._note_ready(message[2])
-                continue
-            self._stash[message[1]] = message
+            self._stash[message[1]] = message  # "ready" was _await_ready's to read
         return self._stash.pop(sid)
 
     def _wait_ready(self, deadline: float, ticket: Ticket | None) -> None:
@@ -379,8 +372,12 @@ def start_early(pairs: Iterable[tuple[str, str]]) -> None:
     """Start the workers of a link's engines (and PyTorch's where Keras 3 starts from its
     state) before anything else is imported: their frameworks' imports, seconds long,
     overlap the page's own. ``pairs``: the link's raw (key, value) pairs."""
-    scenario = from_pairs(pairs)[0]
-    POOL.warm([*scenario["engines"], *(["torch"] if scenario.ports else [])])
+    POOL.warm(engines_of(from_pairs(pairs)[0]))
+
+
+def engines_of(scenario: Scenario) -> set[str]:
+    """The engines whose workers a run of ``scenario`` uses (PyTorch's for a port's source)."""
+    return {*scenario["engines"], *(["torch"] if scenario.ports else [])}
 
 
 _session_ids = itertools.count(1)
@@ -443,7 +440,7 @@ class WorkerSession(Session):
     def settle_start(self) -> Session | EngineResult:
         answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] == "result":
-            return self._named(unship(answer[2]))
+            return self._named(answer[2])
         self.where = answer[2]
         return self
 
@@ -463,7 +460,7 @@ class WorkerSession(Session):
         self._pending = False
         answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] == "result":
-            raise StepFailed(self._named(unship(answer[2])))
+            raise StepFailed(self._named(answer[2]))
 
     def state(self) -> State | None:
         self.worker.send(("state", self.sid))
@@ -473,7 +470,7 @@ class WorkerSession(Session):
         self.worker.send(("port", self.sid, state))
         answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] == "result":
-            raise StepFailed(self._named(unship(answer[2])))
+            raise StepFailed(self._named(answer[2]))
 
     def begin_finish(self) -> None:
         self.worker.send(("finish", self.sid))
@@ -482,7 +479,7 @@ class WorkerSession(Session):
         answer = self.worker.reply(self.sid, self.deadline, self.ticket)
         if answer[0] != "result":
             raise WorkerLost(f"worker for {self.engine}: unexpected answer {answer[0]!r}")
-        return self._named(unship(answer[2]))
+        return self._named(answer[2])
 
     def failed(self, exc: Exception) -> EngineResult:
         if isinstance(exc, StepFailed):

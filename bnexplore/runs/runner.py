@@ -311,11 +311,11 @@ def _admitted(
     reused = {}
     if reuse is not None:
         reused = {n: r for n in names if (r := reuse.get(scenario, n)) is not None}
-    predicted_lanes = {name: name for name in names if name in predict and name not in reused}
-    engine_of_lane = {name: name for name in names if name not in {*reused, *predicted_lanes}}
+    to_run = {name: name for name in names if name not in reused}  # lane → its engine
     if porting and "torch" not in names:
-        lanes_of = predicted_lanes if "torch" in predict else engine_of_lane
-        lanes_of[PORT_SOURCE] = "torch"
+        to_run[PORT_SOURCE] = "torch"
+    predicted_lanes = {lane: e for lane, e in to_run.items() if e in predict}
+    engine_of_lane = {lane: e for lane, e in to_run.items() if e not in predict}
     predict = frozenset(predicted_lanes) & set(names)
     in_process = workers.workers_per_engine() == 0
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())

@@ -566,7 +566,7 @@ def browser_desk(report: Callable[[str], None] = lambda text: None) -> dict:
     }
 
 
-READY_LINE = re.compile(r"worker (\w+) \(pid \d+\) ready: imported in ([\d.]+) s, at ([\d.]+)")
+READY_LINE = re.compile(r"worker (\w+) \(pid (\d+)\) ready: imported in ([\d.]+) s, at ([\d.]+)")
 """The server's INFO line when a worker has imported its framework (bnexplore.runs.pool)."""
 
 
@@ -574,7 +574,7 @@ def workers_ready(log: str, began: float) -> dict[str, dict]:
     """Each engine's first worker in the server's log: its import (Python and the framework,
     in the worker) and when it was ready, in seconds from ``began`` (streamlit run)."""
     ready: dict[str, dict] = {}
-    for engine, seconds, at in READY_LINE.findall(log):
+    for engine, _pid, seconds, at in READY_LINE.findall(log):
         ready.setdefault(engine, {"import_s": float(seconds), "ready_s": float(at) - began})
     return ready
 
