@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnexplore.runs.metrics import TOLERANCES, Divergence, measure, output_summary
+from bnexplore.runs.metrics import TOLERANCES, Divergence, Figures, measure, output_summary
 from bnexplore.runs.runner import strict_json
 
 TORCH_DTYPES = {
@@ -113,3 +113,27 @@ def test_one_pass_measure_gives_output_summary_bit_for_bit(dtype: str) -> None:
     summaries, (gap,) = measure({"a": a, "b": b}, [("a", "b")], dtype)
     assert summaries == {"a": output_summary(a), "b": output_summary(b)}
     assert gap == Divergence.between("a", "b", a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_figures_begun_early_are_those_measured_at_the_end_bit_for_bit(dtype: str) -> None:
+    """A run begins a result's figures as it arrives (on the measuring threads, in any order);
+    they must be measure's figures, NaN and infinities included."""
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((6, 4, 160, 160)) * 3 - 1).astype(dtype)
+    b = (a + rng.standard_normal(a.shape) * 1e-2).astype(dtype)
+    c = b.copy()
+    a.reshape(-1)[[7, 600_000]] = [np.nan, np.inf]
+    c.reshape(-1)[[3, 600_000]] = [-np.inf, np.inf]
+    small = rng.standard_normal(16).astype(dtype)
+    figures = Figures(dtype)
+    figures.add("a", a)
+    figures.start(["a"])
+    for name, array in (("b", b), ("c", c), ("small", small)):
+        figures.add(name, array)
+    figures.start([("a", "c"), "c", "small"])
+    pairs = [("a", "b"), ("a", "c"), ("b", "c")]
+    summaries, gaps = measure({"a": a, "b": b, "c": c, "small": small}, pairs, dtype)
+    assert figures.summaries(["a", "b", "c", "small"]) == summaries
+    assert list(figures.gaps(pairs).values()) == gaps
+    assert summaries["a"]["nonfinite"] == 2 and gaps[1].nonfinite == 3

@@ -7,13 +7,16 @@ stand in, and that view goes to ``preview`` only. The returned, cached view is t
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch.testing
 
 from bnexplore.judge.document import document
 from bnexplore.page.view import ViewCache
 from bnexplore.runs import pool as workers
-from bnexplore.runs.runner import PREDICTION_NOTE, compare
+from bnexplore.runs.metrics import measure
+from bnexplore.runs.runner import PREDICTION_NOTE, QUANTITIES, array_key, compare
 from bnexplore.scenario.links import parse_link
 
 SEED = "?v=1"
@@ -94,4 +97,38 @@ def test_a_prediction_is_its_frameworks_float64_reference_even_through_a_port() 
     assert both.results["torch"].output.tobytes() == real.references["torch"].output.tobytes()
     torch.testing.assert_close(
         both.results["keras"].output.astype(np.float32), real.results["keras"].output
+    )
+
+
+def test_figures_begun_while_the_run_waits_are_those_measured_at_the_end() -> None:
+    """compare begins each result's figures as it arrives (its summaries, and a pair's gap
+    once both sides are here); the comparison's figures are measure's on all its arrays."""
+    _ready("torch")
+    _ready("keras")
+    scenario = parse_link("?shape=8,16,48,48&input=normal&steps=2&loss=mse")[0]
+    comparison = compare(scenario, reference=True)
+    assert comparison.figures is not None and "keras:grad_x" in comparison.figures
+    results = [*comparison.results.values(), *comparison.references.values()]
+    arrays = {
+        array_key(r.name, q): getattr(r, q)
+        for r in results
+        for q in QUANTITIES
+        if getattr(r, q) is not None
+    }
+    pairs = [
+        (array_key(a, q), array_key(b, q))
+        for a, b in [("torch", "keras"), ("torch_reference", "torch"), ("keras_reference", "keras")]
+        for q in QUANTITIES
+        if array_key(a, q) in arrays and array_key(b, q) in arrays
+    ]
+    summaries, gaps = measure(arrays, pairs, "float32")
+    assert comparison.summaries == summaries
+    (pair,) = comparison.divergence
+    assert dataclasses.replace(pair, grad=None, state=None) == gaps[0].renamed("torch", "keras")
+    assert pair.grad["x"] == gaps[pairs.index(("torch:grad_x", "keras:grad_x"))].renamed(
+        "torch", "keras"
+    )
+    assert (
+        comparison.reference_gap("keras").max_abs
+        == gaps[pairs.index(("keras_reference", "keras"))].max_abs
     )

@@ -402,7 +402,7 @@ class GapCache:
             known = self._gaps.get(s.run_link)
             if known is not None:
                 return known
-        measured = compare(s, reference=False, reuse=reuse).divergence[0]
+        measured = compare(s, reference=False, reuse=reuse, summaries=False).divergence[0]
         self.put(s, measured)
         return measured
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -76,12 +77,15 @@ def output_summary(output: np.ndarray) -> dict:
 def _within(
     diff: np.ndarray, worst: float, abs_expected: np.ndarray, rtol: float, atol: float
 ) -> bool:
-    """|actual − expected| ≤ atol + rtol·|expected| everywhere (NaN never is); worst = max diff."""
+    """|actual − expected| ≤ atol + rtol·|expected| everywhere (NaN never is); worst = max diff.
+    The bound is computed in float64 whatever the dtype of ``abs_expected``."""
     if worst <= atol:  # within atol alone: no need to look element by element
         return True
     if not math.isfinite(worst) or worst > atol + rtol * float(abs_expected.max()):
         return False
-    return bool(np.all(diff <= atol + rtol * abs_expected))
+    bound = np.multiply(abs_expected, rtol, dtype=np.float64)
+    bound += atol
+    return bool(np.all(diff <= bound))
 
 
 CHUNK = 1 << 17
@@ -98,8 +102,8 @@ class _Summary:
         self.total = self.squares = 0.0
 
     def add(self, part: np.ndarray) -> None:
-        """Takes ``part`` over: it is shifted in place."""
-        shifted = np.subtract(part, self.shift, out=part)
+        """A chunk of the array, in its own dtype: shifted in float64."""
+        shifted = np.subtract(part, self.shift, dtype=np.float64)
         self.total += float(shifted.sum())
         self.squares += float(np.einsum("i,i->", shifted, shifted))
 
@@ -121,6 +125,15 @@ class _Summary:
         }
 
 
+_NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _tiny(dtype: np.dtype) -> np.floating:
+    if dtype == np.float64:
+        return np.finfo(np.float64).tiny
+    return np.finfo(dtype).smallest_subnormal
+
+
 class _Gap:
     """Divergence figures accumulated over float64 chunks of (expected, actual)."""
 
@@ -132,7 +145,13 @@ class _Gap:
         self.nonfinite = 0
 
     def add(self, e: np.ndarray, x: np.ndarray) -> None:
-        diff = np.subtract(e, x)
+        """A chunk of each array, in their own dtypes. The differences are taken in float64;
+        |e| and max(|e|, |x|) stay in the arrays' dtype where both share one (exact, half
+        the memory traffic of float32 widened), and widen where they meet float64. Other
+        dtypes (bfloat16, from ml_dtypes) are widened first."""
+        if not (e.dtype in _NATIVE and x.dtype in _NATIVE):
+            e, x = e.astype(np.float64), x.astype(np.float64)
+        diff = np.subtract(e, x, dtype=np.float64)
         np.abs(diff, out=diff)
         part_sum = float(diff.sum())
         if not math.isfinite(part_sum):
@@ -145,12 +164,14 @@ class _Gap:
         self.squares += float(np.einsum("i,i->", diff, diff))
         abs_e = np.abs(e)
         self.close = self.close and _within(diff, float(part_max), abs_e, self.rtol, self.atol)
-        scale = np.maximum(abs_e, np.abs(x), out=abs_e)
+        scale = np.maximum(abs_e, np.abs(x))
         if self.any_nonzero or scale.max() > 0 or np.isnan(scale).any():
             self.any_nonzero = True
-            # where both are zero, diff is 0 too: 0/tiny keeps that element's ratio at 0
-            np.maximum(scale, np.finfo(np.float64).tiny, out=scale)
-            self.worst_rel = np.maximum(self.worst_rel, np.divide(diff, scale, out=scale).max())
+            # where both are zero, diff is 0 too: 0/tiny keeps that element's ratio at 0.
+            # Below float64, every positive value is above float64's tiny, so the dtype's
+            # smallest positive value does the same; float64 keeps its tiny
+            np.maximum(scale, _tiny(scale.dtype), out=scale)
+            self.worst_rel = np.maximum(self.worst_rel, np.divide(diff, scale, out=diff).max())
 
     def result(self, a: str, b: str) -> Divergence:
         n = self.size
@@ -190,37 +211,110 @@ def measure(
     the same chunks in the same order, so its bits do not depend on the threads.
     """
     rtol, atol = TOLERANCES[dtype]
-    flats = {name: np.ascontiguousarray(out).reshape(-1) for name, out in outputs.items()}
-    summaries = {name: _Summary(flat) for name, flat in flats.items()}
-    gaps = {pair: _Gap(flats[pair[0]].size, rtol, atol) for pair in pairs}
+    flats = {name: _flat(out) for name, out in outputs.items()}
     # a gap costs about twice a summary: two arrays widened, a dozen passes over the chunk
     figures = [(flat.size, name) for name, flat in flats.items()]
     figures += [(2 * flats[pair[0]].size, pair) for pair in pairs]
     lanes = _share_out(figures, THREADS)
+    summaries: dict[str, dict] = {}
+    gaps: dict[tuple[str, str], Divergence] = {}
 
     def run(lane: list) -> None:
-        with np.errstate(all="ignore"):
-            for figure in lane:
-                if isinstance(figure, tuple):
-                    a, b = flats[figure[0]], flats[figure[1]]
-                    gap = gaps[figure]
-                    for start in range(0, a.size, CHUNK):
-                        stop = start + CHUNK
-                        gap.add(a[start:stop].astype(np.float64), b[start:stop].astype(np.float64))
-                else:
-                    flat, summary = flats[figure], summaries[figure]
-                    for start in range(0, flat.size, CHUNK):
-                        summary.add(flat[start : start + CHUNK].astype(np.float64))
+        for figure in lane:
+            if isinstance(figure, tuple):
+                gaps[figure] = _gap_of(flats[figure[0]], flats[figure[1]], rtol, atol)
+            else:
+                summaries[figure] = _summary_of(flats[figure])
 
     if len(lanes) > 1 and sum(cost for cost, _ in figures) > PARALLEL_ABOVE:
         list(_THREADS.map(run, lanes))
     else:
         run([figure for lane in lanes for figure in lane])
+    return {name: summaries[name] for name in flats}, [gaps[pair].renamed(*pair) for pair in pairs]
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def _summary_of(flat: np.ndarray) -> dict:
+    """One array's summary, a chunk at a time (output_summary's figures, bit for bit)."""
+    summary = _Summary(flat)
     with np.errstate(all="ignore"):
-        return (
-            {name: summary.result() for name, summary in summaries.items()},
-            [gap.result(a, b) for (a, b), gap in gaps.items()],
-        )
+        for start in range(0, flat.size, CHUNK):
+            summary.add(flat[start : start + CHUNK])
+        return summary.result()
+
+
+def _gap_of(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> Divergence:
+    """One pair's divergence (a expected), a chunk at a time; named "a" and "b"."""
+    gap = _Gap(a.size, rtol, atol)
+    with np.errstate(all="ignore"):
+        for start in range(0, a.size, CHUNK):
+            stop = start + CHUNK
+            gap.add(a[start:stop], b[start:stop])
+        return gap.result("a", "b")
+
+
+class Figures:
+    """The summaries and gaps of named arrays, each measured once: started as soon as its
+    arrays are here (``start``, on the measuring threads, while a run still waits on its
+    other engines), or measured when first read.
+
+    The same per-figure loops as ``measure``: a figure's bits do not depend on when, or on
+    which thread, it was measured.
+    """
+
+    def __init__(self, dtype: str) -> None:
+        self.rtol, self.atol = TOLERANCES[dtype]
+        self._flats: dict[str, np.ndarray] = {}
+        self._started: dict[object, Future] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """An array arrived (the first one given under a name is kept)."""
+        with self._lock:
+            self._flats.setdefault(name, _flat(array))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._flats
+
+    def start(self, figures: list[str | tuple[str, str]]) -> None:
+        """Begin measuring large figures on the threads (an array's name: its summary; a
+        pair of names: their gap); small ones are measured when read."""
+        with self._lock:
+            for figure in figures:
+                if figure not in self._started and self._cost(figure) > PARALLEL_ABOVE // 4:
+                    self._started[figure] = _THREADS.submit(self._measure, figure)
+
+    def summaries(self, names: list[str]) -> dict[str, dict]:
+        return dict(zip(names, self._results(names), strict=True))
+
+    def gaps(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Divergence]:
+        return {
+            pair: gap.renamed(*pair) for pair, gap in zip(pairs, self._results(pairs), strict=True)
+        }
+
+    def _results(self, figures: list) -> list:
+        """Waits for the started figures; several large ones not started yet go to the
+        threads together, and the rest are measured here."""
+        missing = [f for f in figures if f not in self._started]
+        if sum(self._cost(f) for f in missing) > PARALLEL_ABOVE:
+            self.start(missing)
+        with self._lock:
+            started = {f: self._started[f] for f in figures if f in self._started}
+        return [started[f].result() if f in started else self._measure(f) for f in figures]
+
+    def _cost(self, figure: str | tuple[str, str]) -> int:
+        if isinstance(figure, tuple):
+            return 2 * self._flats[figure[0]].size
+        return self._flats[figure].size
+
+    def _measure(self, figure: str | tuple[str, str]):
+        if isinstance(figure, tuple):
+            a, b = self._flats[figure[0]], self._flats[figure[1]]
+            return _gap_of(a, b, self.rtol, self.atol)
+        return _summary_of(self._flats[figure])
 
 
 def _share_out(figures: list[tuple[int, object]], count: int) -> list[list]:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -403,6 +403,12 @@ class SharedBatch:
             self._current = (id(batch), batch.ctypes.data)
         return self.path, batch.shape, batch.dtype.name
 
+    def publish_pass(self, batch: np.ndarray, target: np.ndarray | None) -> None:
+        """Write a pass ahead of its steps (which then find it written)."""
+        self.publish(batch)
+        if target is not None and self.companion is not None:
+            self.companion.publish(target)
+
     def close(self) -> None:
         if self.companion is not None:
             self.companion.close()
@@ -511,8 +517,10 @@ def start_sessions(
     batch: SharedBatch,
     deadline: float,
     ticket: Ticket | None = None,
+    meanwhile: Callable[[SharedBatch], None] | None = None,
 ) -> dict[str, Session | EngineResult]:
-    """Start each lane (lane name → engine) in its engine's worker, all at once."""
+    """Start each lane (lane name → engine) in its engine's worker, all at once; while the
+    workers build their layers, ``meanwhile(batch)`` (the runner writes the first pass)."""
     sessions = {}
     for lane, engine in lanes.items():
         session = WorkerSession(lane, engine, workers[engine], batch, deadline, ticket)
@@ -524,6 +532,8 @@ def start_sessions(
         sessions[lane] = session
     started = {}
     try:
+        if meanwhile is not None and any(isinstance(s, WorkerSession) for s in sessions.values()):
+            meanwhile(batch)
         for lane, session in sessions.items():
             if isinstance(session, EngineResult):
                 started[lane] = session

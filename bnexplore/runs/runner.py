@@ -8,7 +8,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -20,7 +20,7 @@ from bnexplore.engines.reference import REFERENCES
 from bnexplore.files import store
 from bnexplore.runs import admission, memory
 from bnexplore.runs import pool as workers
-from bnexplore.runs.metrics import Divergence, measure
+from bnexplore.runs.metrics import Divergence, Figures
 from bnexplore.scenario.batches import batches, targets
 from bnexplore.scenario.links import Scenario
 from bnexplore.scenario.params import knobs
@@ -40,41 +40,53 @@ class Comparison:
     predicted: frozenset[str] = frozenset()
     """Engines whose results are a prediction (Predicted), not the framework's own run."""
 
+    figures: Figures | None = field(default=None, compare=False, repr=False)
+    """The run's figures, some begun while it waited on its other engines (the runner's);
+    None: all are measured when first read."""
+
     @cached_property
-    def _measured(self) -> tuple[dict[str, dict], dict[tuple[str, str], Divergence]]:
-        """Summaries and divergences, measured once in one pass over every array: each
-        pair of engines, and each engine against its reference, on the outputs, the
-        gradients and the layers' parameters and statistics.
-
-        Arrays are keyed ``name`` (the output) or ``name:quantity`` (grad_x, gamma, …)."""
-        arrays: dict[str, np.ndarray] = {}
+    def _figures(self) -> Figures:
+        """Every array of the results and references, keyed ``name`` (the output) or
+        ``name:quantity`` (grad_x, gamma, …)."""
+        figures = self.figures if self.figures is not None else Figures(self.scenario["dtype"])
         for r in [*self.results.values(), *self.references.values()]:
-            for quantity in QUANTITIES:
-                value = getattr(r, quantity)
-                if value is not None:
-                    arrays[array_key(r.name, quantity)] = value
-        engine_pairs = list(itertools.combinations(self.results, 2))
-        engine_pairs += [
-            (ref.name, name) for name, ref in self.references.items() if name in self.results
-        ]
-        pairs = [
-            (array_key(a, q), array_key(b, q))
-            for a, b in engine_pairs
-            for q in QUANTITIES
-            if array_key(a, q) in arrays and array_key(b, q) in arrays
-        ]
-        summaries, gaps = measure(arrays, pairs, self.scenario["dtype"])
-        measured = {
-            pair: gap.renamed(*(key.split(":")[0] for key in pair))
-            for pair, gap in zip(pairs, gaps, strict=True)
-        }
-        return summaries, measured
+            add_arrays(figures, r)
+        return figures
 
-    @property
+    @cached_property
     def summaries(self) -> dict[str, dict]:
         """Each engine's (and reference's) output summary, by result name; its gradient
-        w.r.t. x under ``name:grad_x``."""
-        return self._measured[0]
+        w.r.t. x under ``name:grad_x`` (and every other array's, under its key)."""
+        keys = [
+            array_key(r.name, q)
+            for r in [*self.results.values(), *self.references.values()]
+            for q in QUANTITIES
+            if getattr(r, q) is not None
+        ]
+        return self._figures.summaries(keys)
+
+    @cached_property
+    def _gaps(self) -> dict[tuple[str, str], Divergence]:
+        """Each pair of engines, and each engine against its reference, on the outputs,
+        the gradients and the layers' parameters and statistics: measured once (a
+        divergence never waits on the summaries)."""
+        figures = self._figures
+        pairs = [
+            (array_key(a, q), array_key(b, q))
+            for a, b in self._engine_pairs()
+            for q in QUANTITIES
+            if array_key(a, q) in figures and array_key(b, q) in figures
+        ]
+        return {
+            pair: gap.renamed(*(key.split(":")[0] for key in pair))
+            for pair, gap in figures.gaps(pairs).items()
+        }
+
+    def _engine_pairs(self) -> list[tuple[str, str]]:
+        pairs = list(itertools.combinations(self.results, 2))
+        return pairs + [
+            (ref.name, name) for name, ref in self.references.items() if name in self.results
+        ]
 
     @cached_property
     def divergence(self) -> list[Divergence]:
@@ -93,7 +105,7 @@ class Comparison:
     def _gap(self, a: EngineResult, b: EngineResult) -> Divergence:
         """The measured divergence of a pair (with its gradients and state), or why it
         could not be measured."""
-        measured = self._measured[1]
+        measured = self._gaps
         output = measured.get((a.name, b.name))
         if output is None:
             missing = a if a.output is None else b
@@ -125,6 +137,14 @@ QUANTITIES = (
 )
 """The arrays of an EngineResult that pairs are compared on."""
 STATE = ("gamma", "beta", "running_mean", "running_var")
+
+
+def add_arrays(figures: Figures, result: EngineResult) -> None:
+    """A result's arrays into the figures, under array_key."""
+    for quantity in QUANTITIES:
+        value = getattr(result, quantity)
+        if value is not None:
+            figures.add(array_key(result.name, quantity), value)
 
 
 def array_key(name: str, quantity: str) -> str:
@@ -228,6 +248,43 @@ class Predicted(Session):
         )
 
 
+class EarlyFigures:
+    """A run's figures begun as its results arrive, on the measuring threads, while the run
+    still waits on its other engines: each pair's gaps once both sides are here, and each
+    result's summaries where the caller reads them (``summaries``). The Comparison reads
+    them (the same figures, bit for bit, as measured at the end)."""
+
+    def __init__(self, scenario: Scenario, reference: bool, summaries: bool) -> None:
+        self.figures = Figures(scenario["dtype"])
+        names = scenario["engines"]
+        self.pairs = list(itertools.combinations(names, 2))
+        if reference:
+            self.pairs += [(f"{name}_reference", name) for name in names]
+        self.wanted = {name for pair in self.pairs for name in pair} | set(names)
+        self.summaries = summaries
+        self.here: set[str] = set()
+
+    def arrived(self, result: EngineResult) -> None:
+        if result.name not in self.wanted:  # the port's source lane: nobody measures it
+            return
+        add_arrays(self.figures, result)
+        self.here.add(result.name)
+        figures = self.figures
+        begun: list = []
+        if self.summaries:
+            begun += [
+                k for q in ("output", "grad_x") if (k := array_key(result.name, q)) in figures
+            ]
+        for a, b in self.pairs:
+            if result.name in (a, b) and {a, b} <= self.here:
+                begun += [
+                    (array_key(a, q), array_key(b, q))
+                    for q in ("output", "grad_x")
+                    if array_key(a, q) in figures and array_key(b, q) in figures
+                ]
+        figures.start(begun)
+
+
 def compare(
     scenario: Scenario,
     notices: Sequence[str] = (),
@@ -235,6 +292,7 @@ def compare(
     report: Report | None = None,
     reuse: Reuse | None = None,
     predict: frozenset[str] = frozenset(),
+    summaries: bool = True,
 ) -> Comparison:
     """Run ``scenario`` for real in each of its engines, and their references if asked.
 
@@ -249,7 +307,8 @@ def compare(
     its admission. With ``reuse``, an engine whose result it holds for this scenario is
     not run again (never where Keras 3 starts from a port of PyTorch's state). The engines
     in ``predict`` do not run: their rules' float64 reference stands in (Predicted), and the
-    comparison names them (Comparison.predicted).
+    comparison names them (Comparison.predicted). The figures begin as results arrive
+    (EarlyFigures); ``summaries=False`` where the caller reads only the divergences.
     """
     names = scenario["engines"]
     notices = list(notices)
@@ -277,7 +336,9 @@ def compare(
         return Comparison(scenario, (*notices, why), refused, {})
     context = admission.current()
     with admission.BUDGET.admit(need, context):
-        comparison = _admitted(scenario, notices, reference, report, state, context, reuse, predict)
+        comparison = _admitted(
+            scenario, notices, reference, report, state, context, reuse, predict, summaries
+        )
     return comparison
 
 
@@ -301,6 +362,7 @@ def _admitted(
     context: admission.RunContext,
     reuse: Reuse | None = None,
     predict: frozenset[str] = frozenset(),
+    summaries: bool = True,
 ) -> Comparison:
     """The run, once the budget holds its memory: its time limit counts from here."""
     names = scenario["engines"]
@@ -321,15 +383,21 @@ def _admitted(
     taken = {} if in_process else workers.POOL.acquire(engine_of_lane.values())
     shared = workers.SharedBatch()
     ticket = context.ticket
+    early = EarlyFigures(scenario, reference, summaries)
+    passes = _Passes(scenario)
     try:
         if in_process:
             started = {lane: start(e, scenario) for lane, e in engine_of_lane.items()}
         else:
+            # the first pass is drawn and written to shared memory while the workers
+            # build their layers
             started = workers.start_sessions(
-                engine_of_lane, scenario, taken, shared, deadline, ticket
+                engine_of_lane, scenario, taken, shared, deadline, ticket, passes.publish_first
             )
         done = {lane: s for lane, s in started.items() if isinstance(s, EngineResult)}
         done.update(reused)
+        for result in done.values():
+            early.arrived(result)
         lanes = {lane: s for lane, s in started.items() if not isinstance(s, EngineResult)}
         lanes.update({lane: Predicted(lane, e, scenario) for lane, e in predicted_lanes.items()})
         if reference:  # every engine that could be loaded, even one whose layer refused to build
@@ -338,7 +406,9 @@ def _admitted(
                     lanes[f"{name}_reference"] = REFERENCES[name](scenario)
         if state is not None:
             _start_from(state, scenario, lanes, done)
-        if lanes and not _run_passes(scenario, lanes, done, porting, report, deadline, ticket):
+        if lanes and not _run_passes(
+            scenario, passes, lanes, done, porting, report, deadline, ticket, early
+        ):
             notices.append(str(workers.TimeLimitReached()) + "; what had not finished stopped")
     finally:
         shared.close()
@@ -349,23 +419,47 @@ def _admitted(
             if name not in reused and name not in predict:  # a prediction is never kept
                 reuse.keep(scenario, results[name])
     references = {name: done[f"{name}_reference"] for name in names if f"{name}_reference" in done}
-    return Comparison(scenario, tuple(notices), results, references, predict)
+    return Comparison(scenario, tuple(notices), results, references, predict, early.figures)
+
+
+class _Passes:
+    """The scenario's passes, (batch, target) each, drawn one at a time; the first can be
+    drawn and written to the workers' shared memory ahead (``publish_first``)."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self._passes = zip(batches(scenario), targets(scenario), strict=True)
+        self._first: list = []
+
+    def publish_first(self, shared: workers.SharedBatch) -> None:
+        if not self._first:
+            self._first.append(next(self._passes, None))
+        if self._first[0] is not None:
+            shared.publish_pass(*self._first[0])
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        yield from (p for p in self._first if p is not None)
+        self._first = []
+        yield from self._passes
 
 
 def _run_passes(
     scenario: Scenario,
+    passes: _Passes,
     lanes: dict[str, Session],
     done: dict[str, EngineResult],
     porting: bool,
     report: Report | None,
     deadline: float,
     ticket: admission.Ticket,
+    early: EarlyFigures,
 ) -> bool:
     """Step every lane through the same batches in lock step, then finish each.
 
     A lane in a worker only begins its pass in ``step``; ``settle`` waits, so every
-    worker works on a pass at once while the references step here. Past the
-    deadline, the lanes still running stop (False is returned).
+    worker works on a pass at once while the references step here. Lanes in this
+    process finish first, and each result's figures begin as it arrives (``early``),
+    while the workers still finish theirs. Past the deadline, the lanes still running
+    stop (False is returned).
     """
 
     def attempt(name: str, action) -> None:
@@ -377,8 +471,8 @@ def _run_passes(
 
     steps = scenario["steps"]
     source = "torch" if "torch" in scenario["engines"] else PORT_SOURCE
+    passes = iter(passes)
     try:
-        passes = zip(batches(scenario), targets(scenario), strict=True)
         upcoming, k = next(passes, None), -1
         while upcoming is not None:
             batch, target = upcoming
@@ -407,13 +501,14 @@ def _run_passes(
                 report((k + 1) / (steps + 1), f"pass {k + 1} of {steps + 1}")
         for name in list(lanes):
             attempt(name, lambda lane: lane.begin_finish())
-        for name in list(lanes):
+        for name in sorted(lanes, key=lambda name: isinstance(lanes[name], workers.WorkerSession)):
             try:
                 done[name] = lanes[name].finish()
             except Exception as exc:
                 log.info("%s failed to finish on %s", name, scenario.link, exc_info=True)
                 done[name] = lanes[name].failed(exc)
             del lanes[name]
+            early.arrived(done[name])
     finally:
         for lane in lanes.values():  # stopped, or left by an interruption: nothing finishes them
             lane.drop()

@@ -97,7 +97,7 @@ def run_sweep(
             shown = format_value(BY_KEY[key], value) if key in BY_KEY else str(value)
             report(i / len(points), f"Sweep point {i + 1} of {len(points)}: {key} = {shown}")
         point, notices = at(scenario, key, value)
-        comparison = compare(point, reference=False, reuse=reuse)
+        comparison = compare(point, reference=False, reuse=reuse, summaries=False)
         results.append(
             SweepPoint(
                 value=value,
