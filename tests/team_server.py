@@ -371,14 +371,26 @@ class Session:
     exceptions: list[str] = field(default_factory=list)
 
 
-def open_sessions(browser, url: str, links: list[str]) -> list[Session]:
-    """A fresh context and page per link, each sent to its link at once (not awaited)."""
+def open_sessions(
+    browser, url: str, links: list[str], drawn_first: str | None = None
+) -> list[Session]:
+    """A fresh context and page per link, each sent to its link at once (not awaited).
+
+    With ``drawn_first``, each page first opens that link (a cached one: nothing runs) and
+    is followed until drawn, so that the browser has loaded the app's code before the links
+    are opened. Six pages loading it at once on two cores take 15–35 s to draw, by which
+    time a fast server has run and drained its queue, and no page could show "Waiting"."""
     sessions = []
     for link in links:
         context = browser.new_context(viewport={"width": 1300, "height": 900})
         context.set_default_timeout(30_000)
         context.add_init_script(WATCH_WAITING_JS)
         sessions.append(Session(link, context, context.new_page()))
+    if drawn_first is not None:
+        for session in sessions:
+            session.page.goto(url + drawn_first, wait_until="commit")
+        for session in sessions:
+            session.page.wait_for_function(SETTLED_JS, timeout=180_000, polling=200)
     for session in sessions:
         session.opened = time.monotonic()
         session.page.goto(url + session.link, wait_until="commit")
@@ -472,7 +484,7 @@ def six_sessions(browser, server: Server, timeout_s: float = 150.0) -> SixSessio
         for share, seed in zip(SIX_SHARES, SIX_SEEDS, strict=True)
     ]
     with TreeMemory(server.pid, for_s=timeout_s + 30) as mem:
-        sessions = open_sessions(browser, server.url, links)
+        sessions = open_sessions(browser, server.url, links, drawn_first=SMALL_LINK)
         follow(sessions, timeout_s)
     return SixSessions(
         sessions=sessions,

@@ -274,3 +274,28 @@ def test_a_worker_stopped_by_sigterm_deletes_its_files_and_orphans_are_swept() -
     finally:
         for path in (young, ours):
             path.unlink(missing_ok=True)
+
+
+def _resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_worker_keeps_freed_buffers_during_a_run_and_hands_them_back_when_idle() -> None:
+    """Buffers below MMAP_ABOVE stay on a worker's heap from pass to pass; once it has had no
+    request for IDLE_TRIM_S, it hands them back (its resident memory returns to idle)."""
+    from bnexplore.runs import worker
+
+    link = "?engines=torch&shape=16,16,128,128&input=normal&steps=3"  # 16 MiB a tensor
+    compare(parse_link(link)[0], reference=False)  # the worker up, its first-run costs paid
+    (pid,) = workers.POOL.processes()["torch"]
+    time.sleep(worker.IDLE_TRIM_S + 1.0)
+    idle = _resident_mib(pid)
+    compare(parse_link(link)[0], reference=False)
+    held = _resident_mib(pid)  # no request since: within IDLE_TRIM_S the buffers are kept
+    time.sleep(worker.IDLE_TRIM_S + 1.0)
+    after = _resident_mib(pid)
+    assert held > idle + 16, (idle, held)
+    assert after < idle + 8, (idle, held, after)

@@ -56,6 +56,9 @@ POLL_S = 0.2
 """How often a wait for a worker looks at its run's ticket."""
 CANCEL_GRACE_S = 1.0
 """How long a cancelled run's worker may take to finish its pass before it is stopped."""
+MMAP_ABOVE = 32 << 20
+"""Bytes above which a worker's buffer is mapped on its own (glibc's largest adaptive mmap
+threshold); below, freed buffers stay on its heap until it is idle."""
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -108,13 +111,14 @@ class Worker:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         env.pop("KERAS_BACKEND", None)  # each engine module sets its own
-        # glibc keeps big freed buffers on its heap once its adaptive mmap threshold has
-        # grown: a fixed one returns each buffer over 1 MiB to the system when freed, so a
-        # worker's footprint stays flat across passes and runs (the budget counts on it)
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-        # and those buffers in transparent huge pages (glibc 2.35+; older ones ignore it): a
-        # fresh 12.6 MB tensor then faults in 2 MiB at a time, not 4 KiB. On the seed a Keras
-        # pass in its worker took 44 ms instead of 60, a training step's run 392 instead of 617
+        # glibc's heap keeps freed buffers of up to 32 MiB for the next pass, and hands them
+        # back once the worker is idle (worker.IDLE_TRIM_S): with a fixed 1 MiB mmap
+        # threshold, every buffer was mapped afresh and faulted in page by page, and the
+        # ResNet-50-shaped audit took 3.45 s instead of 2.47 (the seed's run 92 ms, not 83)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_ABOVE))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2 * MMAP_ABOVE))
+        # and its buffers in transparent huge pages (glibc 2.35+; older ones ignore it): fresh
+        # memory faults in 2 MiB at a time, not 4 KiB
         env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bnexplore.runs.worker", engine, str(theirs.fileno())],

@@ -19,6 +19,7 @@ ready (or why it cannot be), then answers requests until the socket closes:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
 import os
@@ -34,6 +35,10 @@ from bnexplore.scenario.batches import numpy_dtype
 from bnexplore.scenario.links import Scenario
 
 log = logging.getLogger("bnexplore.runs.worker")
+
+IDLE_TRIM_S = 0.2
+"""Seconds without a request after which a worker hands its freed memory back (glibc's
+malloc_trim): between one page's runs, not between one run's passes or a sweep's points."""
 
 MADV_POPULATE_READ = 22
 """Linux's madvise advice that maps a range's pages for reading, all in one call (5.14)."""
@@ -72,6 +77,14 @@ class BatchViews:
         self._maps.clear()
 
 
+def release_freed_memory() -> None:
+    """Hand the memory freed since the last request back to the system (glibc's
+    malloc_trim; elsewhere nothing to do). Within a run, a worker's heap keeps its freed
+    buffers for the next pass (pool.Worker's malloc settings)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def thread_counts() -> dict[str, int]:
     """The intra- and inter-op thread counts of the frameworks this process imported."""
     counts = {}
@@ -96,6 +109,8 @@ def serve(name: str, conn: Connection) -> None:
     views: dict[int, BatchViews] = {}
     while True:
         try:
+            if not conn.poll(IDLE_TRIM_S):
+                release_freed_memory()  # then wait as long as it takes
             op, sid, *args = conn.recv()
         except (EOFError, OSError):
             FILES.clear()
