@@ -33,7 +33,7 @@ from bnexplore.files.formats import Layer, ModelFile
 from bnexplore.judge.ports import Finding, PortCheck, match, problems
 from bnexplore.judge.verdicts import verdict
 from bnexplore.runs.many import Pass, infer_all
-from bnexplore.runs.metrics import Divergence, measure
+from bnexplore.runs.metrics import Divergence, Figures
 from bnexplore.runs.runner import initial_state, strict_json
 from bnexplore.scenario.batches import batches
 from bnexplore.scenario.links import (
@@ -304,7 +304,11 @@ def audit(scenario: Scenario, notices: Sequence[str] = (), report: Report | None
         port = _plan_port(scenario, model, source, plans, passes, notices)
 
     results = infer_all(passes, drawn, report) if passes else []
-    layers = tuple(_judge(plan, results, targets, source, scenario["dtype"]) for plan in plans)
+    gaps = _measure_layers(plans, results, targets, source, scenario["dtype"])
+    layers = tuple(
+        _judge(plan, results, targets, source, scenario["dtype"], gaps[k])
+        for k, plan in enumerate(plans)
+    )
     if port is not None:
         outputs = {plan[0].name: results[plan[5][("source", first)]] for plan in plans}
         port = _finish_port(port, results, outputs, scenario, source)
@@ -381,23 +385,37 @@ def _finish_port(port, results, outputs, scenario, source) -> PortCheck:
     return PortCheck(digest, ported.format, tuple(findings))
 
 
-def _judge(plan, results, targets, source, dtype) -> LayerAudit:
+def _measure_layers(plans, results, targets, source, dtype) -> list[dict]:
+    """Every layer's gaps, source against each port's output (a run that is both ports
+    once), measured together: shared out over the measuring threads (metrics.Figures).
+    Per layer: {("source", "port:engine"): Divergence}."""
+    first = SOURCE_ENGINES[source]
+    figures, pairs_of = Figures(dtype), []
+    for k, (_, _, _, _, _, runs) in enumerate(plans):
+        src, pairs = results[runs[("source", first)]], []
+        if src.output is not None:
+            figures.add(f"{k}/source", src.output)
+            for port in PORTS:
+                for e in targets:
+                    r = results[runs[(port, e)]]
+                    if port == "faithful" and runs[(port, e)] == runs[("naive", e)]:
+                        continue  # one run is both ports: measured once
+                    if r.output is not None and r.output.shape == src.output.shape:
+                        figures.add(f"{k}/{port}:{e}", r.output)
+                        pairs.append(("source", f"{port}:{e}"))
+        pairs_of.append(pairs)
+    keyed = [(f"{k}/{a}", f"{k}/{b}") for k, pairs in enumerate(pairs_of) for a, b in pairs]
+    measured = figures.gaps(keyed)
+    return [
+        {(a, b): measured[(f"{k}/{a}", f"{k}/{b}")] for a, b in pairs}
+        for k, pairs in enumerate(pairs_of)
+    ]
+
+
+def _judge(plan, results, targets, source, dtype, gaps: dict) -> LayerAudit:
     layer, eps, eps_from, momentum, s, runs = plan
     first = SOURCE_ENGINES[source]
-    arrays, pairs = {}, []
     src = results[runs[("source", first)]]
-    if src.output is not None:
-        arrays["source"] = src.output
-    for port in PORTS:
-        for e in targets:
-            r = results[runs[(port, e)]]
-            if port == "faithful" and runs[(port, e)] == runs[("naive", e)]:
-                continue  # one run is both ports: measured once
-            if r.output is not None:
-                arrays[f"{port}:{e}"] = r.output
-                if "source" in arrays and r.output.shape == src.output.shape:
-                    pairs.append(("source", f"{port}:{e}"))
-    gaps = dict(zip(pairs, measure(arrays, pairs, dtype)[1], strict=True)) if pairs else {}
     for e in targets:
         if runs[("faithful", e)] == runs[("naive", e)] and ("source", f"naive:{e}") in gaps:
             gaps[("source", f"faithful:{e}")] = gaps[("source", f"naive:{e}")]

@@ -210,27 +210,13 @@ def measure(
     a few threads (NumPy lets go of the GIL inside its loops): every figure still adds up
     the same chunks in the same order, so its bits do not depend on the threads.
     """
-    rtol, atol = TOLERANCES[dtype]
-    flats = {name: _flat(out) for name, out in outputs.items()}
-    # a gap costs about twice a summary: two arrays widened, a dozen passes over the chunk
-    figures = [(flat.size, name) for name, flat in flats.items()]
-    figures += [(2 * flats[pair[0]].size, pair) for pair in pairs]
-    lanes = _share_out(figures, THREADS)
-    summaries: dict[str, dict] = {}
-    gaps: dict[tuple[str, str], Divergence] = {}
-
-    def run(lane: list) -> None:
-        for figure in lane:
-            if isinstance(figure, tuple):
-                gaps[figure] = _gap_of(flats[figure[0]], flats[figure[1]], rtol, atol)
-            else:
-                summaries[figure] = _summary_of(flats[figure])
-
-    if len(lanes) > 1 and sum(cost for cost, _ in figures) > PARALLEL_ABOVE:
-        list(_THREADS.map(run, lanes))
-    else:
-        run([figure for lane in lanes for figure in lane])
-    return {name: summaries[name] for name in flats}, [gaps[pair].renamed(*pair) for pair in pairs]
+    figures = Figures(dtype)
+    for name, output in outputs.items():
+        figures.add(name, output)
+    measured = figures.results([*outputs, *pairs])
+    summaries = dict(zip(outputs, measured[: len(outputs)], strict=True))
+    gaps = [gap.renamed(*pair) for pair, gap in zip(pairs, measured[len(outputs) :], strict=True)]
+    return summaries, gaps
 
 
 def _flat(array: np.ndarray) -> np.ndarray:
@@ -288,22 +274,33 @@ class Figures:
                     self._started[figure] = _THREADS.submit(self._measure, figure)
 
     def summaries(self, names: list[str]) -> dict[str, dict]:
-        return dict(zip(names, self._results(names), strict=True))
+        return dict(zip(names, self.results(names), strict=True))
 
     def gaps(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Divergence]:
         return {
-            pair: gap.renamed(*pair) for pair, gap in zip(pairs, self._results(pairs), strict=True)
+            pair: gap.renamed(*pair) for pair, gap in zip(pairs, self.results(pairs), strict=True)
         }
 
-    def _results(self, figures: list) -> list:
-        """Waits for the started figures; several large ones not started yet go to the
-        threads together, and the rest are measured here."""
-        missing = [f for f in figures if f not in self._started]
-        if sum(self._cost(f) for f in missing) > PARALLEL_ABOVE:
-            self.start(missing)
+    def results(self, figures: list) -> list:
+        """Each figure's summary (an array's name) or gap (a pair), in order: those begun
+        are waited for; the rest are measured now, shared out over the threads in lanes of
+        about equal cost where they add up to more than PARALLEL_ABOVE elements (a gap
+        costs about twice a summary: two arrays widened, a dozen passes over each chunk)."""
         with self._lock:
             started = {f: self._started[f] for f in figures if f in self._started}
-        return [started[f].result() if f in started else self._measure(f) for f in figures]
+        missing = list(dict.fromkeys(f for f in figures if f not in started))
+        lanes = _share_out([(self._cost(f), f) for f in missing], THREADS)
+        measured: dict = {}
+
+        def run(lane: list) -> None:
+            for figure in lane:
+                measured[figure] = self._measure(figure)
+
+        if len(lanes) > 1 and sum(self._cost(f) for f in missing) > PARALLEL_ABOVE:
+            list(_THREADS.map(run, lanes))
+        else:
+            run(missing)
+        return [started[f].result() if f in started else measured[f] for f in figures]
 
     def _cost(self, figure: str | tuple[str, str]) -> int:
         if isinstance(figure, tuple):
