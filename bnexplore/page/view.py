@@ -331,25 +331,18 @@ threshold leaves glibc's trim threshold at its 128 KiB default (the adaptive one
 have raised it too): each freed 1 MiB chunk was then handed back and faulted in afresh
 for the next, on every measuring thread's heap, and the figures of the seed with its
 references took 80–150 ms instead of 33–40 ms. At 8 MiB the chunks stay; the server
-trims its heaps after every run anyway (release_freed_memory)."""
+trims its heaps after every run anyway (memory.release_freed_memory)."""
 
 
 def hand_big_buffers_back() -> None:
-    """Fix glibc's mmap threshold at MMAP_ABOVE in this process (the workers get 1 MiB
-    through MALLOC_MMAP_THRESHOLD_): every big buffer is mapped on its own and returned to
+    """Fix glibc's mmap threshold at MMAP_ABOVE in this process (the workers have their own,
+    pool.MMAP_ABOVE): every big buffer is mapped on its own and returned to
     the system when freed, instead of staying on a heap that the adaptive threshold let it
     grow into. The trim threshold goes with it (TRIM_ABOVE)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE)
-
-
-def release_freed_memory() -> None:
-    """Hand memory that a finished run freed back to the system (glibc's malloc_trim):
-    the server's footprint returns to idle between runs. Elsewhere, nothing to do."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Flight:
@@ -399,7 +392,7 @@ class Flight:
                 # a run cut short (cancelled) leaves its arrays in reference cycles of
                 # interrupted frames and generators: collect them before trimming the heap
                 gc.collect()
-            release_freed_memory()
+            memory.release_freed_memory()
 
     @property
     def cancelled(self) -> bool:

@@ -135,7 +135,7 @@ def _tiny(dtype: np.dtype) -> np.floating:
 
 
 class _Gap:
-    """Divergence figures accumulated over float64 chunks of (expected, actual)."""
+    """Divergence figures accumulated over chunks of (expected, actual), in float64."""
 
     def __init__(self, size: int, rtol: float, atol: float) -> None:
         self.size, self.rtol, self.atol = size, rtol, atol

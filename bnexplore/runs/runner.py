@@ -71,12 +71,7 @@ class Comparison:
         the gradients and the layers' parameters and statistics: measured once (a
         divergence never waits on the summaries)."""
         figures = self._figures
-        pairs = [
-            (array_key(a, q), array_key(b, q))
-            for a, b in self._engine_pairs()
-            for q in QUANTITIES
-            if array_key(a, q) in figures and array_key(b, q) in figures
-        ]
+        pairs = array_pairs(figures, self._engine_pairs(), QUANTITIES)
         return {
             pair: gap.renamed(*(key.split(":")[0] for key in pair))
             for pair, gap in figures.gaps(pairs).items()
@@ -145,6 +140,22 @@ def add_arrays(figures: Figures, result: EngineResult) -> None:
         value = getattr(result, quantity)
         if value is not None:
             figures.add(array_key(result.name, quantity), value)
+
+
+LARGE = ("output", "grad_x")
+"""The quantities as large as the batch: the figures worth beginning early."""
+
+
+def array_pairs(
+    figures: Figures, engine_pairs: list[tuple[str, str]], quantities: Sequence[str]
+) -> list[tuple[str, str]]:
+    """The array-key pairs of ``engine_pairs`` on ``quantities``, where both arrays exist."""
+    return [
+        (array_key(a, q), array_key(b, q))
+        for a, b in engine_pairs
+        for q in quantities
+        if array_key(a, q) in figures and array_key(b, q) in figures
+    ]
 
 
 def array_key(name: str, quantity: str) -> str:
@@ -272,16 +283,9 @@ class EarlyFigures:
         figures = self.figures
         begun: list = []
         if self.summaries:
-            begun += [
-                k for q in ("output", "grad_x") if (k := array_key(result.name, q)) in figures
-            ]
-        for a, b in self.pairs:
-            if result.name in (a, b) and {a, b} <= self.here:
-                begun += [
-                    (array_key(a, q), array_key(b, q))
-                    for q in ("output", "grad_x")
-                    if array_key(a, q) in figures and array_key(b, q) in figures
-                ]
+            begun += [k for q in LARGE if (k := array_key(result.name, q)) in figures]
+        whole = [pair for pair in self.pairs if result.name in pair and set(pair) <= self.here]
+        begun += array_pairs(figures, whole, LARGE)
         figures.start(begun)
 
 

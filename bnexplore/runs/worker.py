@@ -19,7 +19,6 @@ ready (or why it cannot be), then answers requests until the socket closes:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import mmap
 import os
@@ -30,6 +29,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from bnexplore import engines
+from bnexplore.runs import memory
 from bnexplore.runs.shipping import FILES, ship
 from bnexplore.scenario.batches import numpy_dtype
 from bnexplore.scenario.links import Scenario
@@ -77,14 +77,6 @@ class BatchViews:
         self._maps.clear()
 
 
-def release_freed_memory() -> None:
-    """Hand the memory freed since the last request back to the system (glibc's
-    malloc_trim; elsewhere nothing to do). Within a run, a worker's heap keeps its freed
-    buffers for the next pass (pool.Worker's malloc settings)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def thread_counts() -> dict[str, int]:
     """The intra- and inter-op thread counts of the frameworks this process imported."""
     counts = {}
@@ -110,7 +102,7 @@ def serve(name: str, conn: Connection) -> None:
     while True:
         try:
             if not conn.poll(IDLE_TRIM_S):
-                release_freed_memory()  # then wait as long as it takes
+                memory.release_freed_memory()  # then wait as long as it takes
             op, sid, *args = conn.recv()
         except (EOFError, OSError):
             FILES.clear()
