@@ -35,6 +35,7 @@ SCENARIOS = (
     ("seed", "?v=1"),
     ("10 random steps", "?input=normal&steps=10"),
     ("large tensor (32×256×56×56)", "?shape=32,256,56,56&input=normal"),
+    ("training step (the seed, loss=mse, 1 step)", "?preset=seed&steps=1&loss=mse"),
 )
 SWEEP = (
     "20-point sweep (seed's shape)",
@@ -54,7 +55,8 @@ CHROMIUM_ARGS = [
 """Headless as root, and no calls out of a machine whose network is closed."""
 
 TRAINING_STEP = ("?preset=seed&steps=1&loss=mse", "?preset=seed&steps=1")
-"""A real training step (loss, backward, SGD) against the forward-only one, both bnexplore."""
+"""A real training step (loss, backward, SGD) against the forward-only one, both bnexplore:
+what a loss adds to a run (the training step's own row times it against the bare calls)."""
 
 TARGETS = {
     "ratio": 1.2,
@@ -88,15 +90,19 @@ def _median_seconds(work: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def bare_calls(link: str) -> Callable[[], None]:
+def bare_calls(link: str) -> Callable[[], dict[str, dict[str, np.ndarray]]]:
     """The minimal PyTorch + Keras 3 code doing the scenario's work, outputs to the host.
 
     The scenario's engines (torch, and keras where it is compared), fresh
     layers, the scenario's own batches drawn once; no statistics, no comparison,
-    no bookkeeping.
+    no bookkeeping. With loss=mse each training pass is ``L = mean((y − T)²)``, its
+    gradients and one optimizer step; the measured pass takes dL/dx, dL/dγ and dL/dβ and
+    no step, all fetched to the host. ``work()`` returns them, engine → quantity → array,
+    channels-first (the tests check them against bnexplore's).
     """
     import torch
 
+    from bnexplore.scenario.batches import targets
     from bnexplore.scenario.links import parse_link
 
     s, _ = parse_link(link)
@@ -104,7 +110,7 @@ def bare_calls(link: str) -> Callable[[], None]:
     if with_keras:
         import keras
         import tensorflow as tf
-    shape, steps = s.shape, s["steps"]
+    shape, steps, with_loss = s.shape, s["steps"], s["loss"] == "mse"
     modules = {
         2: torch.nn.BatchNorm1d,
         3: torch.nn.BatchNorm1d,
@@ -114,32 +120,94 @@ def bare_calls(link: str) -> Callable[[], None]:
     training = {"none": None, "true": True, "false": False}[s["keras_training"]]
     device = "cuda" if torch.cuda.is_available() and s["device"] != "cpu" else "cpu"
 
-    def work() -> None:
+    def work() -> dict[str, dict[str, np.ndarray]]:
         rng = np.random.default_rng(s["seed"])
         bn = modules[len(shape)](
             shape[1], eps=s["torch_eps"], momentum=s["torch_momentum"], device=device
         )
+        torch_sgd = _bare_optimizer(s, "torch", torch.optim, list(bn.parameters()))
         if with_keras:
             layer = keras.layers.BatchNormalization(
                 momentum=s["keras_momentum"], epsilon=s["keras_eps"], dtype=s["dtype"]
             )
-        for k in range(steps + 1):
+            keras_sgd = _bare_optimizer(s, "keras", keras.optimizers)
+        fetched: dict[str, dict[str, np.ndarray]] = {"torch": {}}
+        for k, target in zip(range(steps + 1), targets(s), strict=True):
             if s["input"] == "normal":
                 x = (rng.standard_normal(shape) * s["std"] + s["mean"]).astype(s["dtype"])
             else:
                 x = np.ones(shape, dtype=s["dtype"])
-            bn.train(k < steps or s["torch_mode"] == "train")
-            with torch.no_grad():
-                torch_out = bn(torch.from_numpy(x).to(device))
+            measured = k == steps
+            bn.train(not measured or s["torch_mode"] == "train")
+            x_torch = torch.from_numpy(x).to(device)
+            if not with_loss:
+                with torch.no_grad():
+                    torch_out = bn(x_torch)
+            else:
+                x_torch.requires_grad_(measured)
+                bn.zero_grad()
+                torch_out = bn(x_torch)
+                t_torch = torch.from_numpy(target).to(device)
+                torch.mean(torch.square(torch_out - t_torch)).backward()
+                if measured:
+                    grads = (x_torch.grad, bn.weight.grad, bn.bias.grad)
+                    fetched["torch"] = {
+                        name: g.cpu().numpy() for name, g in zip(GRADIENTS, grads, strict=True)
+                    }
+                else:
+                    torch_sgd.step()
             if with_keras:
                 x_last = tf.convert_to_tensor(np.moveaxis(x, 1, -1))
-                mode = True if k < steps else training
-                keras_out = layer(x_last) if mode is None else layer(x_last, training=mode)
-        torch_out.cpu().numpy()
+                mode = True if not measured else training
+                if not with_loss:
+                    keras_out = layer(x_last) if mode is None else layer(x_last, training=mode)
+                    continue
+                if not layer.built:
+                    layer.build(x_last.shape)
+                t_last = tf.convert_to_tensor(np.moveaxis(target, 1, -1))
+                with tf.GradientTape() as tape:
+                    tape.watch(x_last)
+                    keras_out = layer(x_last) if mode is None else layer(x_last, training=mode)
+                    loss = tf.reduce_mean(tf.square(keras_out - t_last))
+                variables = list(layer.trainable_variables)
+                grads = tape.gradient(loss, [x_last, *variables])
+                if measured:
+                    grad_x, *by_variable = (g.numpy() for g in grads)
+                    arrays = (np.moveaxis(grad_x, -1, 1), *by_variable)
+                    fetched["keras"] = dict(zip(GRADIENTS, arrays, strict=True))
+                else:
+                    keras_sgd.apply_gradients(zip(grads[1:], variables, strict=True))
+        fetched["torch"]["output"] = torch_out.detach().cpu().numpy()
         if with_keras:
-            keras_out.numpy()
+            fetched["keras"] = {
+                **fetched.get("keras", {}),
+                "output": np.moveaxis(keras_out.numpy(), -1, 1),
+            }
+        return fetched
 
     return work
+
+
+GRADIENTS = ("grad_x", "grad_gamma", "grad_beta")
+
+
+def _bare_optimizer(s, prefix: str, optimizers, parameters=None):
+    """The scenario's optimizer, as a user would write it: SGD, Adam or AdamW, with the
+    knobs the link sets (PyTorch's ``optimizer(parameters, lr=…)``, Keras's
+    ``optimizer(learning_rate=…)``)."""
+    if s["loss"] != "mse":
+        return None
+    kind = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[s[f"{prefix}_optimizer"]]
+    rate = s[f"{prefix}_lr"]
+    if parameters is None:  # Keras
+        kwargs = {} if rate is None else {"learning_rate": rate}
+        if kind == "SGD":
+            kwargs["momentum"] = s[f"{prefix}_opt_momentum"]
+        return getattr(optimizers, kind)(**kwargs)
+    kwargs = {} if rate is None else {"lr": rate}
+    if kind == "SGD":
+        kwargs["momentum"] = s[f"{prefix}_opt_momentum"]
+    return getattr(optimizers, kind)(parameters, **kwargs)
 
 
 def _bare_sweep(link: str) -> Callable[[], None]:
@@ -771,13 +839,6 @@ def table(result: dict) -> str:
             f"| {row['scenario']} | {row['bnexplore_s'] * 1000:.0f} ms | "
             f"{row['bare_s'] * 1000:.0f} ms | {row['ratio']:.2f} |"
         )
-    step = result.get("training_step")
-    if step:
-        lines.append(
-            f"| `{step['link']}` vs `{step['baseline_link']}` | "
-            f"{step['loss_s'] * 1000:.0f} ms | {step['baseline_s'] * 1000:.0f} ms (bnexplore, "
-            f"forward only) | {step['ratio']:.2f} |"
-        )
     audited = result.get("audit")
     if audited:
         lines.append(
@@ -785,6 +846,13 @@ def table(result: dict) -> str:
             f"{audited['bare_s'] * 1000:.0f} ms | {audited['ratio']:.2f} |"
         )
     lines += ["", f"- cached link answered in {result['cached_link_ms']:.2f} ms"]
+    step = result.get("training_step")
+    if step:
+        lines.append(
+            f"- a loss's cost, both bnexplore: `{step['link']}` in {step['loss_s'] * 1000:.0f} ms "
+            f"against `{step['baseline_link']}` in {step['baseline_s'] * 1000:.0f} ms, "
+            f"{step['ratio']:.2f} ×"
+        )
     cold = result.get("cold_start")
     if cold:
         lines.append(
