@@ -23,6 +23,7 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
     start_early((key, value) for key in st.query_params for value in st.query_params.get_all(key))
 
     from bnexplore.engines import LABELS
+    from bnexplore.judge.audit import ModelAudit
     from bnexplore.judge.explain import aligned
     from bnexplore.judge.verdicts import GAP_NAMES, VERDICT_WORDS, part, percent, verdict
     from bnexplore.page import charts, model
@@ -99,56 +100,93 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
                 )
         return "\n".join(rows)
 
-    prediction = st.empty()
-
-    def show_prediction(predicted: View) -> None:
-        """A first answer while frameworks import, labelled; the real run replaces it below."""
-        with prediction.container():
-            st.subheader(predicted.headline)
-            names = ", ".join(LABELS[name] for name in predicted.predicted)
-            st.warning(
-                f"**Prediction.** {names}: still importing in their worker processes. Their rows "
-                "are what their rules predict, computed in float64 NumPy (the reference engine), "
-                "not the frameworks' own numbers. The real run replaces them here when it arrives."
-            )
-            st.markdown(engine_table(predicted))
-
-    progress = st.progress(0.0, text="Running in each framework's worker process…")
-    view = views().view(  # with what the open tab draws, no more
-        scenario,
-        report=lambda done, text: progress.progress(min(done, 1.0), text=text),
-        parts=PARTS_OF_TAB[open_tab()],
-        preview=show_prediction,
-    )
-    progress.empty()
-    prediction.empty()
-    run_notices = [n for n in view.notices if n not in notices]
-    if run_notices:
-        st.warning("\n".join(f"- {n}" for n in run_notices))
-    for name, engine in view.engines.items():
-        if not engine.available and "could not be loaded" in (engine.reason or ""):
-            st.error(f"{LABELS[name]} is missing; the page shows the others. {engine.reason}")
-
-    # --- the answer, on top --------------------------------------------------------------
     BADGES = {"agree": "green", "rounding": "blue", "differ": "red", "not compared": "gray"}
-    st.subheader(view.headline)
-    badges = [
-        f":{BADGES[verdict]}-badge[{what}: {VERDICT_WORDS[verdict]}]"
-        for what, verdict in (("outputs", view.verdict["output"]), ("state", view.verdict["state"]))
-        if verdict != "not compared" or what == "outputs"
-    ]
-    under = (
-        f" under {scenario['dtype']} tolerances" if view.verdict["output"] != "not compared" else ""
-    )
-    summary = ""
-    if view.explain_summary:
-        summary = f" · **{view.explain_summary}**"
-    elif view.differing and "differ" in view.verdict.values():
-        summary = f" · knobs that differ: {', '.join(view.differing)} (their shares: Explain)"
-    st.markdown(" ".join(badges) + under + summary)
-    preset = matching(scenario.values, DEFAULTS)
-    if preset:
-        st.info(f"**Preset {preset.name}: {preset.title}.** {preset.story}")
+
+    def badge(what: str, verdict: str) -> str:
+        return f":{BADGES[verdict]}-badge[{what}: {VERDICT_WORDS[verdict]}]"
+
+    def single_layer_answer() -> View:
+        """The scenario run in every engine (a labelled prediction first, while a framework
+        still imports), and its answer: the headline, the verdicts, the preset's story."""
+        prediction = st.empty()
+
+        def show_prediction(predicted: View) -> None:
+            """A first answer while frameworks import, labelled; the real run replaces it."""
+            with prediction.container():
+                st.subheader(predicted.headline)
+                names = ", ".join(LABELS[name] for name in predicted.predicted)
+                st.warning(
+                    f"**Prediction.** {names}: still importing in their worker processes. Their "
+                    "rows are what their rules predict, computed in float64 NumPy (the reference "
+                    "engine), not the frameworks' own numbers. The real run replaces them here "
+                    "when it arrives."
+                )
+                st.markdown(engine_table(predicted))
+
+        progress = st.progress(0.0, text="Running in each framework's worker process…")
+        view = views().view(  # with what the open tab draws, no more
+            scenario,
+            report=lambda done, text: progress.progress(min(done, 1.0), text=text),
+            parts=PARTS_OF_TAB[open_tab()],
+            preview=show_prediction,
+        )
+        progress.empty()
+        prediction.empty()
+        run_notices = [n for n in view.notices if n not in notices]
+        if run_notices:
+            st.warning("\n".join(f"- {n}" for n in run_notices))
+        for name, engine in view.engines.items():
+            if not engine.available and "could not be loaded" in (engine.reason or ""):
+                st.error(f"{LABELS[name]} is missing; the page shows the others. {engine.reason}")
+
+        st.subheader(view.headline)
+        badges = [
+            badge(what, verdict)
+            for what, verdict in (
+                ("outputs", view.verdict["output"]),
+                ("state", view.verdict["state"]),
+            )
+            if verdict != "not compared" or what == "outputs"
+        ]
+        under = (
+            f" under {scenario['dtype']} tolerances"
+            if view.verdict["output"] != "not compared"
+            else ""
+        )
+        summary = ""
+        if view.explain_summary:
+            summary = f" · **{view.explain_summary}**"
+        elif view.differing and "differ" in view.verdict.values():
+            summary = f" · knobs that differ: {', '.join(view.differing)} (their shares: Explain)"
+        st.markdown(" ".join(badges) + under + summary)
+        preset = matching(scenario.values, DEFAULTS)
+        if preset:
+            st.info(f"**Preset {preset.name}: {preset.title}.** {preset.story}")
+        return view
+
+    def model_answer() -> ModelAudit:
+        """The whole model's audit (the Model tab draws the same one, from the cache), and
+        its answer on top: the worst naive port, and each kind of port's verdict."""
+        audit_progress = st.progress(0.0, text="Auditing every layer in every engine…")
+        audited = audits().audit(
+            scenario,
+            report=lambda done, text: audit_progress.progress(min(done, 1.0), text=text),
+        )
+        audit_progress.empty()
+        st.subheader(model.headline(audited))
+        if audited.layers:
+            said = [f":{BADGES[v]}-badge[{words}]" for words, v in model.port_verdicts(audited)]
+            st.markdown(
+                " ".join(said) + f" under {scenario['dtype']} tolerances, against the source "
+                "framework's own run"
+            )
+        return audited
+
+    # --- the answer, on top: the model's on the Model tab with a file, else the scenario's ----
+    if open_tab() == "model" and scenario["state"] is not None:
+        audited, view = model_answer(), None
+    else:
+        audited, view = None, single_layer_answer()
 
     with st.expander("Share: link and JSON document", expanded=False):
         base = (st.context.url or "").split("?", 1)[0]
@@ -544,13 +582,7 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
                 "(faithful). Add the port above to check it layer by layer."
             )
             return
-        audit_progress = st.progress(0.0, text="Auditing every layer in every engine…")
-        audited = audits().audit(
-            scenario,
-            report=lambda done, text: audit_progress.progress(min(done, 1.0), text=text),
-        )
-        audit_progress.empty()
-        if audited.notices:
+        if audited.notices:  # the audit run on top, for the answer
             st.warning("\n".join(f"- {n}" for n in audited.notices))
         if not audited.layers:
             st.error("No BatchNorm layer of this file could be audited.")

@@ -11,6 +11,7 @@ import pytest
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
+from bnexplore.engines import LABELS
 from bnexplore.scenario.links import parse_link
 from bnexplore.scenario.params import TABS
 from bnexplore.scenario.presets import PRESETS
@@ -351,6 +352,17 @@ def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None
     assert list(layers["layer"]) == ["0", "1"]  # the small variances bite first
     assert "keras_eps" in layers["cause"].iloc[0]
     assert list(findings["problems"]) == ["ok", "swapped_gamma_beta"]
+    # the answer on top is the model's: its largest naive gap, each kind of port's verdict
+    naive = [c for c in layers.columns if c.endswith(" naive") and c != "worst naive"]
+    gaps = layers[naive].to_numpy()
+    row, column = divmod(int(gaps.argmax()), len(naive))
+    assert at.subheader[0].value == (
+        f"max |Δ| = {gaps[row, column]:.4g}: layer {layers['layer'][row]}, ported naively to "
+        f"{LABELS[naive[column].removesuffix(' naive')]}"
+    )
+    (said,) = [m.value for m in at.markdown if "-badge[" in m.value]
+    assert ":red-badge[naive ports: differ in " in said
+    assert ":red-badge[the port file: 1 of 2 layers wrong]" in said
     # the tab audits every layer: a link that names none gets no notice there, as it does
     # on a single-layer tab (which runs the first)
     assert not [w.value for w in at.warning if "layer: not given" in w.value]
@@ -358,3 +370,4 @@ def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None
     overview.query_params.update({"state": digest, "port": ported, "tab": "overview"})
     overview.run()
     assert [w.value for w in overview.warning if "layer: not given" in w.value]
+    assert "ported naively" not in overview.subheader[0].value  # the scenario's own answer

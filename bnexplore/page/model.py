@@ -11,7 +11,7 @@ from cachetools import LRUCache
 
 from bnexplore.engines import LABELS
 from bnexplore.judge.audit import ModelAudit, audit
-from bnexplore.judge.verdicts import percent, verdict
+from bnexplore.judge.verdicts import VERDICT_WORDS, percent, verdict
 from bnexplore.page.charts import _engine_scale, _finish
 from bnexplore.scenario.links import Scenario
 
@@ -30,6 +30,52 @@ def _cause_words(audit: ModelAudit, layer) -> str:
             if cause.share:
                 named.setdefault(f"{cause.knob} {percent(cause.share)}", []).append(engine)
     return "; ".join(f"{what} ({', '.join(engines)})" for what, engines in named.items())
+
+
+def headline(audit: ModelAudit) -> str:
+    """The Model tab's answer on top: the largest gap of a naive port (the target's default
+    epsilon), its layer and engine, as the single-layer page names its pair."""
+    if not audit.layers:
+        return "No BatchNorm layer of this file could be audited"
+    worst, engine = None, None
+    for layer in audit.layers:
+        for name, d in layer.naive.items():
+            if d.max_abs is not None and (worst is None or d.max_abs > worst.max_abs):
+                worst, engine, where = d, name, layer
+    if worst is None:
+        return f"{len(audit.layers)} BatchNorm layers: no port could be compared"
+    size = f"max |Δ| = {worst.max_abs:.4g}"
+    if verdict(worst) != "differ":
+        return f"{size}: every layer's naive port {VERDICT_WORDS[verdict(worst)]}"
+    return f"{size}: layer {where.name}, ported naively to {LABELS[engine]}"
+
+
+def port_verdicts(audit: ModelAudit) -> list[tuple[str, str]]:
+    """(words, verdict) under the headline: each kind of port's worst verdict over every
+    layer and engine, with how many layers differ; the port file's, where one is given."""
+    rank = {"not compared": -1, "agree": 0, "rounding": 1, "differ": 2}
+    said = []
+    for port in ("naive", "faithful"):
+        worst, differing = "not compared", 0
+        for layer in audit.layers:
+            found = [
+                verdict(d) for d in (layer.naive if port == "naive" else layer.faithful).values()
+            ]
+            differing += "differ" in found
+            worst = max([worst, *found], key=rank.__getitem__)
+        words = VERDICT_WORDS[worst]
+        if worst == "differ":
+            words += f" in {differing} of {len(audit.layers)} layers"
+        said.append((f"{port} ports: {words}", worst))
+    if audit.port is not None:
+        wrong = sum(f.problems != ("ok",) for f in audit.port.findings)
+        total = len(audit.port.findings)
+        said.append(
+            (f"the port file: {wrong} of {total} layers wrong", "differ")
+            if wrong
+            else (f"the port file: all {total} layers right", "agree")
+        )
+    return said
 
 
 def layer_table(audit: ModelAudit) -> pd.DataFrame:

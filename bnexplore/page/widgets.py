@@ -293,9 +293,13 @@ def _render(param: Param, on_change=None) -> None:
     elif param.kind == "choices":
         st.multiselect(options=param.choices, format_func=lambda e: LABELS.get(e, e), **common)
     elif param.kind == "choice" and (len(param.choices) > 3 or max(map(len, param.choices)) > 6):
-        st.selectbox(options=param.choices, **common)
+        words = dict(param.words)
+        st.selectbox(options=param.choices, format_func=lambda c: words.get(c, c), **common)
     elif param.kind == "choice":
-        st.radio(options=param.choices, horizontal=True, **common)
+        words = dict(param.words)
+        st.radio(
+            options=param.choices, format_func=lambda c: words.get(c, c), horizontal=True, **common
+        )
     elif param.kind == "bool":
         st.checkbox(**common)
     elif param.kind == "int":

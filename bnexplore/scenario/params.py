@@ -97,6 +97,9 @@ class Param:
     only_for: tuple[str, ...] = ()
     needs_loss: bool = False
     """Matters only with a loss (loss=mse): the widget is hidden otherwise."""
+    words: tuple[tuple[str, str], ...] = ()
+    """A choice's value → what its widget shows, where the value alone would mislead (the
+    link keeps the value)."""
 
     def describe_range(self) -> str:
         """The allowed values, in words, for notices and docs."""
@@ -587,12 +590,18 @@ PARAMS: tuple[Param, ...] = (
         "choice",
         "fresh",
         "keras",
-        "Initial state",
-        "fresh: a new layer. torch: PyTorch's state after its training steps, ported "
-        "(weight→gamma, bias→beta, running_mean→moving_mean, running_var→"
-        "moving_variance); Keras then runs no training steps of its own. torch_swapped: "
-        "the classic porting mistake, mean and variance swapped.",
+        "Starts from",
+        "fresh: its own start, a new layer or the file's state (Every engine starts from). "
+        "torch: PyTorch's state after its training steps, ported (weight→gamma, "
+        "bias→beta, running_mean→moving_mean, running_var→moving_variance); Keras then "
+        "runs no training steps of its own. torch_swapped: the classic porting mistake, "
+        "mean and variance swapped.",
         choices=("fresh", "torch", "torch_swapped"),
+        words=(
+            ("fresh", "its own start"),
+            ("torch", "PyTorch's state, ported"),
+            ("torch_swapped", "PyTorch's, mean and variance swapped"),
+        ),
     ),
     # --- Keras 2 ---------------------------------------------------------------------
     Param(
