@@ -279,7 +279,10 @@ def test_the_overview_histogram_bins_a_sample_on_the_whole_outputs_span() -> Non
     error = np.sqrt(full["share"] * (1 - full["share"]) / charts.OVERVIEW_SAMPLE)
     assert (np.abs(sampled["share"] - full["share"]) <= 5 * error + 1e-12).all()
     spec = charts.output_overview_chart(sampled).to_dict()
-    assert "65,536 values of each output" in spec["title"]["subtitle"]
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "65,536 values of each output" in subtitle
+    # more than two engines' lines can coincide: the note says which lies underneath
+    assert (charts.COINCIDING in subtitle) == (sampled["engine"].nunique() > 2)
 
 
 def test_the_overview_spec_is_the_charts_own_with_its_rows_set_in() -> None:
@@ -293,6 +296,8 @@ def test_the_overview_spec_is_the_charts_own_with_its_rows_set_in() -> None:
         made = {**spec, "datasets": {charts.OVERVIEW_DATA: rows}}
         assert made == charts.output_overview_chart(histogram).to_dict()
         assert spec["data"] == {"name": charts.OVERVIEW_DATA}  # one name for every scenario
+        three = histogram["engine"].nunique() > 2
+        assert (charts.COINCIDING in spec["title"]["subtitle"]) == three
 
 
 def test_streamlit_patching_a_sent_overview_spec_leaves_the_next_one_as_altair_makes_it() -> None:

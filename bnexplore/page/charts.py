@@ -199,6 +199,12 @@ def _outlined(histogram: pd.DataFrame) -> pd.DataFrame:
     return _in_registry_order(pd.concat([histogram, closing], ignore_index=True))
 
 
+COINCIDING = (
+    "Where lines coincide, the legend's first engine lies underneath, the widest; "
+    "dashed lines show what they cover."
+)
+
+
 def output_distribution_chart(
     histogram: pd.DataFrame, what: str = "output", title: str = "Measured output"
 ) -> alt.LayerChart:
@@ -221,8 +227,7 @@ def output_distribution_chart(
         chart,
         300,
         f"{title}: distribution of values",
-        "Where lines coincide, the legend's first engine lies underneath, the widest; "
-        "dashed lines show what they cover.",
+        COINCIDING,
     )
 
 
@@ -255,8 +260,8 @@ def _overview_rows(histogram: pd.DataFrame) -> pd.DataFrame:
     return _outlined(histogram)[["engine", "start", "end", "share"]]
 
 
-def _overview_key(histogram: pd.DataFrame) -> tuple[tuple[str, ...], str]:
-    """What the Overview chart draws besides its rows: the engines, and its note."""
+def _overview_key(histogram: pd.DataFrame) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the Overview chart draws besides its rows: the engines, and its note's lines."""
     sampled = len(histogram) and bool((histogram["binned"] < histogram["values"]).any())
     note = (
         f"Binned from {int(histogram['binned'].max()):,} values of each output, drawn at "
@@ -264,15 +269,17 @@ def _overview_key(histogram: pd.DataFrame) -> tuple[tuple[str, ...], str]:
         if sampled
         else "The Outputs tab zooms in, channel by channel."
     )
-    return tuple(_engines_in(histogram)), note
+    engines = tuple(_engines_in(histogram))
+    # two coinciding lines are told apart by width and colour alone
+    return engines, (note, COINCIDING) if len(engines) > 2 else (note,)
 
 
 @functools.lru_cache(maxsize=64)
-def _overview_frame_spec(engines: tuple[str, ...], note: str) -> dict:
+def _overview_frame_spec(engines: tuple[str, ...], note: tuple[str, ...]) -> dict:
     return _overview_frame(engines, note).to_dict()
 
 
-def _overview_frame(engines: tuple[str, ...], note: str) -> alt.Chart:
+def _overview_frame(engines: tuple[str, ...], note: tuple[str, ...]) -> alt.Chart:
     """The Overview chart without its rows (the named dataset OVERVIEW_DATA). Redrawn on
     every change of a knob, it is kept cheap to draw: on a canvas, and without tooltips
     (the Outputs tab's chart has them)."""
@@ -286,7 +293,7 @@ def _overview_frame(engines: tuple[str, ...], note: str) -> alt.Chart:
         )
     )
     chart = _finish(
-        chart, 200, "Where the outputs part: each engine's distribution of values", note
+        chart, 200, "Where the outputs part: each engine's distribution of values", list(note)
     )
     return chart.properties(usermeta={"embedOptions": {"renderer": "canvas"}})
 
