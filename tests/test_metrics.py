@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bnexplore.runs import metrics
 from bnexplore.runs.metrics import TOLERANCES, Divergence, Figures, measure, output_summary
 from bnexplore.runs.runner import strict_json
 
@@ -97,6 +98,34 @@ def test_chunked_figures_equal_whole_array_numpy_on_large_arrays() -> None:
     assert d.rmse == pytest.approx(np.sqrt(np.square(diff).mean()), rel=1e-12)
     assert d.max_rel == pytest.approx((diff / np.maximum(np.abs(a64), np.abs(b64))).max())
     assert d.allclose is False
+
+
+@pytest.mark.parametrize(
+    ("expected_dtype", "actual_dtype"),
+    [("float32", "float64"), ("float64", "float32"), ("float16", "float16"), ("float64",) * 2],
+)
+def test_each_chunks_figures_are_its_own_in_mixed_dtypes(
+    expected_dtype: str, actual_dtype: str
+) -> None:
+    """A gap reuses its working arrays from chunk to chunk: over two and a half chunks, one
+    pair that is close and one that is not, every figure is the whole arrays' own."""
+    rng = np.random.default_rng(11)
+    size = 2 * metrics.CHUNK + metrics.CHUNK // 2
+    e = (rng.standard_normal(size) * 100).astype(expected_dtype)
+    close = e.astype(np.float64) * (1 + rng.uniform(-1, 1, size) * 1e-7)  # past atol, in rtol
+    apart = close.copy()
+    apart[-5:] += 1  # ...but in the last, shorter chunk
+    for other, want_close in ((close, True), (apart, False)):
+        x = other.astype(actual_dtype)
+        d = Divergence.between("a", "b", e, x, "float32")
+        e64, x64 = e.astype(np.float64), x.astype(np.float64)
+        diff = np.abs(e64 - x64)
+        assert d.max_abs == diff.max()
+        assert d.mean_abs == pytest.approx(diff.mean(), rel=1e-12)
+        assert d.max_rel == (diff / np.maximum(np.abs(e64), np.abs(x64))).max()
+        rtol, atol = TOLERANCES["float32"]
+        within = torch.isclose(torch.from_numpy(x64), torch.from_numpy(e64), rtol, atol)
+        assert d.allclose is bool(within.all()) is want_close
 
 
 def test_strict_json_has_no_nan_or_infinity() -> None:
