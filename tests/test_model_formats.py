@@ -134,6 +134,60 @@ def test_resnet50_state(tmp_path) -> None:
         assert all(layer.problem is None for layer in model.layers)
 
 
+def save_safetensors(state: dict[str, np.ndarray], path: Path, pad: int = 0) -> None:
+    """A .safetensors file written by its spec (an 8-byte little-endian header length, a
+    JSON header, the tensors' bytes); ``pad`` spaces lengthen the header."""
+    import json
+
+    header, offset, blobs = {}, 0, []
+    for name, array in state.items():
+        data = np.ascontiguousarray(array).tobytes()
+        dtype = {"float32": "F32", "int64": "I64"}[array.dtype.name]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header).encode() + b" " * pad
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_a_whole_resnet50_checkpoint_reads_past_its_convolutions(tmp_path) -> None:
+    """A real checkpoint holds convolution and fc weights far over the channel cap beside its
+    BatchNorms: a P.weight whose P has no running statistics is not a BatchNorm's, so it is
+    neither read nor held to the cap, in every name-to-array format."""
+    state = checkpoints.resnet50_state()
+    bns = list(checkpoints.bn_layers(state))
+    state["conv1.weight"] = np.ones((64, 3, 7, 7), np.float32)
+    state["layer3.0.conv2.weight"] = np.ones((256, 256, 3, 3), np.float32)  # 589,824 values
+    state["fc.weight"] = np.ones((1000, 2048), np.float32)
+    state["fc.bias"] = np.ones(1000, np.float32)
+    checkpoints.save_npz(state, tmp_path / "r.npz")
+    checkpoints.save_torch(state, tmp_path / "r.pt")
+    save_safetensors(state, tmp_path / "r.safetensors")
+    for name in ("r.npz", "r.pt", "r.safetensors"):
+        model = read(tmp_path / name)
+        assert [layer.name for layer in model.layers] == bns, name
+        assert model.source == "torch" and all(layer.problem is None for layer in model.layers)
+
+
+def test_a_safetensors_header_whose_length_begins_like_a_pickle(tmp_path) -> None:
+    """A header of 0x180 bytes starts the file with 0x80, a pickle's first byte."""
+    state = checkpoints.flat_state(checkpoints.bn_layers(checkpoints.resnet50_state()))
+    state = {k: v for k, v in state.items() if k.startswith("bn1.")}
+    plain = tmp_path / "plain.safetensors"
+    save_safetensors(state, plain)
+    length = int.from_bytes(plain.read_bytes()[:8], "little")
+    padded = tmp_path / "padded.safetensors"
+    save_safetensors(state, padded, pad=0x180 - length if length < 0x180 else 0x280 - length)
+    assert padded.read_bytes()[:1] == b"\x80"
+    with open(padded, "rb") as f:
+        assert sniff(f) == "safetensors"
+    assert [layer.name for layer in read(padded).layers] == ["bn1"]
+
+
 def test_keras_names_in_a_name_file_mean_keras(tmp_path) -> None:
     arrays = {"b.moving_mean": np.zeros(3), "b.moving_variance": np.ones(3)}
     np.savez(tmp_path / "k.npz", **arrays)
@@ -362,8 +416,10 @@ def test_sniff_tells_onnx_by_parsing_it_last(files) -> None:
     with open(files / "m.onnx", "rb") as f:
         assert sniff(f) == "onnx"
     for junk in (b"\x08\x07" + b"\x00" * 40, b"hello, not a model at all", b"\x08"):
-        with pytest.raises(FileProblem, match="not a file bnexplore reads"):
+        with pytest.raises(FileProblem, match="not a file bnexplore reads, or a truncated one"):
             sniff(io.BytesIO(junk))
+    with pytest.raises(FileProblem, match=r"^an empty file$"):
+        sniff(io.BytesIO(b""))
 
 
 # --- the store ------------------------------------------------------------------------------

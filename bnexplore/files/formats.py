@@ -47,7 +47,7 @@ import json
 import math
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import BinaryIO
@@ -156,17 +156,21 @@ def sniff(f: BinaryIO) -> str:
             "a zip file that is neither a PyTorch file, a .keras file nor an .npz "
             f"(members: {', '.join(names[:5])})"
         )
-    if head[:1] == b"\x80":  # a pickle stream: PyTorch's legacy format, or a bare pickle
-        return "torch"
+    # safetensors first: its header's length, little-endian, may begin with the byte 0x80
+    # (a pickle's first); a pickle's next seven bytes never make a length this small
     if len(head) >= 9:
         header_len = int.from_bytes(head[:8], "little")
         if head[8:9] == b"{" and 0 < header_len < 100_000_000:
             return "safetensors"
+    if head[:1] == b"\x80":  # a pickle stream: PyTorch's legacy format, or a bare pickle
+        return "torch"
     if _looks_like_onnx(f):  # no magic bytes: the last resort, a parse of its top level
         return "onnx"
+    if not head:
+        raise FileProblem("an empty file")
     raise FileProblem(
-        "not a file bnexplore reads: expected PyTorch .pt/.pth, .safetensors, "
-        ".keras, .weights.h5, .npz or .npy"
+        "not a file bnexplore reads, or a truncated one: expected PyTorch .pt/.pth, "
+        ".safetensors, .keras, .weights.h5 or Keras .h5, .onnx, .npz or .npy"
     )
 
 
@@ -368,22 +372,27 @@ def _torch_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         first = first.split(" weights_only", 1)[0] if "weights_only=False" in first else first
         raise FileProblem(f"a truncated or malformed PyTorch file ({first})") from None
+    tensors: dict[str, object] = {}
+    _flatten(loaded, "", tensors, torch, budget, depth=0)
     arrays: dict[str, np.ndarray] = {}
-    _flatten(loaded, "", arrays, torch, budget, depth=0)
+    for name in _batchnorm_names(tensors):
+        tensor = tensors[name]
+        if not tensor.is_complex():
+            # checked by its shape before it is copied: a stride-0 view never expands past
+            # the cap
+            budget.vector(repr(name), tuple(tensor.shape), 8)
+            arrays[name] = tensor.detach().to(torch.float64).numpy()
     return arrays
 
 
-def _flatten(value, prefix: str, into: dict[str, np.ndarray], torch, budget, depth: int) -> None:
-    """BatchNorm-named tensors of nested dicts (checkpoints) under dotted names, each
-    checked by its shape before it is copied (a stride-0 view never expands past the
-    cap); anything else is skipped."""
+def _flatten(value, prefix: str, into: dict[str, object], torch, budget, depth: int) -> None:
+    """The tensors of nested dicts (checkpoints) under dotted names, uncopied; anything
+    else is skipped."""
     if depth > MAX_NESTING:
         raise FileProblem(f"a PyTorch file nested too deeply (more than {MAX_NESTING} levels)")
     if isinstance(value, torch.Tensor):
         budget.scan()
-        if _state_name(prefix) and not value.is_complex():
-            budget.vector(repr(prefix), tuple(value.shape), 8)
-            into[prefix] = value.detach().to(torch.float64).numpy()
+        into[prefix] = value
     elif isinstance(value, Mapping):
         for key, item in value.items():
             if isinstance(key, str):
@@ -429,8 +438,9 @@ def _safetensors_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
     budget.scan(len(header))
     data_start, data_size = 8 + header_len, size - 8 - header_len
     found: list[tuple[int, str, np.ndarray]] = []
+    wanted = set(_batchnorm_names(header))
     for name, entry in header.items():
-        if not _state_name(name):
+        if name not in wanted:
             continue
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -477,11 +487,12 @@ def _npz_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
         budget.scan(len(members))
         with zipfile.ZipFile(f) as archive:
             names = [m.filename.removesuffix(".npy") for m in members]
+            batchnorm = set(_batchnorm_names(names))
             wanted = []
             for name in names:
                 with archive.open(name + ".npy") as member:
                     shape, dtype = _array_header(member, repr(name))
-                if _state_name(name):
+                if name in batchnorm:
                     budget.vector(repr(name), shape, dtype.itemsize)
                     wanted.append(name)
         f.seek(0)
@@ -493,10 +504,23 @@ def _npz_arrays(f: BinaryIO, budget: Budget) -> dict[str, np.ndarray]:
         raise FileProblem(f"a truncated or malformed .npz file ({exc})") from None
 
 
-def _state_name(name: str) -> bool:
-    """Whether a name ends like one of a BatchNorm's vectors (P.running_var, P.gamma, …)."""
-    last = name.rsplit(".", 1)[-1]
-    return last in {*TORCH_NAMES.values(), *KERAS_NAMES.values()}
+def _batchnorm_names(names: Iterable[str]) -> list[str]:
+    """The names of a BatchNorm's vectors, in the order given: P.running_mean beside
+    P.running_var (or P.moving_mean beside P.moving_variance) make P a BatchNorm, and its
+    P.weight, P.bias (P.gamma, P.beta) and statistics are kept. A convolution's P.weight,
+    whose P has no running statistics, is none of them: it is neither read nor held to the
+    channel cap."""
+    names = list(names)
+    present, kept = set(names), set()
+    for family in (TORCH_NAMES, KERAS_NAMES):
+        mean = family["mean"]
+        for name in names:
+            if name != mean and not name.endswith("." + mean):
+                continue
+            prefix = name[: -len(mean)]  # "" or "P."
+            if prefix + family["var"] in present:
+                kept.update(prefix + vector for vector in family.values())
+    return [name for name in names if name in kept]
 
 
 def _named_layers(arrays: Mapping[str, np.ndarray]) -> tuple[Layer, ...]:
