@@ -41,8 +41,10 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
         model_controls,
         open_scenario,
         open_tab,
+        plain,
         sidebar,
         sweep_controls,
+        upload_problem,
     )
     from bnexplore.porting.script import reproducer
     from bnexplore.porting.translate import TRANSLATORS, translation_pair
@@ -574,6 +576,8 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
     def draw_model() -> None:
         model_controls()
         if scenario["state"] is None:
+            if refused := upload_problem("state"):
+                st.error(f"This model was refused: {plain(refused)}")
             st.info(
                 "Upload a model under **Your layer** in the sidebar: a PyTorch state_dict, "
                 ".safetensors, .keras, a Keras 2 .h5, an .onnx or an .npz. Every BatchNorm in it "
@@ -589,7 +593,8 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
             return
         source = LABELS[audited.engines[0]]
         st.markdown(
-            f"**{len(audited.layers)} BatchNorm layers** ({audited.format}), source **{source}**, "
+            f"**{model.layers_word(len(audited.layers))}** ({audited.format}), "
+            f"source **{source}**, "
             f"against {', '.join(LABELS[e] for e in audited.engines[1:])}. Worst first; choose "
             "a row to open that layer."
         )

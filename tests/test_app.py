@@ -12,6 +12,7 @@ from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from bnexplore.engines import LABELS
+from bnexplore.judge.verdicts import percent
 from bnexplore.scenario.links import parse_link
 from bnexplore.scenario.params import TABS
 from bnexplore.scenario.presets import PRESETS
@@ -352,12 +353,14 @@ def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None
     assert list(layers["layer"]) == ["0", "1"]  # the small variances bite first
     assert "keras_eps" in layers["cause"].iloc[0]
     assert list(findings["problems"]) == ["ok", "swapped_gamma_beta"]
-    # the answer on top is the model's: its largest naive gap, each kind of port's verdict
+    # the answer on top is the model's: the table's first layer (the largest naive gap for
+    # its own scale), its largest gap and engine; then each kind of port's verdict
     naive = [c for c in layers.columns if c.endswith(" naive") and c != "worst naive"]
-    gaps = layers[naive].to_numpy()
-    row, column = divmod(int(gaps.argmax()), len(naive))
+    gaps = layers[naive].iloc[0].to_numpy()
+    column = int(gaps.argmax())
     assert at.subheader[0].value == (
-        f"max |Δ| = {gaps[row, column]:.4g}: layer {layers['layer'][row]}, ported naively to "
+        f"max |Δ| = {gaps[column]:.4g} ({percent(layers['worst naive'].iloc[0])} of its "
+        f"largest output): layer {layers['layer'].iloc[0]}, ported naively to "
         f"{LABELS[naive[column].removesuffix(' naive')]}"
     )
     (said,) = [m.value for m in at.markdown if "-badge[" in m.value]

@@ -467,6 +467,43 @@ def test_uploading_a_state_dict_links_its_digest_and_charts_its_layer(
     screenshot(page, "your_layer.png")
 
 
+def test_a_refused_model_is_said_on_the_model_tab_as_written(app_url, new_page, tmp_path):
+    """A whole pickled module is refused; the Model tab says so in its own area (not only
+    in the sidebar), and the class's name reads as the file has it, not as Markdown."""
+    import sys
+
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(3)
+
+    Net.__module__, Net.__qualname__ = "__main__", "Net"
+    main = sys.modules["__main__"]
+    main.Net = Net  # where pickle looks it up
+    try:
+        torch.save(Net(), tmp_path / "whole.pt")
+    finally:
+        del main.Net
+
+    page = new_page()
+    open_app(page, app_url + "/?v=1&tab=model")
+    uploader = page.locator("[data-testid='stSidebar'] .st-key-upload_state input[type='file']")
+    uploader.set_input_files(str(tmp_path / "whole.pt"))
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='stMain'] "
+        "[data-testid='stAlertContentError']\") !== null",
+        timeout=RERUN_MS,
+    )
+    wait_for_app(page)
+    said = page.locator(f"[data-testid='stMain'] {ERROR}").first.inner_text()
+    assert said.startswith("This model was refused: whole.pt: refused: a full-model file"), said
+    assert "__main__.Net" in said, said
+    assert "state=" not in page.url
+    screenshot(page, "model_refused.png")
+
+
 # --- every engine in every legend; a layer of any size ---------------------------------
 
 KERAS_BACKENDS_LINK = "/?preset=keras-backends&tab=outputs"

@@ -379,6 +379,12 @@ def test_nan_statistics_are_named_and_the_scenario_runs_fresh(files) -> None:
     digest = bnexplore.store_file(files / "nan.npz")  # kept: the app shows the layer
     (layer,) = store.layers(digest)
     assert layer.problem == "running_var holds 1 non-finite value (NaN)"
+    state["running_var"][2] = -1.0  # every problem is named, not only the first
+    np.savez(files / "nan_negative.npz", **{f"bn.{k}": v for k, v in state.items()})
+    (both,) = store.layers(bnexplore.store_file(files / "nan_negative.npz"))
+    assert both.problem == (
+        "running_var holds 1 non-finite value (NaN); running_var is negative in 1 channel"
+    )
     doc = bnexplore.run(f"?state={digest}&init=state&shape=4,3")
     assert (
         "init: state layer bn: running_var holds 1 non-finite value (NaN); using fresh"

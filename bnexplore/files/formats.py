@@ -574,15 +574,17 @@ def _checked_layer(name: str, found: Mapping[str, np.ndarray | None]) -> Layer:
 
 
 def _problem(state: Mapping[str, np.ndarray]) -> str | None:
+    """What makes a layer's state unusable, every part of it, or None."""
+    said = []
     for key in STATE_NAMES:
         bad = int(np.count_nonzero(~np.isfinite(state[key])))
         if bad:
             what = "NaN" if np.isnan(state[key]).any() else "±inf"
-            return f"{key} holds {bad} non-finite value{'s' * (bad > 1)} ({what})"
+            said.append(f"{key} holds {bad} non-finite value{'s' * (bad > 1)} ({what})")
     negative = int(np.count_nonzero(state["running_var"] < 0))
     if negative:
-        return f"running_var is negative in {negative} channel{'s' * (negative > 1)}"
-    return None
+        said.append(f"running_var is negative in {negative} channel{'s' * (negative > 1)}")
+    return "; ".join(said) or None
 
 
 def _keras_layers(f: BinaryIO) -> tuple[Layer, ...]:

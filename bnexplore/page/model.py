@@ -32,22 +32,29 @@ def _cause_words(audit: ModelAudit, layer) -> str:
     return "; ".join(f"{what} ({', '.join(engines)})" for what, engines in named.items())
 
 
+def layers_word(count: int) -> str:
+    return f"{count} BatchNorm layer{'s' if count != 1 else ''}"
+
+
 def headline(audit: ModelAudit) -> str:
-    """The Model tab's answer on top: the largest gap of a naive port (the target's default
-    epsilon), its layer and engine, as the single-layer page names its pair."""
+    """The Model tab's answer on top: the layer the table puts first (the largest naive
+    gap relative to the layer's own largest output, max |Δ| / max |y|), its max |Δ| and the
+    engine it is largest in, as the single-layer page names its pair."""
     if not audit.layers:
         return "No BatchNorm layer of this file could be audited"
-    worst, engine = None, None
-    for layer in audit.layers:
-        for name, d in layer.naive.items():
-            if d.max_abs is not None and (worst is None or d.max_abs > worst.max_abs):
-                worst, engine, where = d, name, layer
-    if worst is None:
-        return f"{len(audit.layers)} BatchNorm layers: no port could be compared"
+    where = audit.worst_first()[0]
+    measured = [(d.max_abs, name, d) for name, d in where.naive.items() if d.max_abs is not None]
+    if not measured:
+        return f"{layers_word(len(audit.layers))}: no port could be compared"
+    _, engine, worst = max(measured, key=lambda m: m[0])
     size = f"max |Δ| = {worst.max_abs:.4g}"
-    if verdict(worst) != "differ":
-        return f"{size}: every layer's naive port {VERDICT_WORDS[verdict(worst)]}"
-    return f"{size}: layer {where.name}, ported naively to {LABELS[engine]}"
+    found = {verdict(d) for layer in audit.layers for d in layer.naive.values()}
+    if "differ" not in found:
+        words = VERDICT_WORDS["rounding" if "rounding" in found else "agree"]
+        return f"{size}: the naive ports of every layer {words}"
+    relative = where.relative("naive", engine)
+    share = f" ({percent(relative)} of its largest output)" if relative is not None else ""
+    return f"{size}{share}: layer {where.name}, ported naively to {LABELS[engine]}"
 
 
 def port_verdicts(audit: ModelAudit) -> list[tuple[str, str]]:

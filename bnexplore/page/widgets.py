@@ -15,6 +15,7 @@ under ``"w_" + key`` only while it is shown, so values of hidden widgets (say
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import streamlit as st
@@ -185,6 +186,20 @@ def _uploaded(key: str) -> None:
     _set_some(changes)
 
 
+def upload_problem(key: str) -> str | None:
+    """Why the last file given to uploader ``key`` (state, port, file) was refused, if it was."""
+    return st.session_state.get(_problem_key(key))
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~$:])")
+
+
+def plain(text: str) -> str:
+    """Text from a file or a framework, shown as it is where Streamlit reads Markdown: a
+    refusal that names ``__main__.Net`` must not turn it bold."""
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
 def values_shape(values: dict[str, Any]) -> tuple[int, ...]:
     """The shape the widgets hold, or the default where the text is not a shape."""
     scenario, _ = scenario_from_values({"shape": values["shape"]})
@@ -218,7 +233,7 @@ def _render_upload(param: Param) -> None:
         max_upload_size=max(1, uploads.file_limit() // 1024**2),
     )
     if _problem_key(param.key) in st.session_state:
-        st.error(st.session_state[_problem_key(param.key)])
+        st.error(plain(st.session_state[_problem_key(param.key)]))
     digest = values[param.key]
     if digest is None:
         return
