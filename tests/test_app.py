@@ -323,6 +323,35 @@ def test_the_server_does_not_collect_garbage_after_every_run() -> None:
     assert config["runner"]["postScriptGC"] is False
 
 
+@pytest.mark.parametrize(
+    ("names", "eps", "momentum"),
+    [
+        (("running_mean", "running_var"), 1e-5, 0.1),
+        (("moving_mean", "moving_variance"), 1e-3, 0.99),
+    ],
+)
+def test_the_source_defaults_shown_are_the_files_framework(
+    tmp_path, store_dir, names, eps, momentum
+):
+    """While the source's epsilon and momentum are its default, their boxes show the default
+    of the framework the file names (Keras's names: Keras's), not always PyTorch's."""
+    import numpy as np
+
+    import bnexplore
+
+    mean, var = names
+    np.savez(tmp_path / "m.npz", **{f"bn.{mean}": np.zeros(3), f"bn.{var}": np.ones(3)})
+    digest = bnexplore.store_file(tmp_path / "m.npz")
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"state": digest, "tab": "model"})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    for knob, want in (("eps", eps), ("momentum", momentum)):
+        box = at.number_input(key=f"w_source_{knob}")
+        assert box.disabled and box.value == want, (knob, box.value)
+        assert "source_" + knob not in at.query_params  # still the default: not in the link
+
+
 def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None:
     """A state_dict and its port with γ and β swapped in one layer: the Model tab charts the
     gaps, tables every layer and names the port's mistake."""

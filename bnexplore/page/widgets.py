@@ -58,11 +58,24 @@ NULLABLE = {"momentum": "None (cumulative average)", "or_default": "the library'
 
 
 def _default_shown(param: Param) -> float:
-    """What the number box of an or_default knob shows while the default is used."""
+    """What the number box of an or_default knob shows while the default is used: the
+    optimizer's, or the source framework's own (the one ``source`` names, else the one
+    the model file names, else PyTorch's)."""
     prefix, knob = param.key.split("_", 1)
-    if prefix == "source":  # the source framework's own default, PyTorch's where unknown
-        return DEFAULTS[f"torch_{knob}"]
+    if prefix == "source":
+        return DEFAULTS[f"{_source_framework()}_{knob}"]
     return OPTIMIZER_DEFAULTS[prefix]["adam"][knob]
+
+
+def _source_framework() -> str:
+    values = st.session_state.get(VALUES, {})
+    source = values.get("source", "auto")
+    if source == "auto" and values.get("state"):
+        try:
+            source = uploads.model(values["state"]).source or "torch"
+        except uploads.FileProblem:
+            source = "torch"
+    return source if source in ("torch", "keras", "keras2", "flax") else "torch"
 
 
 def _widget_key(key: str) -> str:
@@ -324,6 +337,8 @@ def _render(param: Param, on_change=None) -> None:
         if none_key not in st.session_state:
             st.session_state[none_key] = store[param.key] is None
         unset = st.checkbox(f"{param.label}: {NULLABLE[param.kind]}", key=none_key)
+        if unset and param.kind == "or_default":  # the box shows the default in use
+            st.session_state[key] = _to_widget(param, None)
         st.number_input(
             min_value=param.low,
             max_value=param.high,
