@@ -178,9 +178,9 @@ def findings_table(audit: ModelAudit) -> pd.DataFrame:
     for f in audit.port.findings if audit.port else ():
         rows.append(
             {
-                "layer": f.layer,
-                "port layer": f.port_layer,
-                "matched by": f.matched_by,
+                "layer": f.layer or "—",
+                "port layer": f.port_layer or "—",
+                "matched by": f.matched_by or "—",
                 "problems": ", ".join(f.problems),
                 "evidence": f.evidence,
                 "max |Δ|": None if f.gap is None else f.gap.max_abs,
