@@ -259,6 +259,32 @@ def test_the_cli_audits_a_file_and_its_port(files, store_dir) -> None:
     assert "audit_n=4" in doc["link"]
 
 
+def test_the_cli_table_names_long_layers_whole_and_says_when_none_ran(
+    tmp_path, store_dir, capsys
+) -> None:
+    from bnexplore.tools.cli import main
+
+    name = "model.backbone.stage4.block12.downsample.norm"
+    np.savez(
+        tmp_path / "long.npz",
+        **{f"{name}.running_mean": np.zeros(3), f"{name}.running_var": np.ones(3)},
+    )
+    assert (
+        main(["audit", str(tmp_path / "long.npz"), "--link", "?engines=torch,keras&audit_n=2"]) == 0
+    )
+    assert f"\n{name} " in capsys.readouterr().out
+    np.savez(
+        tmp_path / "nan.npz",
+        **{"bn.running_mean": np.zeros(3), "bn.running_var": np.full(3, np.nan)},
+    )
+    assert (
+        main(["audit", str(tmp_path / "nan.npz"), "--link", "?engines=torch,keras&audit_n=2"]) == 1
+    )
+    said = capsys.readouterr()
+    assert "notice: layer bn: running_var holds 3 non-finite values (NaN)" in said.out
+    assert "no BatchNorm layer of this file could be audited" in said.err
+
+
 def test_an_audit_without_a_file_says_so() -> None:
     doc = bnexplore.audit("?engines=torch,keras")
     assert doc["layers"] == [] and any("needs a model file" in n for n in doc["notices"])

@@ -253,7 +253,10 @@ def _audit(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print(audit_table(result))
-    return 0 if result.layers else 1
+    if not result.layers:
+        print("bnexplore audit: no BatchNorm layer of this file could be audited", file=sys.stderr)
+        return 1
+    return 0
 
 
 def audit_table(result) -> str:
@@ -261,12 +264,13 @@ def audit_table(result) -> str:
     lines = [f"model: {result.file} ({result.format}, source {result.source})"]
     lines += [f"notice: {n}" for n in result.notices]
     targets = result.engines[1:]
-    head = f"{'layer':<28} {'C':>5} {'eps':>9} {'min var':>9}"
+    width = max([28, *(len(a.name) for a in result.layers)])  # every name whole
+    head = f"{'layer':<{width}} {'C':>5} {'eps':>9} {'min var':>9}"
     for e in targets:
         head += f" {e + ' naive':>16} {e + ' faithful':>19} {'sens':>5}"
     lines += [head + "  cause"]
     for a in result.worst_first():
-        row = f"{a.name[:28]:<28} {a.layer.channels:>5} {a.eps:>9.3g} "
+        row = f"{a.name:<{width}} {a.layer.channels:>5} {a.eps:>9.3g} "
         row += f"{float(np.min(a.layer.state['running_var'])):>9.2e}"
         cause = ""
         for e in targets:
