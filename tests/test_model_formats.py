@@ -195,6 +195,48 @@ def test_keras_names_in_a_name_file_mean_keras(tmp_path) -> None:
     assert (model.format, model.source, model.layers[0].eps) == ("npz", "keras", None)
 
 
+STATE_ORDER = ("weight", "bias", "running_mean", "running_var")
+
+
+def test_a_keras3_cnns_bare_weights_give_its_batchnorms(tmp_path) -> None:
+    """model.save_weights("m.weights.h5") of a whole CNN: Keras 3 files each layer's variables
+    under its class's name (layers/batch_normalization_1/vars), so its BatchNorms are read
+    among the convolutions and dense layers, by their own names, nested ones too."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+
+    inner = keras.Sequential(
+        [
+            keras.Input((6, 6, 4)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(name="ibn"),
+        ]
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.BatchNormalization(name="bn_a"),
+            inner,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(5),
+            keras.layers.BatchNormalization(name="bn_b"),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    for layer in (model.get_layer("bn_a"), inner.get_layer("ibn"), model.get_layer("bn_b")):
+        layer.set_weights([rng.uniform(0.5, 2, w.shape) for w in layer.get_weights()])
+    model.save_weights(tmp_path / "m.weights.h5")
+    weights = read(tmp_path / "m.weights.h5")
+    assert (weights.format, weights.source) == ("keras_weights", "keras")
+    assert sorted(layer.name for layer in weights.layers) == ["bn_a", "bn_b", "ibn"]
+    for layer in weights.layers:
+        keras_layer = inner.get_layer("ibn") if layer.name == "ibn" else model.get_layer(layer.name)
+        gamma, beta, mean, var = keras_layer.get_weights()
+        for ours, theirs in zip(STATE_ORDER, (gamma, beta, mean, var), strict=True):
+            np.testing.assert_array_equal(layer.state[ours], theirs)
+
+
 # --- legacy Keras .h5 -----------------------------------------------------------------------
 
 

@@ -681,10 +681,11 @@ def _number(value) -> float | None:
 
 
 def _vars_groups(
-    f: BinaryIO, wanted: set[str] | None = None
+    f: BinaryIO, wanted: set[str] | None = None, batchnorm_only: bool = False
 ) -> dict[str, list[tuple[tuple[int, ...], np.ndarray | None]]]:
     """Keras 3 weights: every ``…/vars`` group's datasets 0, 1, … by its ``name``
-    attribute (else its layer's group name), as (shape, array).
+    attribute (else its layer's group name), as (shape, array); with ``batchnorm_only``,
+    only the groups Keras named after a BatchNormalization (KERAS_BATCHNORM_GROUP).
 
     The whole file is walked first, without reading a byte of data: a soft or
     external link, a dataset stored outside the file (external storage) or made of
@@ -700,6 +701,8 @@ def _vars_groups(
             for path, group in _walk_hdf5(h5, h5py, budget):
                 name = _name_attribute(group) or path.split("/")[-2]
                 if name in groups or (wanted is not None and name not in wanted):
+                    continue
+                if batchnorm_only and not KERAS_BATCHNORM_GROUP.fullmatch(path.split("/")[-2]):
                     continue
                 keys = sorted(group.keys(), key=lambda k: int(k) if k.isdigit() else 1 << 30)
                 groups[name] = [group[key] for key in keys]
@@ -791,8 +794,21 @@ def _name_attribute(group) -> str | None:
     return name[:1000]
 
 
+KERAS_BATCHNORM_GROUP = re.compile(r"(sync_)?batch_normalization(_\d+)?")
+"""The group Keras 3 saves a BatchNormalization's variables under, in a ``.weights.h5``:
+its class in snake case, numbered from the second on (``layers/batch_normalization_1/vars``,
+saving_lib's own naming; the ``name`` attribute holds the layer's name, ``bn1``)."""
+
+
 def _hdf5_model(f: BinaryIO) -> ModelFile:
-    """An HDF5 file: Keras 3 weights (``…/vars`` groups), else a legacy Keras ``.h5``."""
+    """An HDF5 file: Keras 3 weights (``…/vars`` groups), else a legacy Keras ``.h5``.
+
+    In Keras 3 weights, the groups named after BatchNormalization are its BatchNorms (a
+    whole CNN's ``model.save_weights``); a file without any is read only where every group
+    is four vectors (γ, β, mean, variance): then nothing else is in it."""
+    groups = _vars_groups(f, batchnorm_only=True)
+    if groups:
+        return ModelFile("keras_weights", "keras", _bare_weights_layers(groups), (NO_CONFIG,))
     groups = _vars_groups(f)
     if groups:
         return ModelFile("keras_weights", "keras", _bare_weights_layers(groups), (NO_CONFIG,))
@@ -812,10 +828,12 @@ def _bare_weights_layers(groups: Mapping[str, list]) -> tuple[Layer, ...]:
         if len(found) != 4 or len({shape for shape, _ in found}) != 1 or found[0][1] is None
     ]
     if odd:
+        named = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
         raise FileProblem(
-            f"a bare .weights.h5 where {', '.join(odd[:4])} {'is' if len(odd) == 1 else 'are'} "
-            "not four vectors (γ, β, mean, variance): without the model's config there is no "
-            "telling which layers are BatchNorm. Upload the .keras file (model.save('m.keras'))"
+            f"a bare .weights.h5 where {named} {'is' if len(odd) == 1 else 'are'} not four "
+            "vectors (γ, β, mean, variance), and no group is named after a "
+            "BatchNormalization: without the model's config there is no telling which layers "
+            "are BatchNorm. Upload the .keras file (model.save('m.keras'))"
         )
     return tuple(
         _layer(name, dict(zip(STATE_NAMES, [a for _, a in found], strict=True)))

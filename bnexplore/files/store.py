@@ -168,7 +168,7 @@ def describe(f) -> tuple[tuple[Layer, ...], BatchInfo | None]:
         found = None
     if not found and info is None:
         if sniff(f) == "npz" and layer_problem != batch_problem:
-            raise FileProblem(f"{layer_problem}; as batches: {batch_problem}")
+            raise FileProblem(f"as a model: {layer_problem}; as batches: {batch_problem}")
         raise FileProblem(layer_problem if sniff(f) != "npy" else batch_problem)
     return found or (), info
 
