@@ -143,7 +143,10 @@ def gap_chart(frame: pd.DataFrame, source: str) -> alt.Chart:
         .mark_point(size=70, filled=True)
         .encode(
             x=alt.X(
-                "layer:N", sort=order, title="layer (worst first)", axis=alt.Axis(labelAngle=-60)
+                "layer:N",
+                sort=order,
+                title="layer (worst first)",
+                axis=alt.Axis(labelAngle=-60, labelLimit=400),  # a layer's whole name
             ),
             y=alt.Y("drawn:Q", scale=alt.Scale(type="log"), title=f"max |Δ| vs {source}"),
             color=alt.Color(

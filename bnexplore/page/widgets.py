@@ -336,7 +336,9 @@ def _render(param: Param, on_change=None) -> None:
         none_key = key + "_none"
         if none_key not in st.session_state:
             st.session_state[none_key] = store[param.key] is None
-        unset = st.checkbox(f"{param.label}: {NULLABLE[param.kind]}", key=none_key)
+        # the Model tab's columns are narrow: "default" there (its help says whose)
+        words = "default" if param.group == MODEL_GROUP else NULLABLE[param.kind]
+        unset = st.checkbox(f"{param.label}: {words}", key=none_key)
         if unset and param.kind == "or_default":  # the box shows the default in use
             st.session_state[key] = _to_widget(param, None)
         st.number_input(
