@@ -285,6 +285,50 @@ def test_the_cli_table_names_long_layers_whole_and_says_when_none_ran(
     assert "no BatchNorm layer of this file could be audited" in said.err
 
 
+def _tensorflow_rounds_a_product_before_its_sum(inv: np.float32) -> bool:
+    """Whether TensorFlow's float32 x·inv + c rounds x·inv first (its x86 wheels are built
+    without FMA), as Keras's formula then does, or fuses them (a build for a CPU with it)."""
+    import tensorflow as tf
+
+    x = np.arange(1, 65, dtype=np.float32) * np.float32(1e-4) + np.float32(1)
+    c = -inv
+    separate = (x * inv).astype(np.float32) + c
+    fused = (x.astype(np.float64) * np.float64(inv) + np.float64(c)).astype(np.float32)
+    assert not np.array_equal(separate, fused)  # the probe tells the two apart
+    return np.array_equal((tf.constant(x) * inv + c).numpy(), separate)
+
+
+def test_a_near_dead_channels_faithful_keras_port_rounds_at_the_scale_of_mean_over_std(
+    tmp_path, store_dir
+) -> None:
+    """Keras's x·inv + (β − μ·inv): with μ = 1 and var = 1e-6 (ε 1e-5), both terms are about
+    301.5 and rounded at that scale, while the output is a few tenths. The faithful port's
+    gap is bounded by one ulp of μ·inv, and lies far above the output's own rounding;
+    Flax, which does not cancel, stays at the output's rounding."""
+    channels, ones = 8, np.ones(8, np.float32)
+    state = {}
+    for name, var in (("dead", 1e-6), ("healthy", 1.0)):
+        state |= {f"{name}.weight": ones, f"{name}.bias": 0 * ones, f"{name}.running_mean": ones}
+        state[f"{name}.running_var"] = np.full(channels, var, np.float32)
+    np.savez(tmp_path / "m.npz", **state)
+    digest = bnexplore.store_file(tmp_path / "m.npz")
+    layers = {
+        layer["name"]: layer
+        for layer in bnexplore.audit(f"?state={digest}&engines=torch,keras,flax")["layers"]
+    }
+    inv = np.float32(1) / np.sqrt(np.float32(1e-6) + np.float32(1e-5))
+    term_ulp = float(np.spacing(inv))  # 3.05e-5: the rounding of x·inv and of μ·inv
+    output_ulp = float(np.spacing(np.float32(8.0)))  # |y| stays far below 8 here
+    keras = layers["dead"]["faithful"]["keras"]["max_abs"]
+    assert keras <= term_ulp, keras
+    if _tensorflow_rounds_a_product_before_its_sum(inv):  # a CPU whose kernels fuse does not
+        assert 4 * output_ulp < keras, keras
+    if "flax" in layers["dead"]["faithful"]:  # Flax installed
+        assert layers["dead"]["faithful"]["flax"]["max_abs"] <= output_ulp
+    for gap in layers["healthy"]["faithful"].values():
+        assert gap["verdict"] in ("agree", "rounding"), gap
+
+
 def test_an_audit_without_a_file_says_so() -> None:
     doc = bnexplore.audit("?engines=torch,keras")
     assert doc["layers"] == [] and any("needs a model file" in n for n in doc["notices"])
