@@ -699,10 +699,11 @@ def _vars_groups(
     try:
         with h5py.File(f, "r") as h5:
             for path, group in _walk_hdf5(h5, h5py, budget):
-                name = _name_attribute(group) or path.split("/")[-2]
+                saved_as = path.split("/")[-2]  # the layer's group: its class, numbered
+                name = _name_attribute(group) or saved_as
                 if name in groups or (wanted is not None and name not in wanted):
                     continue
-                if batchnorm_only and not KERAS_BATCHNORM_GROUP.fullmatch(path.split("/")[-2]):
+                if batchnorm_only and not KERAS_BATCHNORM_GROUP.fullmatch(saved_as):
                     continue
                 keys = sorted(group.keys(), key=lambda k: int(k) if k.isdigit() else 1 << 30)
                 groups[name] = [group[key] for key in keys]
@@ -806,10 +807,7 @@ def _hdf5_model(f: BinaryIO) -> ModelFile:
     In Keras 3 weights, the groups named after BatchNormalization are its BatchNorms (a
     whole CNN's ``model.save_weights``); a file without any is read only where every group
     is four vectors (γ, β, mean, variance): then nothing else is in it."""
-    groups = _vars_groups(f, batchnorm_only=True)
-    if groups:
-        return ModelFile("keras_weights", "keras", _bare_weights_layers(groups), (NO_CONFIG,))
-    groups = _vars_groups(f)
+    groups = _vars_groups(f, batchnorm_only=True) or _vars_groups(f)
     if groups:
         return ModelFile("keras_weights", "keras", _bare_weights_layers(groups), (NO_CONFIG,))
     return _legacy_h5_model(f)
@@ -831,9 +829,8 @@ def _bare_weights_layers(groups: Mapping[str, list]) -> tuple[Layer, ...]:
         named = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
         raise FileProblem(
             f"a bare .weights.h5 where {named} {'is' if len(odd) == 1 else 'are'} not four "
-            "vectors (γ, β, mean, variance), and no group is named after a "
-            "BatchNormalization: without the model's config there is no telling which layers "
-            "are BatchNorm. Upload the .keras file (model.save('m.keras'))"
+            "vectors (γ, β, mean, variance): without the model's config there is no telling "
+            "which layers are BatchNorm. Upload the .keras file (model.save('m.keras'))"
         )
     return tuple(
         _layer(name, dict(zip(STATE_NAMES, [a for _, a in found], strict=True)))

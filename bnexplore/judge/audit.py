@@ -166,12 +166,17 @@ def _gap_dict(d: Divergence) -> dict:
     return {**d.to_dict(), "verdict": verdict(d)}
 
 
-def source_of(scenario: Scenario, model: ModelFile) -> str:
+def source_of(scenario: Scenario, model: ModelFile | None) -> str:
     """The source framework: an explicit ``source=`` wins, then what the file says, then
     PyTorch."""
     if scenario["source"] != "auto":
         return scenario["source"]
-    return model.source or "torch"
+    return (model.source if model is not None else None) or "torch"
+
+
+def source_default(source: str, knob: str) -> float:
+    """The source framework's own default ``knob`` (eps, momentum), in its convention."""
+    return DEFAULTS[f"{knobs(source)}_{knob}"]
 
 
 def source_eps(scenario: Scenario, source: str, layer: Layer) -> tuple[float, str]:
@@ -180,7 +185,7 @@ def source_eps(scenario: Scenario, source: str, layer: Layer) -> tuple[float, st
     if layer.eps is not None:
         return float(layer.eps), "file"
     given = scenario["source_eps"]
-    return (float(given) if given is not None else DEFAULTS[f"{knobs(source)}_eps"]), "link"
+    return (float(given) if given is not None else source_default(source, "eps")), "link"
 
 
 def source_momentum(scenario: Scenario, source: str, layer: Layer) -> float | None:
@@ -190,7 +195,7 @@ def source_momentum(scenario: Scenario, source: str, layer: Layer) -> float | No
         m = float(layer.momentum)
         return 1.0 - m if source == "torch" else m
     given = scenario["source_momentum"]
-    return float(given) if given is not None else DEFAULTS[f"{knobs(source)}_momentum"]
+    return float(given) if given is not None else source_default(source, "momentum")
 
 
 def eps_sensitive(var: np.ndarray, eps_target: float, eps_source: float) -> int:

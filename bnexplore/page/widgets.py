@@ -22,6 +22,7 @@ import streamlit as st
 
 from bnexplore.engines import LABELS
 from bnexplore.files import store as uploads
+from bnexplore.judge.audit import source_default, source_of
 from bnexplore.runs.sweep import start_range
 from bnexplore.scenario.links import (
     Scenario,
@@ -63,19 +64,19 @@ def _default_shown(param: Param) -> float:
     the model file names, else PyTorch's)."""
     prefix, knob = param.key.split("_", 1)
     if prefix == "source":
-        return DEFAULTS[f"{_source_framework()}_{knob}"]
+        return source_default(_source_framework(), knob)
     return OPTIMIZER_DEFAULTS[prefix]["adam"][knob]
 
 
 def _source_framework() -> str:
+    """The source framework as the audit resolves it (judge.audit.source_of)."""
     values = st.session_state.get(VALUES, {})
-    source = values.get("source", "auto")
-    if source == "auto" and values.get("state"):
-        try:
-            source = uploads.model(values["state"]).source or "torch"
-        except uploads.FileProblem:
-            source = "torch"
-    return source if source in ("torch", "keras", "keras2", "flax") else "torch"
+    try:
+        model = uploads.model(values["state"]) if values.get("state") else None
+    except uploads.FileProblem:
+        model = None
+    scenario, _ = scenario_from_values({"source": values.get("source", "auto")})
+    return source_of(scenario, model)
 
 
 def _widget_key(key: str) -> str:
