@@ -43,6 +43,7 @@ def files(cnn, tmp_path_factory) -> dict[str, Path]:
         "onnx": ck.save_onnx(cnn, folder / "m.onnx"),
         "broken": ck.save_keras(broken, folder / "broken.keras"),
         "momentum": ck.save_keras(cnn, folder / "m01.keras", momentum=ck.AS_TORCH),
+        "keras_momentum": ck.save_keras(cnn, folder / "m099.keras", momentum=0.99),
         "eps": ck.save_keras(cnn, folder / "eps.keras", eps=1e-3),
     }
 
@@ -130,6 +131,15 @@ def test_the_port_check_names_and_locates_each_mistake(files, store_dir) -> None
     )["port"]["findings"]
     assert {tuple(f["problems"]) for f in momentum} == {("momentum_convention",)}
     assert all(f["gap"]["verdict"] != "differ" for f in momentum)  # inference ignores it
+
+    # a port left at Keras's default momentum: right at inference, another rate in training
+    scenario, notices = parse_link(
+        f"?state={source}&port={bnexplore.store_file(files['keras_momentum'])}&engines=torch,keras"
+    )
+    port = audit(scenario, notices).port
+    assert {f.problems for f in port.findings} == {("momentum_differs",)}
+    assert all("0.99 where the source's is 0.9" in f.evidence for f in port.findings)
+    assert port.wrong() == (0, len(port.findings))
 
     eps = bnexplore.audit(
         f"?state={source}&port={bnexplore.store_file(files['eps'])}&engines=torch,keras"

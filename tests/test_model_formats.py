@@ -348,7 +348,8 @@ def test_a_folded_onnx_is_refused_with_the_way_out(cnn, tmp_path) -> None:
             read(tmp_path / name)
         assert NO_BN_NODE in str(refused.value)
         assert (
-            "no BatchNormalization node: exporters fold eval BatchNorm into the preceding Conv; "
+            "no BatchNormalization node: exporters fold eval BatchNorm into the Conv or Gemm "
+            "before it; "
             "re-export with optimize=False"
         ) in str(refused.value)
 
@@ -409,6 +410,135 @@ def test_an_onnx_files_producer_names_its_source(files, producer, source) -> Non
     model = read_model(io.BytesIO(edited_onnx(files, produced_by)))
     assert model.format == "onnx" and model.source == source
     assert [layer.name for layer in model.layers] == TORCH_NAMES
+
+
+def test_an_unknown_onnx_producer_is_said_and_the_audit_says_what_it_assumed(
+    files, store_dir
+) -> None:
+    """An ONNX file from a producer that names no framework (the model zoo's MXNet files)
+    says so, and the audit, taking PyTorch as the source, says that too."""
+    import bnexplore
+
+    def produced_by(model, onnx):
+        model.producer_name, model.producer_version = "MXNet", "1.0"
+
+    data = edited_onnx(files, produced_by)
+    assert any("'MXNet 1.0'" in n for n in read_model(io.BytesIO(data)).notices)
+    (store_dir.parent / "mxnet.onnx").write_bytes(data)
+    digest = bnexplore.store_file(store_dir.parent / "mxnet.onnx")
+    done = bnexplore.audit(f"?state={digest}&engines=torch,keras")
+    assert done["source"] == "torch"
+    assert any("does not say which framework" in n for n in done["notices"]), done["notices"]
+    named = bnexplore.audit(f"?state={digest}&engines=torch,keras&source=torch")
+    assert not any("does not say which framework" in n for n in named["notices"])
+
+
+def test_a_pytorch_onnx_files_momentum_is_pytorchs_own_decimal(files, store_dir) -> None:
+    """ONNX stores PyTorch's momentum 0.1 as Keras's 0.9 (float32): the audit takes it back
+    as 0.1, not as 1.0 − 0.9 = 0.09999999999999998, so a layer's link carries no
+    torch_momentum (it is the default)."""
+    import bnexplore
+
+    digest = bnexplore.store_file(files / "m.onnx")
+    done = bnexplore.audit(f"?state={digest}&engines=torch,keras")
+    assert {layer["momentum"] for layer in done["layers"]} == {0.1}
+    assert not any("torch_momentum" in layer["link"] for layer in done["layers"])
+
+
+def test_an_averaged_copy_of_the_weights_is_read_once(cnn, tmp_path) -> None:
+    """timm's {"state_dict", "state_dict_ema"} and torchvision's {"model", "model_ema"}
+    (an AveragedModel's ``module.`` names, beside its n_averaged) hold the model twice: its
+    BatchNorms are read once, from the weights, with a notice. Two branches of a model
+    (no averaged copy) both stay."""
+    import torch
+
+    state = cnn.state_dict()
+    count = len(read_model(checkpoints.save_state_dict(cnn, tmp_path / "m.pt").open("rb")).layers)
+    ema = {k: v * 0.5 for k, v in state.items()}
+    averaged = {f"module.{k}": v for k, v in ema.items()}
+    cases = {
+        "timm.pth.tar": ({"state_dict": state, "state_dict_ema": ema, "epoch": 3}, "state_dict"),
+        "tv.pth": (
+            {
+                "model": state,
+                "model_ema": {"n_averaged": torch.tensor(7), **averaged},
+            },
+            "model",
+        ),
+    }
+    for name, (checkpoint, main) in cases.items():
+        torch.save(checkpoint, tmp_path / name)
+        model = read_model((tmp_path / name).open("rb"))
+        assert len(model.layers) == count, name
+        assert all(layer.name.startswith(f"{main}.") for layer in model.layers), name
+        assert any("an averaged copy" in n and repr(main) in n for n in model.notices), name
+        first = model.layers[0]
+        key = first.name.removeprefix(f"{main}.")
+        np.testing.assert_array_equal(
+            first.state["running_var"], state[f"{key}.running_var"].double().numpy()
+        )
+    torch.save({"branch_a": state, "branch_b": ema}, tmp_path / "two.pt")
+    assert len(read_model((tmp_path / "two.pt").open("rb")).layers) == 2 * count
+
+
+def test_keras_files_without_a_batchnorm_say_so_in_kerass_words(tmp_path) -> None:
+    """A Keras model with no BatchNormalization (ConvNeXt's LayerNorms) is refused in
+    Keras's words, in every format, never with PyTorch's running_mean names."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tf_keras
+
+    def convnet(k):
+        inputs = k.Input((4, 4, 3))
+        x = k.layers.Conv2D(8, 3, name="conv")(inputs)
+        x = k.layers.LayerNormalization(name="norm")(x)
+        return k.Model(inputs, x)
+
+    keras3, keras2 = convnet(keras), convnet(tf_keras)
+    keras3.save(tmp_path / "m.keras")
+    keras3.save_weights(tmp_path / "m.weights.h5")
+    keras2.save(tmp_path / "k2.h5", save_format="h5")
+    keras2.save_weights(tmp_path / "k2w.h5", save_format="h5")
+    said = {}
+    for name in ("m.keras", "m.weights.h5", "k2.h5", "k2w.h5"):
+        with pytest.raises(store.FileProblem) as refused:
+            read_model((tmp_path / name).open("rb"))
+        said[name] = str(refused.value)
+        assert "running_mean" not in said[name], said
+    assert "config.json lists none" in said["m.keras"]
+    assert "no group is named after a BatchNormalization" in said["m.weights.h5"]
+    assert all("no BatchNormalization layer" in said[n] for n in ("k2.h5", "k2w.h5"))
+
+
+def test_keras3_weights_of_batchnorms_without_gamma_or_beta(tmp_path) -> None:
+    """A Keras 3 .weights.h5 keeps a BatchNormalization's vectors in the order γ, β, mean,
+    variance, leaving out γ where scale=False and β where center=False: with neither, γ is
+    1 and β 0; with one of them (InceptionV3's scale=False), the file does not say which,
+    and it is refused with the way out."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+
+    rng = np.random.default_rng(0)
+
+    def saved(name: str, **options) -> Path:
+        inputs = keras.Input((4, 4, 5))
+        bn = keras.layers.BatchNormalization(name="bn", **options)
+        model = keras.Model(inputs, bn(inputs))
+        weights = [w.copy() for w in bn.get_weights()]
+        weights[-2] = rng.normal(size=5).astype("f4")
+        weights[-1] = rng.uniform(0.5, 2, size=5).astype("f4")
+        bn.set_weights(weights)
+        model.save_weights(tmp_path / name)
+        return tmp_path / name, weights
+
+    path, (mean, var) = saved("bare.weights.h5", scale=False, center=False)
+    (layer,) = read_model(path.open("rb")).layers
+    np.testing.assert_array_equal(layer.state["running_mean"], mean)
+    np.testing.assert_array_equal(layer.state["running_var"], var)
+    assert list(layer.state["weight"]) == [1.0] * 5 and list(layer.state["bias"]) == [0.0] * 5
+    path, _ = saved("beta_only.weights.h5", scale=False)
+    with pytest.raises(store.FileProblem, match="which of γ and β it kept"):
+        read_model(path.open("rb"))
 
 
 def test_onnx_external_data_is_never_followed(files, tmp_path, store_dir) -> None:

@@ -301,12 +301,57 @@ def read_model(f: BinaryIO) -> ModelFile:
         model = _onnx_model(f)
     else:
         arrays = _named_arrays(kind, f)
-        layers = _named_layers(arrays)
+        layers, notices = _without_averaged_copies(_named_layers(arrays))
         fmt = {"torch": "pytorch"}.get(kind, kind)
-        model = ModelFile(fmt, _named_source(arrays, layers), layers)
+        model = ModelFile(fmt, _named_source(arrays, layers), layers, notices)
     if not model.layers:
-        raise FileProblem(NO_LAYER)
+        raise FileProblem(NO_LAYER_IN.get(model.format, NO_LAYER))
     return model
+
+
+NO_LAYER_IN = {
+    "keras": "no BatchNormalization layer: the model's config.json lists none",
+    "keras_h5": (
+        "no BatchNormalization layer: no layer of the model has a moving_mean and a moving_variance"
+    ),
+    "keras_weights": (
+        "no BatchNormalization layer: no layer's weights include a moving_mean and a "
+        "moving_variance"
+    ),
+}
+"""A Keras file's words for a model without a BatchNorm (NO_LAYER's names are PyTorch's)."""
+
+
+AVERAGED = re.compile(r"ema|swa|averaged", re.IGNORECASE)
+"""A checkpoint key that holds an averaged copy of the weights (timm's ``state_dict_ema``,
+torchvision's ``model_ema``, a ``swa_model``)."""
+
+
+def _without_averaged_copies(
+    layers: tuple[Layer, ...],
+) -> tuple[tuple[Layer, ...], tuple[str, ...]]:
+    """A checkpoint that holds its model twice, the weights and an averaged copy under a key
+    such as ``state_dict_ema``, audited once: the copy's layers, the same names under the
+    other key (``module.`` aside: torch.optim.swa_utils.AveragedModel's), are left out,
+    with a notice. Two keys that are not an averaged copy (two branches of a model) both
+    stay."""
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        key, dot, rest = layer.name.partition(".")
+        if not dot:
+            return layers, ()
+        groups.setdefault(key, []).append(rest.removeprefix("module."))  # AveragedModel's
+    kept = [k for k in groups if not AVERAGED.search(k)]
+    copies = [k for k in groups if AVERAGED.search(k) and any(groups[k] == groups[b] for b in kept)]
+    if not copies:
+        return layers, ()
+    main = next(b for b in kept if groups[b] == groups[copies[0]])
+    notice = (
+        f"the file holds its {len(groups[main])} BatchNorm layers again under "
+        f"{', '.join(repr(k) for k in copies)}, an averaged copy of the weights: "
+        f"{main!r} is read, the copy left out"
+    )
+    return tuple(la for la in layers if la.name.partition(".")[0] not in copies), (notice,)
 
 
 def _named_source(arrays: Mapping[str, np.ndarray], layers: tuple[Layer, ...]) -> str | None:
@@ -807,9 +852,12 @@ def _hdf5_model(f: BinaryIO) -> ModelFile:
     In Keras 3 weights, the groups named after BatchNormalization are its BatchNorms (a
     whole CNN's ``model.save_weights``); a file without any is read only where every group
     is four vectors (γ, β, mean, variance): then nothing else is in it."""
-    groups = _vars_groups(f, batchnorm_only=True) or _vars_groups(f)
+    groups = _vars_groups(f, batchnorm_only=True)
+    named = bool(groups)
+    groups = groups or _vars_groups(f)
     if groups:
-        return ModelFile("keras_weights", "keras", _bare_weights_layers(groups), (NO_CONFIG,))
+        layers = _bare_weights_layers(groups, named)
+        return ModelFile("keras_weights", "keras", layers, (NO_CONFIG,))
     return _legacy_h5_model(f)
 
 
@@ -819,23 +867,56 @@ NO_CONFIG = (
 )
 
 
-def _bare_weights_layers(groups: Mapping[str, list]) -> tuple[Layer, ...]:
+def _bare_weights_layers(groups: Mapping[str, list], named: bool) -> tuple[Layer, ...]:
+    """The BatchNorm layers of Keras 3 weights: ``groups`` named after a BatchNormalization
+    (``named``), else every group of the file. Keras saves a BatchNormalization's vectors
+    in the order γ, β, moving mean, moving variance, leaving out γ where scale=False and β
+    where center=False: four vectors, or two (neither: γ = 1, β = 0). Three (one of γ and β)
+    are refused, since a weights file does not say which one it kept."""
+
+    def vectors(found: list) -> bool:
+        return len({shape for shape, _ in found}) == 1 and all(a is not None for _, a in found)
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    if named:
+        three = [name for name, found in groups.items() if len(found) == 3 and vectors(found)]
+        if three:
+            raise FileProblem(
+                f"a bare .weights.h5 whose BatchNormalization layer{'s' * (len(three) > 1)} "
+                f"{listed(three)} "
+                f"{'holds' if len(three) == 1 else 'hold'} three vectors: built with "
+                "scale=False or center=False, and a weights file does not say which of γ "
+                "and β it kept. Upload the .keras file (model.save('m.keras')), whose "
+                "config does"
+            )
     odd = [
         name
         for name, found in groups.items()
-        if len(found) != 4 or len({shape for shape, _ in found}) != 1 or found[0][1] is None
+        if not (vectors(found) and (len(found) == 4 or (named and len(found) == 2)))
     ]
     if odd:
-        named = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
+        plural = "s" * (len(odd) > 1)
         raise FileProblem(
-            f"a bare .weights.h5 where {named} {'is' if len(odd) == 1 else 'are'} not four "
-            "vectors (γ, β, mean, variance): without the model's config there is no telling "
-            "which layers are BatchNorm. Upload the .keras file (model.save('m.keras'))"
+            f"a bare .weights.h5 where group{plural} {listed(odd)} "
+            f"{'is' if len(odd) == 1 else 'are'} not four vectors (γ, β, mean, variance) and "
+            "no group is named after a BatchNormalization (layers/batch_normalization…/"
+            "vars): it seems to hold no BatchNormalization layer (a subclass of one is saved "
+            "under its own class's name). Upload the .keras file (model.save('m.keras')), "
+            "whose config names every layer"
+            if not named
+            else f"a bare .weights.h5 where BatchNormalization layer{plural} {listed(odd)} "
+            f"{'is' if len(odd) == 1 else 'are'} not two or four vectors of one length"
         )
-    return tuple(
-        _layer(name, dict(zip(STATE_NAMES, [a for _, a in found], strict=True)))
-        for name, found in groups.items()
-    )
+    layers = []
+    for name, found in groups.items():
+        arrays = [a for _, a in found]
+        if len(arrays) == 2:
+            ones = np.ones_like(arrays[0], dtype=np.float64)
+            arrays = [ones, np.zeros_like(ones), *arrays]
+        layers.append(_layer(name, dict(zip(STATE_NAMES, arrays, strict=True))))
+    return tuple(layers)
 
 
 # --- legacy Keras .h5 (Keras 2 / tf.keras model.save("x.h5") and save_weights("x.h5")) -----
@@ -1009,7 +1090,8 @@ def _strings_attribute(obj, key: str, budget: Budget) -> list[str] | None:
 # --- ONNX ------------------------------------------------------------------------------
 
 NO_BN_NODE = (
-    "no BatchNormalization node: exporters fold eval BatchNorm into the preceding Conv; "
+    "no BatchNormalization node: exporters fold eval BatchNorm into the Conv or Gemm "
+    "before it; "
     "re-export with optimize=False"
 )
 _ONNX_FIELDS = {1: 0, 5: 0, 2: 2, 3: 2, 4: 2, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -1112,8 +1194,18 @@ def _onnx_model(f: BinaryIO) -> ModelFile:
         "ONNX stores epsilon and momentum as float32 (1e-5 as 9.99999975e-06): each is read "
         "as the shortest decimal that rounds to it (1e-05)"
     ]
-    source = {"pytorch": "torch", "tf2onnx": "keras2"}.get(model.producer_name)
+    source = ONNX_PRODUCERS.get(model.producer_name)
+    if source is None:
+        producer = " ".join(filter(None, [model.producer_name, model.producer_version]))
+        notices.append(
+            f"ONNX producer {producer or '(none)'!r}: not one that names its framework "
+            f"({', '.join(ONNX_PRODUCERS)})"
+        )
     return ModelFile("onnx", source, tuple(layers), tuple(notices))
+
+
+ONNX_PRODUCERS = {"pytorch": "torch", "tf2onnx": "keras2", "keras2onnx": "keras2"}
+"""An ONNX file's producer_name → the framework it was exported from."""
 
 
 ONNX_PARSE_ALLOWANCE = 32 * 1024**2

@@ -36,6 +36,7 @@ from bnexplore.runs.many import Pass, infer_all
 from bnexplore.runs.metrics import Divergence, Figures
 from bnexplore.runs.runner import initial_state, strict_json
 from bnexplore.scenario.batches import batches
+from bnexplore.scenario.conventions import other_convention
 from bnexplore.scenario.links import (
     LAYER_NOT_GIVEN,
     Scenario,
@@ -193,7 +194,7 @@ def source_momentum(scenario: Scenario, source: str, layer: Layer) -> float | No
     Keras's convention, as ONNX's is) where it has one, else the link's or the default."""
     if layer.momentum is not None:
         m = float(layer.momentum)
-        return 1.0 - m if source == "torch" else m
+        return other_convention(m) if source == "torch" else m
     given = scenario["source_momentum"]
     return float(given) if given is not None else source_default(source, "momentum")
 
@@ -272,6 +273,12 @@ def audit(scenario: Scenario, notices: Sequence[str] = (), report: Report | None
         return ModelAudit(scenario, scenario["state"], None, None, (), (), None, tuple(notices))
     notices.extend(model.notices)
     source = source_of(scenario, model)
+    if scenario["source"] == "auto" and model.source is None:
+        notices.append(
+            "source: the file does not say which framework trained it; audited as "
+            "PyTorch's, with PyTorch's defaults where it carries none (Source framework in "
+            "the Model group, source=… in a link, says otherwise)"
+        )
     first = SOURCE_ENGINES[source]
     engines = (first, *(e for e in scenario["engines"] if e != first))
     targets = engines[1:]
@@ -369,7 +376,9 @@ def _finish_port(port, results, outputs, scenario, source) -> PortCheck:
         eps, _ = source_eps(scenario, source, s)
         momentum = source_momentum(scenario, source, s)
         keras_momentum = (
-            None if momentum is None else (1 - momentum if source == "torch" else momentum)
+            None
+            if momentum is None
+            else (other_convention(momentum) if source == "torch" else momentum)
         )
         found, evidence = problems(s, p, eps, keras_momentum)
         gap = None

@@ -17,6 +17,9 @@ The problems, each found by comparing the vectors within float32's tolerance
   9.99999975e-06), where the port's format carries one;
 - ``momentum_convention``: the port's momentum (Keras's convention, new = m·old +
   (1 − m)·batch) is the source's momentum in the other convention: m instead of 1 − m;
+- ``momentum_differs``: any other momentum than the source's (a Keras port left at Keras's
+  0.99 where PyTorch's 0.1 means 0.9). Momentum moves the running statistics only in
+  training, so these two are TRAINING_ONLY: the port's output at inference is unchanged;
 - ``channels_differ``, ``missing`` (no port layer), ``extra`` (no source layer);
 - ``values_differ``: anything else beyond tolerance;
 - ``ok``: none of these.
@@ -35,6 +38,8 @@ from bnexplore.judge.verdicts import verdict
 from bnexplore.runs.metrics import TOLERANCES, Divergence
 
 RTOL, ATOL = TOLERANCES["float32"]
+TRAINING_ONLY = frozenset({"momentum_convention", "momentum_differs"})
+"""Problems that change nothing at inference: they show once the port trains."""
 VECTORS = ("weight", "bias", "running_mean", "running_var")
 WORDS = {
     "weight": "γ",
@@ -74,6 +79,13 @@ class PortCheck:
     file: str
     format: str
     findings: tuple[Finding, ...]
+
+    def wrong(self) -> tuple[int, int]:
+        """Layers wrong at inference, and layers wrong only once the port trains
+        (TRAINING_ONLY problems alone)."""
+        bad = [set(f.problems) - {"ok"} for f in self.findings]
+        at_inference = sum(bool(b - TRAINING_ONLY) for b in bad)
+        return at_inference, sum(bool(b) and b <= TRAINING_ONLY for b in bad)
 
     def to_dict(self) -> dict:
         return {
@@ -244,10 +256,11 @@ def problems(
                     "as Keras's)"
                 )
             else:
-                if "values_differ" not in found:
-                    found.append("values_differ")
+                found.append("momentum_differs")
                 words.append(
-                    f"momentum {port.momentum:.6g} where the source's is {momentum_keras:.6g}"
+                    f"momentum {port.momentum:.6g} where the source's is {momentum_keras:.6g} "
+                    "(Keras's convention): the same output at inference, but its running "
+                    "statistics move at another rate when it trains"
                 )
     if not found:
         return ("ok",), "γ, β and the running statistics agree within float32's tolerance"

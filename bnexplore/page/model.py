@@ -75,13 +75,19 @@ def port_verdicts(audit: ModelAudit) -> list[tuple[str, str]]:
             words += f" in {differing} of {len(audit.layers)} layers"
         said.append((f"{port} ports: {words}", worst))
     if audit.port is not None:
-        wrong = sum(f.problems != ("ok",) for f in audit.port.findings)
+        wrong, training = audit.port.wrong()
         total = len(audit.port.findings)
-        said.append(
-            (f"the port file: {wrong} of {total} layers wrong", "differ")
+        words = (
+            f"the port file: {wrong} of {total} layers wrong"
             if wrong
-            else (f"the port file: all {total} layers right", "agree")
+            else f"the port file: all {total} layers right at inference"
         )
+        if training:
+            words += (
+                f"; the momentum of {layers_word(training)} is not the source's, which shows "
+                "once it trains"
+            )
+        said.append((words, "differ" if wrong or training else "agree"))
     return said
 
 

@@ -18,11 +18,20 @@ Per engine:
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from bnexplore.scenario.links import Scenario
 from bnexplore.scenario.params import TORCH_CONVENTION, knobs
 
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 """Compute dtypes tf_keras's fused kernel supports; float64 takes the non-fused path."""
+
+
+def other_convention(momentum: float) -> float:
+    """A momentum in the other framework's convention, 1 − m, taken in decimal: PyTorch's 0.1
+    is Keras's 0.9 and Keras's 0.9 is PyTorch's 0.1, where 1.0 − 0.9 in binary is
+    0.09999999999999998."""
+    return float(Decimal(1) - Decimal(repr(float(momentum))))
 
 
 def exported_as_inference(s: Scenario, engine: str) -> bool:
