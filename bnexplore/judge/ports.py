@@ -81,11 +81,10 @@ class PortCheck:
     findings: tuple[Finding, ...]
 
     def wrong(self) -> tuple[int, int]:
-        """Layers wrong at inference, and layers wrong only once the port trains
-        (TRAINING_ONLY problems alone)."""
+        """Layers wrong at inference, and layers with a TRAINING_ONLY problem (a momentum
+        that is not the source's, which shows once the port trains)."""
         bad = [set(f.problems) - {"ok"} for f in self.findings]
-        at_inference = sum(bool(b - TRAINING_ONLY) for b in bad)
-        return at_inference, sum(bool(b) and b <= TRAINING_ONLY for b in bad)
+        return sum(bool(b - TRAINING_ONLY) for b in bad), sum(bool(b & TRAINING_ONLY) for b in bad)
 
     def to_dict(self) -> dict:
         return {
