@@ -493,11 +493,23 @@ def test_the_variance_chart_marks_each_engines_eps_on_a_log_axis() -> None:
     assert "4 of 6 channels" in str(spec["title"])
 
 
-def test_the_reproducer_carries_the_layer_and_gives_the_same_numbers(files, capsys) -> None:
+@pytest.mark.parametrize(
+    "rest",
+    [
+        "init=state&shape=4,3,2&input=normal&steps=2",
+        # the Model tab's layer links: batches drawn from the layer's own statistics
+        "layer=bn&init=state&shape=4,3,2&input=running&torch_mode=eval&keras_training=false",
+        "layer=bn&shape=4,3,5&input=running&steps=1",
+    ],
+)
+def test_the_reproducer_carries_the_layer_and_gives_the_same_numbers(rest, files, capsys) -> None:
+    """An uploaded layer travels in the script: its state (init=state), and its running
+    statistics where the batches are drawn from them (input=running)."""
     state = trained_state(3, seed=13)
+    state["running_mean"] = state["running_mean"] * 40 + 7  # far from a normal batch
     np.savez(files / "bn.npz", **{f"bn.{k}": v for k, v in state.items()})
     digest = bnexplore.store_file(files / "bn.npz")
-    link = f"?state={digest}&init=state&shape=4,3,2&input=normal&steps=2"
+    link = f"?state={digest}&{rest}"
     script = files / "repro.py"
     script.write_text(reproducer(parse_link(link)[0]))
     runpy.run_path(str(script), run_name="__main__")

@@ -28,6 +28,7 @@ from importlib import resources
 from bnexplore.engines.registry import REGISTRY
 from bnexplore.files import store
 from bnexplore.runs.metrics import output_summary
+from bnexplore.scenario.batches import running_batch
 from bnexplore.scenario.links import Scenario
 
 _TORCH_DEVICES = {
@@ -75,6 +76,19 @@ def _start_state(scenario: Scenario) -> str:
     return repr({key: [float(v) for v in values] for key, values in state.items()})
 
 
+def _running(scenario: Scenario) -> str:
+    """input=running: the chosen layer's running mean and variance as a literal."""
+    if scenario["input"] != "running":
+        return "None"
+    try:
+        layer = store.find_layer(scenario["state"], scenario["layer"])
+    except store.FileProblem:
+        return "None"
+    return repr(
+        {key: [float(v) for v in layer.state[key]] for key in ("running_mean", "running_var")}
+    )
+
+
 def _stored_batches(scenario: Scenario) -> str:
     if scenario["input"] != "file":
         return ""
@@ -110,6 +124,8 @@ def reproducer(scenario: Scenario) -> str:
             needs="".join(f", {n}" for n in needs),
             backends=json.dumps(BACKENDS),
             start_state=_start_state(scenario),
+            running=_running(scenario),
+            running_batch=inspect.getsource(running_batch),
         ),
         _stored_batches(scenario),
         f"S_LINK = {scenario.link!r}\n",
