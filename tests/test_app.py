@@ -382,6 +382,7 @@ def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None
     assert list(layers["layer"]) == ["0", "1"]  # the small variances bite first
     assert "keras_eps" in layers["cause"].iloc[0]
     assert list(findings["problems"]) == ["ok", "swapped_gamma_beta"]
+    assert list(findings["at inference"]) == ["outputs agree exactly", "outputs differ"]
     # the answer on top is the model's: the table's first layer (the largest naive gap for
     # its own scale), its largest gap and engine; then each kind of port's verdict
     naive = [c for c in layers.columns if c.endswith(" naive") and c != "worst naive"]
@@ -394,7 +395,7 @@ def test_the_model_tab_audits_the_file_and_its_port(tmp_path, store_dir) -> None
     )
     (said,) = [m.value for m in at.markdown if "-badge[" in m.value]
     assert ":red-badge[naive ports: differ in " in said
-    assert ":red-badge[the port file: 1 of 2 layers wrong]" in said
+    assert ":red-badge[the port file: 1 of 2 layers wrong (swapped_gamma_beta in 1)]" in said
     # the tab audits every layer: a link that names none gets no notice there, as it does
     # on a single-layer tab (which runs the first)
     assert not [w.value for w in at.warning if "layer: not given" in w.value]

@@ -123,6 +123,21 @@ def test_the_port_check_names_and_locates_each_mistake(files, store_dir) -> None
     # bn1's swapped statistics leave a negative variance: no framework runs that layer
     assert findings["bn1"]["gap"]["verdict"] == "not compared"
     assert "negative" in findings["bn1"]["gap"]["reason"]
+    # and the Model tab's table says so, and its summary names the problems
+    from bnexplore.page.model import findings_table, port_verdicts
+
+    broken = _audit(
+        f"?state={source}&port={bnexplore.store_file(files['broken'])}&engines=torch,keras"
+    )
+    table = findings_table(broken).set_index("layer")
+    assert table.loc["bn1", "at inference"].startswith("not compared: ")
+    assert "negative" in table.loc["bn1", "at inference"]
+    assert table.loc["bn2", "at inference"] == "outputs differ"
+    (said,) = [words for words, _ in port_verdicts(broken) if words.startswith("the port file")]
+    assert said == (
+        "the port file: 4 of 4 layers wrong (swapped_mean_var in 1, swapped_gamma_beta in 1, "
+        "std_for_var in 1, missing in 1)"
+    )
     for name in ("bn2", "bn3"):
         assert findings[name]["gap"]["verdict"] == "differ", findings[name]
 

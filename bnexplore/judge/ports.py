@@ -28,6 +28,7 @@ The problems, each found by comparing the vectors within float32's tolerance
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,6 +86,14 @@ class PortCheck:
         that is not the source's, which shows once the port trains)."""
         bad = [set(f.problems) - {"ok"} for f in self.findings]
         return sum(bool(b - TRAINING_ONLY) for b in bad), sum(bool(b & TRAINING_ONLY) for b in bad)
+
+    def tally(self) -> str:
+        """The problems that show at inference, most frequent first, with their layer
+        counts ("swapped_mean_var in 1, eps_differs in 3")."""
+        counts = Counter(
+            p for f in self.findings for p in f.problems if p != "ok" and p not in TRAINING_ONLY
+        )
+        return ", ".join(f"{p} in {n}" for p, n in counts.most_common())
 
     def to_dict(self) -> dict:
         return {
@@ -258,8 +267,8 @@ def problems(
                 found.append("momentum_differs")
                 words.append(
                     f"momentum {port.momentum:.6g} where the source's is {momentum_keras:.6g} "
-                    "(Keras's convention): the same output at inference, but its running "
-                    "statistics move at another rate when it trains"
+                    "(Keras's convention; a momentum moves the running statistics only while "
+                    "the layer trains)"
                 )
     if not found:
         return ("ok",), "γ, β and the running statistics agree within float32's tolerance"

@@ -78,7 +78,7 @@ def port_verdicts(audit: ModelAudit) -> list[tuple[str, str]]:
         wrong, training = audit.port.wrong()
         total = len(audit.port.findings)
         words = (
-            f"the port file: {wrong} of {total} layers wrong"
+            f"the port file: {wrong} of {total} layers wrong ({audit.port.tally()})"
             if wrong
             else f"the port file: all {total} layers right at inference"
         )
@@ -192,12 +192,33 @@ def findings_table(audit: ModelAudit) -> pd.DataFrame:
                 "matched by": f.matched_by or "—",
                 "problems": ", ".join(f.problems),
                 "evidence": f.evidence,
+                "at inference": _inference_words(f.gap),
                 "max |Δ|": None if f.gap is None else f.gap.max_abs,
             }
         )
     return pd.DataFrame(
-        rows, columns=["layer", "port layer", "matched by", "problems", "evidence", "max |Δ|"]
+        rows,
+        columns=[
+            "layer",
+            "port layer",
+            "matched by",
+            "problems",
+            "evidence",
+            "at inference",
+            "max |Δ|",
+        ],
     )
+
+
+def _inference_words(gap) -> str:
+    """The port layer's output against its source's, in words: the verdict, or why the
+    two could not be compared (a port layer no framework can run)."""
+    if gap is None:
+        return "—"
+    found = verdict(gap)
+    if found == "not compared":
+        return f"not compared: {gap.reason}" if gap.reason else "not compared"
+    return f"outputs {VERDICT_WORDS[found]}"
 
 
 AUDIT_KEYS = (
