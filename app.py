@@ -252,11 +252,15 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
                 downloads=False,
             )
 
+        not_compared = [pair for pair in view.divergence if pair.reason]
+        if not_compared:  # one line for them all: with 8 engines refused, 28 pairs
+            reasons = "; ".join(dict.fromkeys(pair.reason for pair in not_compared))
+            pairs = ", ".join(f"{LABELS[p.a]} vs {LABELS[p.b]}" for p in not_compared)
+            st.info(f"Not compared: {pairs} ({reasons}).")
         for pair in view.divergence:
-            st.markdown(f"##### {LABELS[pair.a]} vs {LABELS[pair.b]}")
             if pair.reason:
-                st.info(f"Not compared: {pair.reason}.")
                 continue
+            st.markdown(f"##### {LABELS[pair.a]} vs {LABELS[pair.b]}")
             cells = st.columns(5)
             cells[0].metric("max |Δ|", fmt(pair.max_abs))
             cells[1].metric("mean |Δ|", fmt(pair.mean_abs))

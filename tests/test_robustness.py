@@ -18,7 +18,7 @@ import random
 import re
 import subprocess
 import sys
-import time
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -596,9 +596,11 @@ HUGE = "?shape=100000,100000"
 
 
 def test_huge_shape_is_refused_before_allocating_with_a_notice_naming_the_cap() -> None:
-    start = time.perf_counter()
+    tracemalloc.start()
     scenario, notices = parse_link(HUGE)
-    assert time.perf_counter() - start < 0.1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # nothing of the 10^10 values was made
     assert scenario["shape"] == DEFAULTS["shape"]
     assert len(notices) == 1 and notices[0].startswith("shape:") and CAP in notices[0]
     doc = bnexplore.run(HUGE)
@@ -607,7 +609,7 @@ def test_huge_shape_is_refused_before_allocating_with_a_notice_naming_the_cap() 
     assert doc["scenario"]["shape"] != [100000, 100000]
 
 
-def test_huge_shape_answers_in_well_under_a_second_without_allocating_it() -> None:
+def test_huge_shape_answers_on_the_default_shape_without_allocating_it() -> None:
     """The refused shape is dropped like any bad value: the link's other keys run on the
     default shape, and nothing of the refused size is ever allocated."""
     import resource
@@ -615,11 +617,8 @@ def test_huge_shape_answers_in_well_under_a_second_without_allocating_it() -> No
     bnexplore.run("?shape=4,3")  # the frameworks are loaded: their import is not timed
     bnexplore.run(HUGE)  # the default shape's first run, warm from here on
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     doc = bnexplore.run(HUGE)
-    elapsed = time.perf_counter() - start
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
-    assert elapsed < 1.0, f"answering took {elapsed:.2f} s"
     assert doc["scenario"]["shape"] == list(DEFAULTS["shape"])
     assert grown_kib < 400 * 1024, "the refused 10^10-value shape would need 40 GB"
 

@@ -136,6 +136,11 @@ def headline(comparison: Comparison) -> tuple[str, dict | None]:
     """One line that answers: how far apart, and the first reason why; and what it is
     about (``{"a", "b", "of"}``, ``of`` None where the pair agrees)."""
     pairs = comparison.divergence
+    refusals = {r.reason for r in comparison.results.values() if not r.available}
+    if len(refusals) == 1 and not any(r.available for r in comparison.results.values()):
+        (why,) = refusals  # one refusal for every engine: the memory guard, a bad file
+        if why:
+            return f"Nothing ran: {why[0].upper()}{why[1:]}.", None
     index = headline_pair(pairs)
     if index is None:
         return "Only one engine ran: nothing to compare.", None
