@@ -122,6 +122,20 @@ def test_bad_value_falls_back_with_a_notice_naming_the_key(link, key, fallback) 
 
 
 @pytest.mark.parametrize(
+    ("link", "kept", "said"),
+    [
+        ("?engines=torch,torch", ("torch",), "torch given more than once, kept once"),
+        ("?engines=keras,TORCH,keras", ("keras", "torch"), "keras given more than once"),
+        ("?engines=torch,nope,keras", ("torch", "keras"), "'nope' ignored; choose from torch"),
+    ],
+)
+def test_engines_given_twice_or_unknown_are_dropped_with_a_notice(link, kept, said) -> None:
+    scenario, notices = parse_link(link)
+    assert scenario["engines"] == kept
+    assert len(notices) == 1 and notices[0].startswith("engines: ") and said in notices[0]
+
+
+@pytest.mark.parametrize(
     ("link", "key", "clamped"),
     [
         ("?steps=5000", "steps", 1000),

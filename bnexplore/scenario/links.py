@@ -227,21 +227,25 @@ def _clamp(param: Param, x: float) -> tuple[Any, str | None]:
 
 def _parse_choices(param: Param, text: str) -> tuple[tuple[str, ...], str | None]:
     """A comma-separated subset of the choices, in the order given, without repeats."""
-    picked, unknown = [], []
+    picked, unknown, repeated = [], [], []
     for piece in (p.strip().lower() for p in text.split(",")):
         if piece in param.choices:
             if piece not in picked:
                 picked.append(piece)
+            elif piece not in repeated:
+                repeated.append(piece)
         elif piece:
             unknown.append(piece)
     if not picked:
         raise BadValue(f"{_show(text)} names none of {', '.join(param.choices)}")
+    said = []
     if unknown:
-        return tuple(picked), (
-            f"{param.key}: {', '.join(map(_show, unknown))} ignored; "
-            f"choose from {', '.join(param.choices)}"
+        said.append(
+            f"{', '.join(map(_show, unknown))} ignored; choose from {', '.join(param.choices)}"
         )
-    return tuple(picked), None
+    if repeated:
+        said.append(f"{', '.join(repeated)} given more than once, kept once")
+    return tuple(picked), (f"{param.key}: {'; '.join(said)}" if said else None)
 
 
 def _parse_digest(text: str) -> str:
