@@ -46,7 +46,7 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
         sweep_controls,
         upload_problem,
     )
-    from bnexplore.porting.script import reproducer
+    from bnexplore.porting.script import not_reproduced, reproducer
     from bnexplore.porting.translate import TRANSLATORS, translation_pair
     from bnexplore.runs.metrics import Divergence
     from bnexplore.scenario.links import LAYER_NOT_GIVEN
@@ -565,6 +565,13 @@ else:  # the page, run for each visitor's every rerun (Streamlit runs it as __ma
             )
         st.markdown("##### Reproduce without bnexplore")
         script = reproducer(scenario)
+        left_out = not_reproduced(scenario)
+        if left_out:
+            st.warning(
+                "The script prints an error instead of numbers for "
+                + "; ".join(f"{LABELS[e]}: {why}" for e, why in left_out.items())
+                + ". The other engines' numbers are the page's."
+            )
         st.download_button(
             "Export script", script, file_name="bnexplore_repro.py", mime="text/x-python"
         )

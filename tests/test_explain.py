@@ -6,14 +6,17 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
+from urllib.parse import parse_qsl
 
 import numpy as np
 import pytest
+from streamlit.testing.v1 import AppTest
 
 import bnexplore
 from bnexplore.judge.explain import EXACT_UP_TO, aligned, explain, shapley, summary
 from bnexplore.judge.verdicts import GAPS, part, verdict
-from bnexplore.porting.script import reproducer
+from bnexplore.porting.script import not_reproduced, reproducer
 from bnexplore.porting.translate import keras_to_torch, torch_to_keras
 from bnexplore.runs.metrics import TOLERANCES
 from bnexplore.runs.runner import Reuse, compare
@@ -181,6 +184,33 @@ def test_generated_script_prints_the_apps_numbers(link: str, tmp_path) -> None:
             continue
         for key in ("output", "running_mean", "running_var", "gamma", "beta", "loss", "grad"):
             assert got[key] == engine[key], (name, key)
+
+
+def test_the_script_says_which_engines_it_leaves_out_and_the_code_tab_warns(tmp_path) -> None:
+    """With a loss, the script reproduces PyTorch, Keras 3 and Keras 2 and prints an error for
+    the others: exactly the engines script.not_reproduced names (the Code tab's warning)."""
+    link = "?shape=4,3,2&input=normal&steps=1&loss=mse&engines=torch,keras,flax,onnx"
+    scenario, _ = parse_link(link)
+    assert set(not_reproduced(scenario)) == {"flax", "onnx"}
+    assert not not_reproduced(parse_link("?shape=4,3,2&engines=torch,keras,flax,onnx")[0])
+    path = tmp_path / "repro.py"
+    path.write_text(reproducer(scenario))
+    done = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    printed = json.loads(done.stdout)["engines"]
+    doc = bnexplore.run(link, reference=False)
+    for name in scenario["engines"]:
+        if name in not_reproduced(scenario):
+            assert printed[name].get("error"), (name, printed[name])
+        else:
+            assert printed[name]["output"] == doc["engines"][name]["output"], name
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "app.py"), default_timeout=300)
+    at.query_params.update({**dict(parse_qsl(link[1:])), "tab": "code"})
+    at.run()
+    assert not at.exception
+    (warned,) = [w.value for w in at.warning if "prints an error instead of numbers" in w.value]
+    assert "Flax" in warned and "ONNX Runtime" in warned and "Keras 3:" not in warned
 
 
 @pytest.mark.parametrize("seed", range(8))

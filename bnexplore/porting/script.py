@@ -102,6 +102,21 @@ def _stored_batches(scenario: Scenario) -> str:
     return _part("stored_batches", digest=scenario["file"], source=source)
 
 
+def not_reproduced(scenario: Scenario) -> dict[str, str]:
+    """Engine → why the script prints an error for it instead of its numbers (it covers the
+    rest): the training step (loss=mse) in PyTorch, Keras 3 on TensorFlow and Keras 2 only;
+    ONNX Runtime with loss=none, LiteRT also with keras_init=fresh."""
+    why = {}
+    for engine in scenario["engines"]:
+        if scenario["loss"] != "none" and (engine in OTHER_BACKENDS or engine == "onnx"):
+            why[engine] = "the script runs it without a loss (loss=none) only"
+        elif engine == "litert" and (
+            scenario["loss"] != "none" or scenario["keras_init"] != "fresh"
+        ):
+            why[engine] = "the script runs it with loss=none and keras_init=fresh only"
+    return why
+
+
 def reproducer(scenario: Scenario) -> str:
     """A standalone Python program that reruns the scenario and prints its numbers.
 
