@@ -292,10 +292,13 @@ def read(key: str, raw: str) -> tuple[str, Any]:
         return (OK, t.lower()) if t.lower() in p.choices else (BAD, None)
     if p.kind == "choices":
         pieces = [s.strip().lower() for s in t.split(",")]
-        known = tuple(dict.fromkeys(s for s in pieces if s in p.choices))
+        named = [s for s in pieces if s in p.choices]
+        known = tuple(dict.fromkeys(named))
         if not known:
             return BAD, None
-        return (CLAMPED if any(s and s not in p.choices for s in pieces) else OK), known
+        # an unknown name is dropped, a repeated one kept once: either way, a notice
+        changed = any(s and s not in p.choices for s in pieces) or len(named) > len(known)
+        return (CLAMPED if changed else OK), known
     if p.kind == "bool":
         if t.lower() in TRUE_WORDS:
             return OK, True
