@@ -4,10 +4,7 @@ That the workers change no bit: tests/test_bits_workers.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import bnexplore
 from bnexplore.runs import pool as workers
@@ -303,94 +299,3 @@ def test_a_worker_keeps_freed_buffers_during_a_run_and_hands_them_back_when_idle
     after = _resident_mib(pid)
     assert held > idle + 16, (idle, held)
     assert after < idle + 8, (idle, held, after)
-
-
-def test_a_file_dev_shm_has_no_room_for_goes_in_the_temporary_directory(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """shipping.put: a file larger than /dev/shm's room is made in the temporary directory;
-    one whose write still finds no room (ENOSPC: another process filled it meanwhile) is
-    deleted and written again there. The bytes read back are the arrays'."""
-    import errno
-
-    from bnexplore.runs import shipping
-
-    shm, spill = tmp_path / "shm", tmp_path / "spill"
-    shm.mkdir()
-    spill.mkdir()
-    monkeypatch.setattr(shipping, "shm_dir", lambda: str(shm))
-    monkeypatch.setattr(shipping, "spill_dir", lambda: str(spill))
-    files = shipping.Files(keep=0)
-    a = np.arange(1000, dtype=np.float32)
-    b = np.linspace(-1, 1, 77, dtype=np.float64)
-
-    def read(path: str) -> tuple[np.ndarray, np.ndarray]:
-        data = Path(path).read_bytes()
-        return np.frombuffer(data[:4000], np.float32), np.frombuffer(data[4096:], np.float64)
-
-    monkeypatch.setattr(shipping, "free_bytes", lambda d: 1 << 30)
-    roomy = shipping.put([(a, 0), (b, 4096)], 4096 + b.nbytes, files)
-    assert Path(roomy).parent == shm
-    monkeypatch.setattr(shipping, "free_bytes", lambda d: 4096)
-    small = shipping.put([(a, 0), (b, 4096)], 4096 + b.nbytes, files)
-    assert Path(small).parent == spill
-    for path in (roomy, small):
-        got_a, got_b = read(path)
-        np.testing.assert_array_equal(got_a, a)
-        np.testing.assert_array_equal(got_b, b)
-
-    monkeypatch.setattr(shipping, "free_bytes", lambda d: 1 << 30)
-    write, tried = shipping.write, []
-
-    def full(path: str, array: np.ndarray, offset: int = 0) -> None:
-        if Path(path).parent == shm:
-            tried.append(path)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        write(path, array, offset)
-
-    monkeypatch.setattr(shipping, "write", full)
-    raced = shipping.put([(a, 0), (b, 4096)], 4096 + b.nbytes, files)
-    assert Path(raced).parent == spill and tried and not Path(tried[0]).exists()
-    np.testing.assert_array_equal(read(raced)[0], a)
-
-    def broken(path: str, array: np.ndarray, offset: int = 0) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
-    monkeypatch.setattr(shipping, "write", broken)
-    with pytest.raises(OSError, match="I/O error"):
-        shipping.put([(a, 0)], a.nbytes, files)
-    assert [p.name for p in shm.iterdir()] == [Path(roomy).name]  # the failed one is gone
-
-
-def test_runs_larger_than_dev_shm_give_the_same_document(tmp_path: Path) -> None:
-    """With /dev/shm as small as Docker's default leaves it (here 16 MiB, in a mount
-    namespace of its own), a 16.8 MB batch and its outputs go through the temporary
-    directory: both engines run, and the document is this process's own, figure for
-    figure. Skipped where this machine cannot make the namespace (not root)."""
-    link = "?shape=16,64,64,64&input=normal&seed=3&engines=torch,keras"
-    code = (
-        "import json, bnexplore; "
-        f"print(json.dumps(bnexplore.run({link!r})['engines'])); "
-        f"print(json.dumps(bnexplore.run({link!r})))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "TMPDIR": str(tmp_path)}
-    script = (
-        f"mount -t tmpfs -o size=16m tmpfs /dev/shm && exec {sys.executable} -c {shlex.quote(code)}"
-    )
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare here to make a small /dev/shm")
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=16m tmpfs /dev/shm"],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a small /dev/shm here: {probe.stderr.strip()[:200]}")
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    engines, doc = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
-    assert all(engines[e]["available"] and not engines[e].get("error") for e in engines), engines
-    assert doc == bnexplore.run(link)
-    assert not list(tmp_path.glob(PREFIX + "*"))  # the spilled files went with the processes

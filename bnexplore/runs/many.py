@@ -26,7 +26,7 @@ from bnexplore import engines
 from bnexplore.engines import EngineResult, State
 from bnexplore.runs import admission
 from bnexplore.runs import pool as workers
-from bnexplore.runs.shipping import FILES, put
+from bnexplore.runs.shipping import FILES, write
 from bnexplore.scenario.links import Scenario
 
 ALIGN = 64
@@ -147,7 +147,10 @@ def _lay_out(batches: list[np.ndarray]) -> tuple[str, list[int], int]:
         size = -(-size // ALIGN) * ALIGN
         offsets.append(size)
         size += b.nbytes
-    return put(list(zip(batches, offsets, strict=True)), size), offsets, size
+    path = FILES.take(size)
+    for b, offset in zip(batches, offsets, strict=True):
+        write(path, b, offset)
+    return path, offsets, size
 
 
 def renamed(result: EngineResult, name: str) -> EngineResult:

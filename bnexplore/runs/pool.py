@@ -42,7 +42,6 @@ from bnexplore.engines import LABELS, EngineResult, Session, State
 from bnexplore.runs.admission import Ticket
 from bnexplore.runs.shipping import (
     FILES,
-    put,
     received,
     remove_files_of,
     remove_orphans,
@@ -402,10 +401,10 @@ class SharedBatch:
 
     def publish(self, batch: np.ndarray) -> tuple[str, tuple[int, ...], str]:
         if self.path is None:
-            self.path, self._size = put([(batch, 0)], batch.nbytes), batch.nbytes
-        elif self._current != (id(batch), batch.ctypes.data):  # constant batches: written once
-            write(self.path, batch)  # the file's pages are there: the first pass wrote them
-        self._current = (id(batch), batch.ctypes.data)
+            self.path, self._size = FILES.take(batch.nbytes), batch.nbytes
+        if self._current != (id(batch), batch.ctypes.data):  # constant batches: written once
+            write(self.path, batch)
+            self._current = (id(batch), batch.ctypes.data)
         return self.path, batch.shape, batch.dtype.name
 
     def publish_pass(self, batch: np.ndarray, target: np.ndarray | None) -> None:

@@ -13,16 +13,10 @@ through a map and 11.5 ms with ``pwrite``, into a kept one 3.2 ms. So:
   the array out as the answer arrives (Worker.reply); the worker takes every lent file back
   when the caller's next request comes, since by then the caller has read them all;
 - each process keeps at most KEEP_AT_REST bytes of files between runs, the most recently
-  used; the rest are deleted;
-- a file that ``/dev/shm`` has no room for goes in the temporary directory instead
-  (``put``): Docker gives a container 64 MiB of ``/dev/shm`` unless told ``--shm-size``,
-  and a 24×256×64×64 batch alone is 100 MB. The free space is looked at first, and a write
-  that still finds none (another process took it meanwhile) is done again there.
-
-A worker deletes its files when it exits (its socket closed, or SIGTERM), and the caller
-deletes those of a worker it stops (their names carry the worker's pid). What a killed
-process left (SIGKILL, the OOM killer) is swept up by the next process that starts a
-worker, once an hour old (remove_orphans).
+  used; the rest are deleted. A worker deletes its files when it exits (its socket closed,
+  or SIGTERM), and the caller deletes those of a worker it stops (their names carry the
+  worker's pid). What a killed process left (SIGKILL, the OOM killer) is swept up by the
+  next process that starts a worker, once an hour old (remove_orphans).
 """
 
 from __future__ import annotations
@@ -30,8 +24,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import errno
-import logging
 import os
 import tempfile
 import threading
@@ -53,42 +45,19 @@ target, or an output and its gradient, 12.6 MB each."""
 
 PREFIX = "bnexplore-"
 
-log = logging.getLogger(__name__)
-
 
 def shm_dir() -> str:
     return (
-        "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else spill_dir()
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        else (tempfile.gettempdir())
     )
 
 
-def spill_dir() -> str:
-    """Where a file goes that ``/dev/shm`` has no room for: the temporary directory."""
-    return tempfile.gettempdir()
-
-
-def file_dirs() -> list[str]:
-    """Every directory this module puts files in."""
-    return list(dict.fromkeys([shm_dir(), spill_dir()]))
-
-
-def free_bytes(directory: str) -> int:
-    """Bytes the directory's file system has free for this process, less an eighth of its
-    size, left for everyone else who shares it (0 where it cannot be told)."""
-    try:
-        fs = os.statvfs(directory)
-    except OSError:
-        return 0
-    return max(fs.f_bavail * fs.f_frsize - fs.f_blocks * fs.f_frsize // 8, 0)
-
-
-def new_file(size: int, directory: str | None = None) -> str:
-    """A fresh file of ``size`` bytes (at least one), by path, in ``directory`` (by default
-    ``/dev/shm`` where it has room for the file, else the temporary directory); its name
+def new_file(size: int) -> str:
+    """A fresh shared-memory file of ``size`` bytes (at least one), by path; its name
     carries this process's pid."""
-    if directory is None:
-        directory = shm_dir() if max(size, 1) <= free_bytes(shm_dir()) else spill_dir()
-    fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=shm_dir())
     try:
         os.ftruncate(fd, max(size, 1))
     finally:
@@ -109,34 +78,11 @@ def write(path: str, array: np.ndarray, offset: int = 0) -> None:
         os.close(fd)
 
 
-def put(parts: list[tuple[np.ndarray, int]], size: int, files: Files | None = None) -> str:
-    """A file of ``size`` bytes taken from ``files`` (this process's FILES by default) with
-    each array written at its byte offset; by path. Where the file system has no room left
-    (ENOSPC: a full ``/dev/shm``), the file is deleted and the arrays go in a fresh file
-    in the temporary directory."""
-    files = FILES if files is None else files
-    path = files.take(size)
-    try:
-        for array, offset in parts:
-            write(path, array, offset)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC or os.path.dirname(path) == spill_dir():
-            files.discard(path)
-            raise
-        files.discard(path)
-        log.info("%s is full: a file of %d bytes goes in %s", shm_dir(), size, spill_dir())
-        path = new_file(size, spill_dir())
-        for array, offset in parts:
-            write(path, array, offset)
-    return path
-
-
 def remove_files_of(pid: int) -> None:
     """Delete every shared-memory file a (stopped) process left."""
-    for directory in file_dirs():
-        for path in Path(directory).glob(f"{PREFIX}{pid}-*"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    for path in Path(shm_dir()).glob(f"{PREFIX}{pid}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 ORPHANS_AFTER_S = 3600.0
@@ -159,7 +105,7 @@ def remove_orphans(older_than_s: float = ORPHANS_AFTER_S) -> int:
     before they could (SIGKILL, the kernel's OOM killer): those whose process no longer runs,
     untouched for ``older_than_s`` seconds. Returns how many were deleted."""
     removed, now = 0, time.time()
-    for path in (p for d in file_dirs() for p in Path(d).glob(f"{PREFIX}*")):
+    for path in Path(shm_dir()).glob(f"{PREFIX}*"):
         pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
         if not pid.isdigit() or _running(int(pid)):
             continue
@@ -210,11 +156,6 @@ class Files:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(old)
 
-    def discard(self, path: str) -> None:
-        """A file taken and not given back: deleted."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
     def lend(self, path: str, size: int) -> None:
         with self._lock:
             self._lent[path] = size
@@ -264,7 +205,8 @@ class Shipped:
 def _ship_array(array: np.ndarray) -> np.ndarray | Shipped:
     if array.nbytes <= SHIP_ABOVE:
         return array
-    path = put([(array, 0)], array.nbytes)
+    path = FILES.take(array.nbytes)
+    write(path, array)
     FILES.lend(path, array.nbytes)
     return Shipped(path, array.shape, array.dtype.name)
 
